@@ -1,0 +1,19 @@
+"""Convert a HF OLMo-2 checkpoint into a depth-recurrent model, with built-in verification.
+
+    python convert_pretrained_model/convert_olmo.py --model_name models/BASE --save_name models/Recurrent-BASE \
+        --preset olmo-4-6-4
+
+or choose layers explicitly with --prelude_idx 0-3 --core_idx 10-17 --coda_idx 18-21. After saving, the
+converter reloads the model and prints a per-layer table of max |diff| against the base model with
+only the chosen layers kept; it exits non-zero above 1e-4.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from retrofit.conversion import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main("olmo2"))

@@ -1,0 +1,420 @@
+"""Turn a HF Llama / OLMo-2 checkpoint into a (prelude, recurrent block, coda) model, and verify it.
+
+The family differences are data here (which HF norm becomes `norm_1`/`norm_2`, q/k norms) plus
+two config switches in the model; there is no second model class.
+
+Verification replaces the original's manual swap of modeling files: the saved model is reloaded
+and run in float32 with the adapter bypassed and the state started from the prelude output for
+one iteration, which must reproduce the base model with only the chosen layers kept, hidden
+state by hidden state.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .configuration_raven import RavenConfig
+from .modeling_raven import RavenForCausalLM
+
+TOLERANCE = 1e-4
+VERIFY_PROMPT = "The quick brown fox jumps over the lazy dog. 12 + 30 = 42."
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    hf_model_types: tuple[str, ...]
+    norm_placement: str
+    qk_norm: bool
+    # HF per-layer key -> our per-layer key (besides the fused qkv and gate/up projections)
+    layer_keys: tuple[tuple[str, str], ...]
+
+
+FAMILIES = {
+    "llama": Family(
+        name="llama",
+        hf_model_types=("llama",),
+        norm_placement="pre",
+        qk_norm=False,
+        layer_keys=(
+            ("input_layernorm.weight", "norm_1.weight"),
+            ("post_attention_layernorm.weight", "norm_2.weight"),
+            ("self_attn.o_proj.weight", "attn.proj.weight"),
+            ("mlp.down_proj.weight", "mlp.proj.weight"),
+        ),
+    ),
+    "olmo2": Family(
+        name="olmo2",
+        hf_model_types=("olmo2",),
+        norm_placement="post",
+        qk_norm=True,
+        layer_keys=(
+            ("post_attention_layernorm.weight", "norm_1.weight"),
+            ("post_feedforward_layernorm.weight", "norm_2.weight"),
+            ("self_attn.o_proj.weight", "attn.proj.weight"),
+            ("mlp.down_proj.weight", "mlp.proj.weight"),
+            ("self_attn.q_norm.weight", "attn.q_norm.weight"),
+            ("self_attn.k_norm.weight", "attn.k_norm.weight"),
+        ),
+    ),
+}
+
+# The paper's layer choices (REFERENCE.md §2), 0-based indices of the base model's layers.
+PRESETS = {
+    "tinyllama-4-8-4": (range(0, 4), range(10, 18), range(18, 22)),
+    "llama-2-4-2": (range(0, 2), range(10, 14), range(14, 16)),
+    "llama-4-6-4": (range(0, 4), range(6, 12), range(12, 16)),
+    "olmo-4-6-4": (range(0, 4), range(6, 12), range(12, 16)),
+}
+
+
+class ConversionError(ValueError):
+    """Bad input to the converter; the message names the bad value."""
+
+
+@dataclass
+class LayerChoice:
+    prelude: list[int]
+    core: list[int]
+    coda: list[int]
+
+    @property
+    def kept(self) -> list[int]:
+        return self.prelude + self.core + self.coda
+
+    def validate(self, num_layers: int) -> None:
+        for name, group in (("prelude", self.prelude), ("core", self.core), ("coda", self.coda)):
+            bad = [i for i in group if not 0 <= i < num_layers]
+            if bad:
+                raise ConversionError(f"{name} index {bad[0]} out of range: the base model has {num_layers} layers (0-{num_layers - 1})")
+        if not self.core:
+            raise ConversionError("the recurrent block (--core_idx) must have at least one layer")
+        seen: dict[int, str] = {}
+        for name, group in (("prelude", self.prelude), ("core", self.core), ("coda", self.coda)):
+            for i in group:
+                if i in seen:
+                    raise ConversionError(f"layer {i} is used twice ({seen[i]} and {name}); groups must not overlap")
+                seen[i] = name
+
+
+def layer_choice(preset: str | None, prelude_idx, core_idx, coda_idx) -> LayerChoice:
+    """Layer groups from a preset name or from explicit index lists (explicit ones win)."""
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ConversionError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+        groups = [list(g) for g in PRESETS[preset]]
+    else:
+        groups = [None, None, None]
+    for slot, explicit in enumerate((prelude_idx, core_idx, coda_idx)):
+        if explicit is not None:
+            groups[slot] = parse_indices(explicit)
+    if any(g is None for g in groups):
+        raise ConversionError("give --preset or all of --prelude_idx, --core_idx, --coda_idx")
+    return LayerChoice(*groups)
+
+
+def parse_indices(value) -> list[int]:
+    """'0,1,2' / '0-3' / [0, 1] -> [0, 1, ...]; an empty string is an empty group."""
+    if isinstance(value, (list, tuple, range)):
+        return [int(v) for v in value]
+    out: list[int] = []
+    for part in str(value).replace(" ", "").split(","):
+        if not part:
+            continue
+        try:
+            if "-" in part:
+                lo, hi = part.split("-")
+                out.extend(range(int(lo), int(hi) + 1))
+            else:
+                out.append(int(part))
+        except ValueError:
+            raise ConversionError(f"bad layer index list {value!r}: expected e.g. '0,1,2' or '10-17'") from None
+    return out
+
+
+def detect_family(hf_config) -> Family:
+    model_type = getattr(hf_config, "model_type", None)
+    for family in FAMILIES.values():
+        if model_type in family.hf_model_types:
+            return family
+    supported = ", ".join(t for f in FAMILIES.values() for t in f.hf_model_types)
+    raise ConversionError(f"unsupported architecture model_type={model_type!r}; supported: {supported}")
+
+
+def raven_config_from_hf(hf_config, choice: LayerChoice, family: Family, **overrides) -> RavenConfig:
+    attention_bias = bool(getattr(hf_config, "attention_bias", False))
+    mlp_bias = bool(getattr(hf_config, "mlp_bias", False))
+    if attention_bias or mlp_bias:
+        raise ConversionError(f"unsupported: attention_bias={attention_bias}, mlp_bias={mlp_bias} (biases are not converted)")
+    act = getattr(hf_config, "hidden_act", "silu")
+    if act != "silu":
+        raise ConversionError(f"unsupported hidden_act={act!r}; the recurrent model uses a SiLU-gated MLP")
+    rope = dict(getattr(hf_config, "rope_parameters", None) or {})
+    rope_theta = rope.pop("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
+    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+    kwargs = dict(
+        n_embd=hf_config.hidden_size,
+        n_heads=hf_config.num_attention_heads,
+        num_key_value_heads=hf_config.num_key_value_heads,
+        head_dim=head_dim,
+        intermediate_size=hf_config.intermediate_size,
+        n_layers_in_prelude=len(choice.prelude),
+        n_layers_in_recurrent_block=len(choice.core),
+        n_layers_in_coda=len(choice.coda),
+        norm_eps=hf_config.rms_norm_eps,
+        vocab_size=hf_config.vocab_size,
+        padded_vocab_size=hf_config.vocab_size,
+        rope_theta=rope_theta,
+        rope_parameters=rope if rope.get("rope_type", "default") != "default" else None,
+        max_position_embeddings=hf_config.max_position_embeddings,
+        norm_placement=family.norm_placement,
+        qk_norm=family.qk_norm,
+        bos_token_id=hf_config.bos_token_id,
+        eos_token_id=hf_config.eos_token_id,
+        pad_token_id=hf_config.pad_token_id,
+        source_layers={"prelude": choice.prelude, "core_block": choice.core, "coda": choice.coda},
+    )
+    kwargs.update(overrides)
+    return RavenConfig(**kwargs)
+
+
+def map_state_dict(hf_model: nn.Module, choice: LayerChoice, family: Family) -> dict[str, torch.Tensor]:
+    """HF weights -> our names; lm_head is copied from the embedding when the base ties them."""
+    sd = hf_model.state_dict()
+    out = {
+        "transformer.wte.weight": sd["model.embed_tokens.weight"],
+        "transformer.ln_f.weight": sd["model.norm.weight"],
+        "lm_head.weight": hf_model.get_output_embeddings().weight.detach().clone(),
+    }
+    groups = (("prelude", choice.prelude), ("core_block", choice.core), ("coda", choice.coda))
+    for group, indices in groups:
+        for j, i in enumerate(indices):
+            src, dst = f"model.layers.{i}.", f"transformer.{group}.{j}."
+            out[dst + "attn.Wqkv.weight"] = torch.cat(
+                [sd[src + f"self_attn.{p}_proj.weight"] for p in ("q", "k", "v")], dim=0
+            )
+            out[dst + "mlp.fc.weight"] = torch.cat([sd[src + "mlp.gate_proj.weight"], sd[src + "mlp.up_proj.weight"]], dim=0)
+            for hf_key, our_key in family.layer_keys:
+                out[dst + our_key] = sd[src + hf_key]
+    return out
+
+
+def init_adapter(adapter: nn.Linear, mode: str, seed: int = 0) -> None:
+    """`default`: PyTorch's Linear init (the authors' choice). `identity`: [0 | I], so the adapter
+    passes the prelude output through and the model equals the layer-dropped base at any depth."""
+    with torch.no_grad():
+        if mode == "default":
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                adapter.reset_parameters()
+        elif mode == "identity":
+            h = adapter.out_features
+            adapter.weight.zero_()
+            adapter.weight[:, h:] = torch.eye(h, dtype=adapter.weight.dtype)
+        else:
+            raise ConversionError(f"unknown adapter_init {mode!r}; choose 'default' or 'identity'")
+
+
+def load_base_config(model_name: str | os.PathLike):
+    from transformers import AutoConfig
+
+    local = Path(model_name)
+    if local.exists() and not (local / "config.json").exists():
+        raise ConversionError(f"{model_name} has no config.json: not a HF model directory")
+    return AutoConfig.from_pretrained(model_name)
+
+
+@torch.no_grad()
+def verification_table(raven: RavenForCausalLM, base: nn.Module, choice: LayerChoice, input_ids: torch.Tensor):
+    """[(name, max |diff|)] for every hidden state and the logits, float32, adapter bypassed."""
+    raven, base = raven.float().eval(), base.float().eval()
+    captured: list[torch.Tensor] = []
+    hooks = [
+        base.model.layers[i].register_forward_hook(
+            lambda _m, _inp, out: captured.append(out[0] if isinstance(out, tuple) else out)
+        )
+        for i in choice.kept
+    ]
+    original_layers = base.model.layers
+    try:
+        # The base model with only the chosen layers kept, in order.
+        base.model.layers = nn.ModuleList(original_layers[i] for i in choice.kept)
+        base_logits = base(input_ids=input_ids, use_cache=False).logits
+    finally:
+        base.model.layers = original_layers
+        for h in hooks:
+            h.remove()
+    base_embed = base.model.embed_tokens(input_ids)
+
+    ctx = raven.attention_context(input_ids)
+    ours: list[torch.Tensor] = []
+    e = raven.embed(input_ids)
+    rows = [("embedding", e, base_embed)]
+    x = raven.run_prelude(e, ctx, ours)
+    for j, layer in enumerate(raven.transformer.core_block):  # one iteration, no adapter, s_0 = prelude output
+        x = layer(x, ctx)
+        ours.append(x)
+    logits = raven.lm_head(raven.run_coda(x, ctx, ours))
+    names = (
+        [f"prelude.{j} (layer {i})" for j, i in enumerate(choice.prelude)]
+        + [f"core_block.{j} (layer {i})" for j, i in enumerate(choice.core)]
+        + [f"coda.{j} (layer {i})" for j, i in enumerate(choice.coda)]
+    )
+    rows += list(zip(names, ours, captured))
+    rows.append(("logits", logits, base_logits))
+    return [(name, (a.float() - b.float()).abs().max().item()) for name, a, b in rows]
+
+
+def print_table(rows, tolerance: float = TOLERANCE) -> bool:
+    width = max(len(name) for name, _ in rows)
+    print(f"{'hidden state':<{width}}  max |diff|  ok")
+    ok_all = True
+    for name, diff in rows:
+        ok = diff <= tolerance
+        ok_all &= ok
+        print(f"{name:<{width}}  {diff:10.3e}  {'yes' if ok else 'NO'}")
+    print(f"verification {'passed' if ok_all else 'FAILED'} (tolerance {tolerance:g})")
+    return ok_all
+
+
+def verification_input(tokenizer, vocab_size: int) -> torch.Tensor:
+    """The fixed prompt, tokenized; a fixed pseudo-random prompt when there is no tokenizer."""
+    if tokenizer is not None:
+        ids = tokenizer(VERIFY_PROMPT, return_tensors="pt").input_ids
+        if ids.numel() > 1 and int(ids.max()) < vocab_size:
+            return ids
+    return torch.randint(0, vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
+
+
+def convert(
+    model_name: str | os.PathLike,
+    save_name: str | os.PathLike,
+    choice: LayerChoice,
+    *,
+    family: str | None = None,
+    dtype: str = "bfloat16",
+    adapter_init: str = "default",
+    overwrite: bool = False,
+    mean_recurrence: int = 32,
+    mean_backprop_depth: int = 8,
+    seed: int = 0,
+    verify: bool = True,
+    tolerance: float = TOLERANCE,
+) -> tuple[Path, list]:
+    """Convert, save atomically, reload and verify. Returns (save dir, verification rows).
+
+    Raises ConversionError on bad input or a failed verification; nothing is left at save_name
+    unless everything passed.
+    """
+    save_path = Path(save_name)
+    if save_path.exists() and not overwrite:
+        raise ConversionError(f"--save_name {save_path} already exists (pass --overwrite to replace it)")
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ConversionError(f"unsupported --dtype {dtype!r}; choose float32, bfloat16 or float16")
+    if adapter_init not in ("default", "identity"):
+        raise ConversionError(f"unknown --adapter_init {adapter_init!r}; choose 'default' or 'identity'")
+    # Everything that can be checked from config.json is checked before loading any weights.
+    base_config = load_base_config(model_name)
+    fam = FAMILIES[family] if family else detect_family(base_config)
+    if family and base_config.model_type not in fam.hf_model_types:
+        raise ConversionError(f"{model_name} is model_type={base_config.model_type!r}, not a {family} model; use the matching converter")
+    choice.validate(base_config.num_hidden_layers)
+    config = raven_config_from_hf(base_config, choice, fam, mean_recurrence=mean_recurrence, mean_backprop_depth=mean_backprop_depth)
+
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_name, dtype=torch.float32).eval()
+    model = RavenForCausalLM(config)
+    missing, unexpected = model.load_state_dict(map_state_dict(base, choice, fam), strict=False)
+    if set(missing) != {"transformer.adapter.weight"} or unexpected:
+        raise ConversionError(f"weight mapping mismatch: missing {missing}, unexpected {unexpected}")
+    init_adapter(model.transformer.adapter, adapter_init, seed)
+    model = model.to(getattr(torch, dtype))
+
+    save_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{save_path.name}.tmp-", dir=save_path.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer = load_tokenizer(model_name)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        rows = []
+        if verify:
+            reloaded = RavenForCausalLM.from_pretrained(tmp, dtype=torch.float32)
+            # Compare against the base with the same rounding the saved dtype applied.
+            reference = base.to(getattr(torch, dtype)).float()
+            rows = verification_table(reloaded, reference, choice, verification_input(tokenizer, config.vocab_size))
+            if not print_table(rows, tolerance):
+                raise ConversionError(f"verification failed: max difference above {tolerance:g} (table above)")
+        if save_path.exists():
+            shutil.rmtree(save_path)
+        os.replace(tmp, save_path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return save_path, rows
+
+
+def load_tokenizer(model_name):
+    """The base model's tokenizer, or None (with a one-line warning) for a weights-only directory."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_name)
+    except (OSError, ValueError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"warning: no tokenizer found in {model_name} ({first_line}); saving the model without one")
+        return None
+
+
+def main(default_family: str, argv: list[str] | None = None) -> int:
+    """CLI shared by convert_llama.py and convert_olmo.py."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(
+        description=f"Convert a HF {default_family} model into a (prelude, recurrent block, coda) model and verify it."
+    )
+    parser.add_argument("--model_name", required=True, help="local HF model dir or Hub id (download first with utils/download_to_local.py)")
+    parser.add_argument("--save_name", required=True, help="output directory")
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="the paper's layer choices")
+    parser.add_argument("--prelude_idx", help="base layers for the prelude, e.g. 0,1,2,3 or 0-3")
+    parser.add_argument("--core_idx", help="base layers for the recurrent block, e.g. 10-17")
+    parser.add_argument("--coda_idx", help="base layers for the coda, e.g. 18-21")
+    parser.add_argument("--dtype", default="bfloat16", help="saved dtype: float32, bfloat16 (default) or float16")
+    parser.add_argument("--adapter_init", default="default", help="default (PyTorch Linear init, as the authors) or identity ([0 | I])")
+    parser.add_argument("--mean_recurrence", type=int, default=32, help="test-time recurrence stored in the config")
+    parser.add_argument("--mean_backprop_depth", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the default adapter init")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --save_name")
+    parser.add_argument("--no_verify", action="store_true", help="skip the hidden-state verification")
+    args = parser.parse_args(argv)
+    try:
+        choice = layer_choice(args.preset, args.prelude_idx, args.core_idx, args.coda_idx)
+        if not Path(args.model_name).exists() and os.environ.get("HF_HUB_OFFLINE") == "1":
+            raise ConversionError(f"--model_name {args.model_name} does not exist locally and HF_HUB_OFFLINE=1")
+        path, _ = convert(
+            args.model_name,
+            args.save_name,
+            choice,
+            family=default_family,
+            dtype=args.dtype,
+            adapter_init=args.adapter_init,
+            overwrite=args.overwrite,
+            mean_recurrence=args.mean_recurrence,
+            mean_backprop_depth=args.mean_backprop_depth,
+            seed=args.seed,
+            verify=not args.no_verify,
+        )
+    except (ConversionError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"saved recurrent model to {path} (prelude {choice.prelude}, recurrent {choice.core}, coda {choice.coda})")
+    return 0

@@ -1,0 +1,592 @@
+"""A depth-recurrent causal LM in the Raven / Huginn layout, for retrofitted Llama and OLMo-2 models.
+
+    e = prelude(wte(x))                                  # a few early layers, run once
+    s_0 ~ TruncNormal(0, std^2, +-3 std)                 # random initial latent state
+    s_i = core_block(adapter(cat([s_{i-1}, e])))         # the recurrent block, r times
+    logits = lm_head(ln_f(coda(s_r)))                    # a few late layers, run once
+
+Training uses truncated backprop: `num_steps=(n, k)` runs n iterations without grad, then k with
+grad. One implementation covers both layer families through two config switches
+(`norm_placement`, `qk_norm`). Parameter names follow the authors' released checkpoints.
+
+This file is self-contained (torch + transformers only) and is copied next to saved weights, so a
+checkpoint loads with `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` anywhere.
+It keeps its own KV cache and decode loop instead of transformers' cache classes, whose internals
+changed between releases and broke the original code twice.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.utils import ModelOutput
+
+from .configuration_raven import RavenConfig
+
+# ----------------------------------------------------------------------------------------------
+# Depth sampling (REFERENCE §3). `retrofit.depth` re-exports this; it lives here so a checkpoint
+# directory carries everything its forward pass needs.
+# ----------------------------------------------------------------------------------------------
+
+SAMPLER_SEED_OFFSET = 514229
+SAMPLER_SIGMA = 0.5
+
+
+def sample_num_steps(mean_recurrence: int, backprop_depth: int, data_step: int) -> tuple[int, int]:
+    """Draw (n, k) = (iterations without grad, iterations with grad) for one micro-batch.
+
+    p = Poisson(LogNormal(ln(t + s) - sigma^2/2, sigma)) + 1 with t = max(r - s, 0), then
+    n = max(p - s, 0), k = min(s, p). Seeded by the micro-batch index so every rank, and a resumed
+    run, draws the same depth for the same micro-batch.
+    """
+    if mean_recurrence < 1:
+        raise ValueError(f"mean_recurrence must be >= 1, got {mean_recurrence}")
+    if backprop_depth < 1:
+        raise ValueError(f"backprop_depth must be >= 1, got {backprop_depth}")
+    s = backprop_depth
+    t = max(mean_recurrence - s, 0)
+    mu = math.log(t + s) - SAMPLER_SIGMA**2 / 2
+    generator = torch.Generator(device="cpu")
+    generator.manual_seed((SAMPLER_SEED_OFFSET + data_step) % (2**31 - 1))
+    rate = torch.empty(1).log_normal_(mean=mu, std=SAMPLER_SIGMA, generator=generator)
+    p = int(torch.poisson(rate, generator=generator).item()) + 1
+    return max(p - s, 0), min(s, p)
+
+
+# ----------------------------------------------------------------------------------------------
+# Layers
+# ----------------------------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 (as HF Llama/OLMo-2 do), then scale in the input dtype.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_inverse_frequencies(config: RavenConfig) -> torch.Tensor:
+    """RoPE inverse frequencies, with Llama-3 frequency scaling when configured."""
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    theta = float(params.get("rope_theta", config.rope_theta))
+    dim = config.head_dim
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type == "default":
+        return inv_freq
+    if rope_type == "linear":
+        return inv_freq / float(params["factor"])
+    if rope_type == "llama3":
+        factor = float(params["factor"])
+        low, high = float(params["low_freq_factor"]), float(params["high_freq_factor"])
+        old_context = float(params["original_max_position_embeddings"])
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_context / low, inv_freq / factor, inv_freq)
+        smooth = (old_context / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        is_medium = (wavelen >= old_context / high) & (wavelen <= old_context / low)
+        return torch.where(is_medium, smoothed, scaled)
+    raise ValueError(f"unsupported rope_type {rope_type!r} (supported: default, linear, llama3)")
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE (the HF Llama convention, so converted q/k weights need no permutation)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class KVCache:
+    """Keys and values per attention "slot", grown by doubling so decoding costs amortised O(1).
+
+    A slot is one layer application: ("prelude", j), ("core", iteration, j) or ("coda", j). Keeping
+    one slot per iteration is what the authors' models were trained with (every iteration attends
+    to the same iteration of earlier tokens). With `bounded=True`, all iterations of a core layer
+    share one slot that holds the latest iteration's keys, so memory does not grow with depth.
+    """
+
+    def __init__(self, bounded: bool = False):
+        self.bounded = bounded
+        self.keys: dict[tuple, torch.Tensor] = {}
+        self.values: dict[tuple, torch.Tensor] = {}
+        self.seen_tokens = 0  # advanced by the model once a forward call has written every slot
+
+    def slot(self, kind: str, layer: int, iteration: int = 0) -> tuple:
+        if kind == "core" and not self.bounded:
+            return (kind, iteration, layer)
+        return (kind, layer)
+
+    def update(self, slot: tuple, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, H, T, D) at positions [start, start + T) of `slot`; return all keys so far."""
+        end = start + k.shape[2]
+        buf_k, buf_v = self.keys.get(slot), self.values.get(slot)
+        if buf_k is None or buf_k.shape[2] < end:
+            capacity = max(end, 2 * (buf_k.shape[2] if buf_k is not None else 0), 16)
+            new_k = k.new_zeros(k.shape[0], k.shape[1], capacity, k.shape[3])
+            new_v = v.new_zeros(new_k.shape)
+            if buf_k is not None:
+                new_k[:, :, :start] = buf_k[:, :, :start]
+                new_v[:, :, :start] = buf_v[:, :, :start]
+            self.keys[slot], self.values[slot] = buf_k, buf_v = new_k, new_v
+        buf_k[:, :, start:end] = k
+        buf_v[:, :, start:end] = v
+        return buf_k[:, :, :end], buf_v[:, :, :end]
+
+    def memory_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.keys.values(), *self.values.values()))
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep only the batch rows in `index` (drop finished sequences)."""
+        for store in (self.keys, self.values):
+            for slot, tensor in store.items():
+                store[slot] = tensor.index_select(0, index)
+
+
+@dataclass
+class AttentionContext:
+    """What every layer of one forward call shares: RoPE tables, the mask, the cache position."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    mask: torch.Tensor | None  # bool (B, 1, T, past + T), True = may attend; None = plain causal
+    cache: KVCache | None = None
+    past_length: int = 0
+
+
+class Attention(nn.Module):
+    def __init__(self, config: RavenConfig):
+        super().__init__()
+        self.n_heads = config.n_heads
+        self.n_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        self.split_sizes = (q_dim, kv_dim, kv_dim)
+        self.Wqkv = nn.Linear(config.n_embd, q_dim + 2 * kv_dim, bias=config.bias)
+        self.proj = nn.Linear(q_dim, config.n_embd, bias=config.bias)
+        self.qk_norm = config.qk_norm
+        if config.qk_norm:  # OLMo-2: RMSNorm over the whole projected q and k, before the head split
+            self.q_norm = RMSNorm(q_dim, config.norm_eps)
+            self.k_norm = RMSNorm(kv_dim, config.norm_eps)
+
+    def forward(self, x: torch.Tensor, ctx: AttentionContext, slot: tuple | None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.Wqkv(x).split(self.split_sizes, dim=-1)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
+        if ctx.cache is not None and slot is not None:
+            k, v = ctx.cache.update(slot, k, v, ctx.past_length)
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=ctx.mask,
+            is_causal=ctx.mask is None and T > 1,
+            enable_gqa=self.n_kv_heads != self.n_heads,
+        )
+        return self.proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class GatedMLP(nn.Module):
+    def __init__(self, config: RavenConfig):
+        super().__init__()
+        self.fc = nn.Linear(config.n_embd, 2 * config.intermediate_size, bias=config.bias)  # [gate; up]
+        self.proj = nn.Linear(config.intermediate_size, config.n_embd, bias=config.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.fc(x).chunk(2, dim=-1)
+        return self.proj(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    """One transformer layer; `norm_placement` picks Llama (pre-norm) or OLMo-2 (post-norm)."""
+
+    def __init__(self, config: RavenConfig):
+        super().__init__()
+        self.post_norm = config.norm_placement == "post"
+        self.norm_1 = RMSNorm(config.n_embd, config.norm_eps)
+        self.attn = Attention(config)
+        self.norm_2 = RMSNorm(config.n_embd, config.norm_eps)
+        self.mlp = GatedMLP(config)
+
+    def forward(self, x: torch.Tensor, ctx: AttentionContext, slot: tuple | None = None) -> torch.Tensor:
+        if self.post_norm:
+            x = x + self.norm_1(self.attn(x, ctx, slot))
+            return x + self.norm_2(self.mlp(x))
+        x = x + self.attn(self.norm_1(x), ctx, slot)
+        return x + self.mlp(self.norm_2(x))
+
+
+# ----------------------------------------------------------------------------------------------
+# The model
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RavenCausalLMOutput(ModelOutput):
+    loss: torch.Tensor | None = None
+    log_ppl: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    cache: KVCache | None = None  # transformers >= 5.2 renames `past_key_values` to `cache` here
+    latent_states: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    stats: dict | None = None
+
+
+RavenCausalLMOutput.past_key_values = property(lambda self: self.cache)
+
+
+class RavenPreTrainedModel(PreTrainedModel):
+    config_class = RavenConfig
+    base_model_prefix = "transformer"
+    supports_gradient_checkpointing = False
+    _no_split_modules = ["Block"]
+    _supports_sdpa = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # Fresh weights (init_from_scratch, or keys missing from a checkpoint): small normal init
+        # for matrices, ones for norms. The adapter gets PyTorch's default Linear init, as in the
+        # authors' release; conversion sets it explicitly.
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            if module is getattr(getattr(self, "transformer", None), "adapter", None):
+                module.reset_parameters()
+            else:
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, RMSNorm):
+            nn.init.ones_(module.weight)
+
+
+class RavenForCausalLM(RavenPreTrainedModel):
+    _tied_weights_keys = {}
+
+    def __init__(self, config: RavenConfig):
+        super().__init__(config)
+        h = config.n_embd
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.padded_vocab_size, h),
+                prelude=nn.ModuleList(Block(config) for _ in range(config.n_layers_in_prelude)),
+                adapter=nn.Linear(2 * h, h, bias=False),
+                core_block=nn.ModuleList(Block(config) for _ in range(config.n_layers_in_recurrent_block)),
+                coda=nn.ModuleList(Block(config) for _ in range(config.n_layers_in_coda)),
+                ln_f=RMSNorm(h, config.norm_eps),
+            )
+        )
+        self.lm_head = nn.Linear(h, config.padded_vocab_size, bias=False)
+        # RoPE frequencies are derived from the config, never saved: kept out of the module's
+        # buffers so meta-device loading (transformers 5) cannot leave them uninitialised.
+        self._inv_freq: dict[torch.device, torch.Tensor] = {}
+        self.step = 0  # counts training forwards that sampled their own depth
+        self.post_init()
+
+    # -- HF plumbing ---------------------------------------------------------------------------
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.transformer.wte
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.transformer.wte = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Save weights + config, and copy this file and the config file beside them (auto_map)."""
+        self.config.auto_map = {
+            "AutoConfig": "configuration_raven.RavenConfig",
+            "AutoModelForCausalLM": "modeling_raven.RavenForCausalLM",
+        }
+        self.config.architectures = ["RavenForCausalLM"]
+        super().save_pretrained(save_directory, *args, **kwargs)
+        here = Path(__file__).resolve().parent
+        for name in ("modeling_raven.py", "configuration_raven.py"):
+            if (here / name).resolve() != (Path(save_directory) / name).resolve():
+                shutil.copyfile(here / name, Path(save_directory) / name)
+
+    # -- building blocks of the forward pass (also used by conversion checks and depth sweeps) --
+
+    def attention_context(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> AttentionContext:
+        """RoPE tables and the attention mask for a call on `input_ids` (B, T).
+
+        `attention_mask` (B, past + T), 1 = real token, covers cached tokens too. Positions count
+        real tokens only, so a left-padded sequence gets the same positions as it would alone.
+        """
+        B, T = input_ids.shape
+        device = input_ids.device
+        past = cache.seen_tokens if cache is not None else 0
+        if attention_mask is not None and attention_mask.shape[-1] != past + T:
+            raise ValueError(
+                f"attention_mask has length {attention_mask.shape[-1]}, expected {past + T} (cached {past} + new {T})"
+            )
+        padded = attention_mask is not None and not bool(attention_mask.all())
+        if position_ids is None:
+            if padded:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+            else:
+                position_ids = torch.arange(past, past + T, device=device).unsqueeze(0).expand(B, T)
+        if device not in self._inv_freq:
+            self._inv_freq[device] = rope_inverse_frequencies(self.config).to(device)
+        freqs = position_ids[:, :, None].float() * self._inv_freq[device][None, None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, head_dim)
+        dtype = self.transformer.wte.weight.dtype
+        cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+
+        mask = None
+        if padded or (past > 0 and T > 1):
+            q_pos = torch.arange(past, past + T, device=device)
+            k_pos = torch.arange(past + T, device=device)
+            mask = (k_pos[None, :] <= q_pos[:, None])[None, None]  # causal, (1, 1, T, past + T)
+            if padded:
+                mask = mask & attention_mask.bool()[:, None, None, :]
+                # A padding query would attend to nothing (NaN in SDPA): let it see itself.
+                mask = mask | (k_pos[None, :] == q_pos[:, None])[None, None]
+        return AttentionContext(cos=cos, sin=sin, mask=mask, cache=cache, past_length=past)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self.transformer.wte(input_ids)
+        scale = self.config.init_values.get("embed_scale", 1.0)
+        return x * scale if scale != 1.0 else x
+
+    def run_prelude(self, x: torch.Tensor, ctx: AttentionContext, hidden: list | None = None) -> torch.Tensor:
+        for j, layer in enumerate(self.transformer.prelude):
+            x = layer(x, ctx, ctx.cache.slot("prelude", j) if ctx.cache else None)
+            if hidden is not None:
+                hidden.append(x)
+        return x
+
+    def initial_state(self, prelude_out: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """s_0 ~ TruncNormal(0, std^2, +-3 std), std read from the config at call time (0 -> zeros)."""
+        std = float(self.config.init_values.get("std", 0.0))
+        state = torch.zeros_like(prelude_out)
+        if std > 0:
+            nn.init.trunc_normal_(state, mean=0.0, std=std, a=-3 * std, b=3 * std, generator=generator)
+            scale = self.config.init_values.get("embed_scale", 1.0)
+            if scale != 1.0:
+                state = state * scale
+        return state
+
+    def recur(
+        self,
+        state: torch.Tensor,
+        prelude_out: torch.Tensor,
+        ctx: AttentionContext,
+        iteration: int,
+        hidden: list | None = None,
+    ) -> torch.Tensor:
+        """One pass of the recurrent block: core_block(adapter(cat([state, prelude_out])))."""
+        x = self.transformer.adapter(torch.cat([state, prelude_out], dim=-1))
+        for j, layer in enumerate(self.transformer.core_block):
+            x = layer(x, ctx, ctx.cache.slot("core", j, iteration) if ctx.cache else None)
+            if hidden is not None:
+                hidden.append(x)
+        return x
+
+    def run_coda(self, x: torch.Tensor, ctx: AttentionContext, hidden: list | None = None) -> torch.Tensor:
+        """Coda layers and the final norm; returns the normalised hidden state fed to lm_head."""
+        for j, layer in enumerate(self.transformer.coda):
+            x = layer(x, ctx, ctx.cache.slot("coda", j) if ctx.cache else None)
+            if hidden is not None:
+                hidden.append(x)
+        return self.transformer.ln_f(x)
+
+    def resolve_num_steps(self, num_steps) -> tuple[int, int]:
+        """(n, k) from None | int | (n, k); None samples in training mode, else mean_recurrence."""
+        if num_steps is None:
+            if self.training:
+                self.step += 1
+                return sample_num_steps(
+                    int(self.config.mean_recurrence), int(self.config.mean_backprop_depth), self.step
+                )
+            return int(self.config.mean_recurrence), 0
+        if isinstance(num_steps, (tuple, list)) or (torch.is_tensor(num_steps) and num_steps.numel() == 2):
+            n, k = (int(v) for v in num_steps)
+        else:
+            n, k = int(num_steps), 0
+        if n < 0 or k < 0 or n + k < 1:
+            raise ValueError(f"num_steps must give at least one iteration, got (n={n}, k={k})")
+        return n, k
+
+    # -- forward ---------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        num_steps=None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: KVCache | None = None,
+        use_cache: bool = False,
+        initial_state: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+        logits_to_keep: int = 0,
+        return_dict: bool = True,
+        **kwargs,
+    ) -> RavenCausalLMOutput:
+        """Labels are aligned with input_ids (no shift inside, as in the authors' Huginn code).
+
+        `logits_to_keep=m > 0` computes logits for the last m positions only (decoding).
+        """
+        n, k = self.resolve_num_steps(num_steps)
+        past_key_values = kwargs.pop("cache", past_key_values)
+        if use_cache and past_key_values is None:
+            past_key_values = KVCache()
+        ctx = self.attention_context(input_ids, attention_mask, position_ids, past_key_values)
+        hidden = [] if output_hidden_states else None
+
+        e = self.embed(input_ids)
+        if hidden is not None:
+            hidden.append(e)
+        e = self.run_prelude(e, ctx, hidden)
+        state = self.initial_state(e) if initial_state is None else initial_state
+        with torch.no_grad():
+            for i in range(n):
+                state = self.recur(state, e, ctx, i, hidden)
+        for i in range(n, n + k):
+            state = self.recur(state, e, ctx, i, hidden)
+        x = self.run_coda(state, ctx, hidden)
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
+        logits = self.lm_head(x)
+
+        loss = log_ppl = None
+        if labels is not None:
+            loss = F.cross_entropy(
+                logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100
+            )
+            log_ppl = loss.detach().exp()
+        if ctx.cache is not None:
+            ctx.cache.seen_tokens = ctx.past_length + input_ids.shape[1]
+        return RavenCausalLMOutput(
+            loss=loss,
+            log_ppl=log_ppl,
+            logits=logits,
+            cache=past_key_values if use_cache else None,
+            latent_states=state.detach(),
+            hidden_states=tuple(hidden) if hidden is not None else None,
+            stats={"num_steps_no_grad": n, "num_steps_with_grad": k},
+        )
+
+    # -- generation ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        max_new_tokens: int | None = None,
+        max_length: int | None = None,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_token_id: int | list[int] | None = None,
+        pad_token_id: int | None = None,
+        stopping_criteria=None,
+        num_steps: int | None = None,
+        use_cache: bool = True,
+        streamer=None,
+        generator: torch.Generator | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        """Greedy or sampled decoding with this model's own KV cache; returns prompt + new tokens.
+
+        Accepts the arguments lm-eval's HF backend passes (`max_length`, `stopping_criteria`,
+        `pad_token_id`, `do_sample`, `temperature`). A left-padded batch needs `attention_mask`;
+        without one, it is inferred from `pad_token_id` when that differs from EOS.
+        Finished sequences are padded with `pad_token_id` (or EOS).
+        """
+        generation_config = kwargs.pop("generation_config", None)
+        if generation_config is not None:
+            max_new_tokens = max_new_tokens or generation_config.max_new_tokens
+            eos_token_id = eos_token_id if eos_token_id is not None else generation_config.eos_token_id
+        B, T = input_ids.shape
+        if max_new_tokens is None:
+            max_new_tokens = (max_length - T) if max_length is not None else 20
+        if eos_token_id is None:
+            eos_token_id = self.config.eos_token_id
+        eos_ids = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
+        if pad_token_id is None:
+            pad_token_id = self.config.pad_token_id if self.config.pad_token_id is not None else (min(eos_ids) if eos_ids else 0)
+        if attention_mask is None:
+            if pad_token_id not in eos_ids and bool((input_ids == pad_token_id).any()):
+                attention_mask = (input_ids != pad_token_id).long()
+            else:
+                attention_mask = torch.ones_like(input_ids)
+        if temperature is not None and temperature <= 0:
+            do_sample = False
+
+        tokens = input_ids
+        mask = attention_mask
+        done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        cache = KVCache() if use_cache else None
+        step_input = input_ids
+        for _ in range(max(max_new_tokens, 0)):
+            if use_cache:
+                out = self(step_input, attention_mask=mask, num_steps=num_steps, past_key_values=cache,
+                           use_cache=True, logits_to_keep=1)
+            else:
+                out = self(tokens, attention_mask=mask, num_steps=num_steps, logits_to_keep=1)
+            logits = out.logits[:, -1, :].float()
+            next_token = self._choose_next(logits, do_sample, temperature, top_k, top_p, generator)
+            next_token = torch.where(done, torch.full_like(next_token, pad_token_id), next_token)
+            tokens = torch.cat([tokens, next_token[:, None]], dim=-1)
+            mask = torch.cat([mask, (~done).long()[:, None]], dim=-1)
+            if streamer is not None:
+                streamer.put(next_token.cpu())
+            if eos_ids:
+                done |= torch.isin(next_token, torch.tensor(sorted(eos_ids), device=next_token.device))
+            if stopping_criteria is not None:
+                done |= torch.as_tensor(stopping_criteria(tokens, logits), device=done.device).bool().reshape(-1).expand(B)
+            if bool(done.all()):
+                break
+            step_input = next_token[:, None]
+        if streamer is not None:
+            streamer.end()
+        return tokens
+
+    @staticmethod
+    def _choose_next(logits, do_sample, temperature, top_k, top_p, generator) -> torch.Tensor:
+        if not do_sample:
+            return logits.argmax(dim=-1)
+        logits = logits / max(temperature or 1.0, 1e-5)
+        if top_k:
+            kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1, None]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if top_p is not None and top_p < 1.0:
+            sorted_logits, order = torch.sort(logits, descending=True)
+            cumulative = sorted_logits.softmax(-1).cumsum(-1)
+            remove = cumulative - sorted_logits.softmax(-1) > top_p
+            logits = logits.masked_fill(remove.scatter(1, order, remove), float("-inf"))
+        return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+RavenConfig.register_for_auto_class()
+RavenForCausalLM.register_for_auto_class("AutoModelForCausalLM")

@@ -1,0 +1,241 @@
+"""Conversion of real (tiny, randomly initialised) HF Llama / OLMo-2 models, and its CLI."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, save_hf_model, tiny_llama_config, tiny_olmo2_config
+
+from retrofit.conversion import ConversionError, LayerChoice, convert, layer_choice, parse_indices
+from retrofit.modeling_raven import RavenForCausalLM
+
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 32.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+    "rope_theta": 500000.0,
+}
+CHOICE = LayerChoice(prelude=[0, 1], core=[4, 5], coda=[6, 7])
+
+
+def run_cli(script: str, *args: str) -> subprocess.CompletedProcess:
+    """The real script in a fresh interpreter (slow: used once per script)."""
+    return subprocess.run(
+        [sys.executable, str(ROOT / "convert_pretrained_model" / script), *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+
+
+def run_main(capsys, family: str, *args: str) -> tuple[int, str, str]:
+    """The converters' shared CLI in-process (what both scripts call), for the many error cases."""
+    from retrofit.conversion import main
+
+    code = main(family, list(args))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def load_script(path: Path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def llama3_gqa_dir(tmp_path_factory, tokenizer_dir, tokenizer):
+    """A Llama-3.2-like model: GQA, llama3 rope scaling, tied embeddings (converted models untie)."""
+    cfg = tiny_llama_config(len(tokenizer), rope_parameters=LLAMA3_ROPE, tie_word_embeddings=True)
+    return save_hf_model(cfg, tmp_path_factory.mktemp("llama3"), tokenizer_dir)
+
+
+@pytest.fixture(scope="module")
+def tinyllama_shaped_dir(tmp_path_factory, tokenizer_dir, tokenizer):
+    """TinyLlama's shape scaled down: 22 layers, 8:1 query/kv heads, rope theta 1e4."""
+    cfg = tiny_llama_config(len(tokenizer), num_hidden_layers=22, hidden_size=64, num_attention_heads=8,
+                            num_key_value_heads=1, intermediate_size=176)
+    return save_hf_model(cfg, tmp_path_factory.mktemp("tinyllama"), tokenizer_dir)
+
+
+def max_diffs(rows):
+    return {name: diff for name, diff in rows}
+
+
+@pytest.mark.parametrize("base_fixture,family,choice", [
+    ("llama3_gqa_dir", "llama", CHOICE),
+    ("tinyllama_shaped_dir", "llama", layer_choice("tinyllama-4-8-4", None, None, None)),
+    ("tiny_olmo2_dir", "olmo2", CHOICE),
+])
+def test_conversion_is_exact(request, tmp_path, base_fixture, family, choice, capsys):
+    base_dir = request.getfixturevalue(base_fixture)
+    out, rows = convert(base_dir, tmp_path / "rec", choice, family=family, dtype="float32")
+    diffs = max_diffs(rows)
+    assert len(rows) == 2 + len(choice.kept)  # embedding, every kept layer, logits
+    assert max(diffs.values()) < 1e-5, diffs
+    printed = capsys.readouterr().out
+    assert "verification passed" in printed and "logits" in printed
+    assert (out / "modeling_raven.py").exists() and (out / "tokenizer.json").exists()
+    model = RavenForCausalLM.from_pretrained(out)
+    assert model.config.n_layers_in_recurrent_block == len(choice.core)
+    assert model.config.source_layers["core_block"] == choice.core
+    assert model.lm_head.weight.data_ptr() != model.transformer.wte.weight.data_ptr()  # untied
+
+
+def test_tied_base_gets_lm_head_copied_from_embedding(llama3_gqa_dir, tmp_path):
+    out, _ = convert(llama3_gqa_dir, tmp_path / "rec", CHOICE, dtype="float32", verify=False)
+    model = RavenForCausalLM.from_pretrained(out)
+    torch.testing.assert_close(model.lm_head.weight, model.transformer.wte.weight)
+
+
+@pytest.mark.parametrize("base_fixture", ["llama3_gqa_dir", "tiny_olmo2_dir"])
+def test_identity_adapter_equals_layer_dropped_base_at_any_recurrence(request, tmp_path, base_fixture):
+    from transformers import AutoModelForCausalLM
+
+    base_dir = request.getfixturevalue(base_fixture)
+    out, _ = convert(base_dir, tmp_path / "rec", CHOICE, dtype="float32", adapter_init="identity", verify=False)
+    model = RavenForCausalLM.from_pretrained(out).eval()
+    model.config.init_values["std"] = 0.0
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+    base.model.layers = torch.nn.ModuleList(base.model.layers[i] for i in CHOICE.kept)
+    ids = torch.randint(3, model.config.vocab_size, (2, 12))
+    with torch.no_grad():
+        expected = base(ids, use_cache=False).logits
+        for r in (1, 4, 16):
+            # With [0 | I], the state is ignored: every iteration re-applies the block to the prelude output.
+            torch.testing.assert_close(model(ids, num_steps=r).logits, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_default_adapter_is_pytorch_linear_init_and_seeded(tiny_llama_dir, tmp_path):
+    a, _ = convert(tiny_llama_dir, tmp_path / "a", CHOICE, dtype="float32", verify=False)
+    b, _ = convert(tiny_llama_dir, tmp_path / "b", CHOICE, dtype="float32", verify=False, seed=1)
+    wa = RavenForCausalLM.from_pretrained(a).transformer.adapter.weight
+    wb = RavenForCausalLM.from_pretrained(b).transformer.adapter.weight
+    bound = 1 / (2 * 64) ** 0.5  # kaiming-uniform(a=sqrt(5)) bound of nn.Linear: 1/sqrt(fan_in)
+    assert wa.abs().max() <= bound and wa.abs().max() > 0.9 * bound
+    assert not torch.equal(wa, wb)
+
+
+def test_bfloat16_conversion_verifies(tiny_llama_dir, tmp_path):
+    out, rows = convert(tiny_llama_dir, tmp_path / "bf16", CHOICE, dtype="bfloat16")
+    assert max(d for _, d in rows) < 1e-4
+    assert RavenForCausalLM.from_pretrained(out).dtype == torch.bfloat16
+
+
+def test_cli_llama_and_olmo_print_the_table(tiny_llama_dir, tiny_olmo2_dir, tmp_path):
+    for script, base in (("convert_llama.py", tiny_llama_dir), ("convert_olmo.py", tiny_olmo2_dir)):
+        result = run_cli(script, "--model_name", str(base), "--save_name", str(tmp_path / script),
+                         "--prelude_idx", "0,1", "--core_idx", "4-5", "--coda_idx", "6,7", "--dtype", "float32")
+        assert result.returncode == 0, result.stderr
+        assert "core_block.1 (layer 5)" in result.stdout and "verification passed" in result.stdout
+        assert (tmp_path / script / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--prelude_idx", "0", "--core_idx", "1,9", "--coda_idx", "2"], "core index 9 out of range"),
+    (["--prelude_idx", "0,1", "--core_idx", "1,2", "--coda_idx", "3"], "layer 1 is used twice"),
+    (["--prelude_idx", "0", "--core_idx", "", "--coda_idx", "3"], "at least one layer"),
+    (["--prelude_idx", "0"], "give --preset or all of"),
+    (["--prelude_idx", "0", "--core_idx", "a", "--coda_idx", "3"], "bad layer index list"),
+])
+def test_cli_rejects_bad_layer_choices(tiny_llama_dir, tmp_path, args, message, capsys):
+    save = tmp_path / "out"
+    code, _, err = run_main(capsys, "llama", "--model_name", str(tiny_llama_dir), "--save_name", str(save), *args)
+    assert code == 2
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not save.exists() and not list(tmp_path.glob(".out.tmp-*"))
+
+
+def test_cli_refuses_to_overwrite_and_keeps_existing(tiny_llama_dir, tmp_path, capsys):
+    save = tmp_path / "existing"
+    save.mkdir()
+    (save / "keep.txt").write_text("mine")
+    args = ["--model_name", str(tiny_llama_dir), "--save_name", str(save), "--prelude_idx", "0",
+            "--core_idx", "1", "--coda_idx", "2", "--dtype", "float32"]
+    code, _, err = run_main(capsys, "llama", *args)
+    assert code == 2 and "already exists" in err
+    assert (save / "keep.txt").read_text() == "mine"
+    assert run_main(capsys, "llama", *args, "--overwrite")[0] == 0
+    assert (save / "model.safetensors").exists() and not (save / "keep.txt").exists()
+
+
+def test_cli_errors_for_wrong_family_missing_files_and_bad_dtype(tiny_llama_dir, tiny_olmo2_dir, tmp_path, capsys):
+    common = ["--prelude_idx", "0", "--core_idx", "1", "--coda_idx", "2"]
+    code, _, err = run_main(capsys, "llama", "--model_name", str(tiny_olmo2_dir), "--save_name", str(tmp_path / "w"), *common)
+    assert code == 2 and "not a llama model" in err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, _, err = run_main(capsys, "llama", "--model_name", str(empty), "--save_name", str(tmp_path / "m"), *common)
+    assert code == 2 and "no config.json" in err
+    code, _, err = run_main(capsys, "llama", "--model_name", str(tiny_llama_dir), "--save_name", str(tmp_path / "d"),
+                            *common, "--dtype", "float8")
+    assert code == 2 and "float8" in err
+    assert not any(p.name in {"w", "m", "d"} for p in tmp_path.iterdir())
+
+
+def test_unsupported_architecture(tmp_path, tokenizer_dir):
+    from transformers import GPT2Config
+
+    base = save_hf_model(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=100), tmp_path / "gpt2")
+    with pytest.raises(ConversionError, match="unsupported architecture model_type='gpt2'"):
+        convert(base, tmp_path / "out", LayerChoice([0], [1], []))
+
+
+def test_presets_match_the_paper():
+    assert layer_choice("tinyllama-4-8-4", None, None, None) == LayerChoice(
+        [0, 1, 2, 3], list(range(10, 18)), [18, 19, 20, 21])
+    assert layer_choice("llama-2-4-2", None, None, None).core == [10, 11, 12, 13]
+    assert layer_choice("olmo-4-6-4", None, None, "15").coda == [15]  # explicit indices override
+    assert parse_indices("0-2,5") == [0, 1, 2, 5]
+
+
+def test_untie_embeds_cli(tmp_path, tokenizer_dir, tokenizer, capsys):
+    base = save_hf_model(tiny_llama_config(len(tokenizer), tie_word_embeddings=True), tmp_path / "tied", tokenizer_dir)
+    untie = load_script(ROOT / "utils" / "untie_embeds_hf.py")
+    assert untie.main(["--model_name", str(base), "--save_name", str(tmp_path / "u")]) == 0
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "u")
+    assert model.config.tie_word_embeddings is False
+    assert model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr()
+    torch.testing.assert_close(model.lm_head.weight, model.model.embed_tokens.weight)
+    capsys.readouterr()
+    assert untie.main(["--model_name", str(base), "--save_name", str(tmp_path / "u")]) == 2
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_download_to_local_arguments(capsys):
+    download = load_script(ROOT / "utils" / "download_to_local.py")
+    assert download.main(["--model_name", "olmo", "--save_dir", "models", "--dry_run"]) == 0
+    out = capsys.readouterr().out
+    assert "allenai/OLMo-2-0425-1B (revision stage1-step1907359-tokens4001B) -> models/OLMo-2-0425-1B" in out
+    with pytest.raises(SystemExit) as exit_info:
+        download.main(["--model_name", "nonsense"])
+    assert exit_info.value.code == 2 and "nonsense" in capsys.readouterr().err
+
+
+def test_verification_catches_a_wrong_mapping(tiny_llama_dir, tmp_path, monkeypatch):
+    """If the weight map were wrong, the table flags it and nothing is saved."""
+    import retrofit.conversion as conversion
+
+    real = conversion.map_state_dict
+
+    def broken(model, choice, family):
+        sd = real(model, choice, family)
+        key = "transformer.core_block.0.mlp.proj.weight"
+        sd[key] = sd[key] * 1.01
+        return sd
+
+    monkeypatch.setattr(conversion, "map_state_dict", broken)
+    with pytest.raises(ConversionError, match="verification failed"):
+        convert(tiny_llama_dir, tmp_path / "bad", CHOICE, dtype="float32")
+    assert not (tmp_path / "bad").exists() and not list(Path(tmp_path).glob(".bad.tmp-*"))

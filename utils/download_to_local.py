@@ -1,0 +1,58 @@
+"""Download a model snapshot from the Hugging Face Hub into a local directory.
+
+    python utils/download_to_local.py --model_name TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T \
+        --save_dir models [--revision main]
+
+The snapshot lands in {save_dir}/{repo name}, e.g. models/TinyLlama-1.1B-intermediate-step-1431k-3T,
+the path the converters and shell scripts expect. Interrupted downloads resume.
+The paper's base models:
+  TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T
+  meta-llama/Llama-3.2-1B                      (gated: accept the licence, `hf auth login`)
+  allenai/OLMo-2-0425-1B --revision stage1-step1907359-tokens4001B
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+PAPER_MODELS = {
+    "tinyllama": ("TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T", None),
+    "llama": ("meta-llama/Llama-3.2-1B", None),
+    "olmo": ("allenai/OLMo-2-0425-1B", "stage1-step1907359-tokens4001B"),
+}
+
+
+def target_dir(model_name: str, save_dir: str) -> Path:
+    return Path(save_dir) / model_name.rstrip("/").split("/")[-1]
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Download a HF model snapshot to a local directory.")
+    parser.add_argument("--model_name", required=True, help=f"Hub id, or one of {', '.join(PAPER_MODELS)}")
+    parser.add_argument("--save_dir", default="models", help="parent directory (default: models)")
+    parser.add_argument("--revision", default=None, help="branch, tag or commit")
+    parser.add_argument("--dry_run", action="store_true", help="print what would be downloaded and exit")
+    args = parser.parse_args(argv)
+    if args.model_name in PAPER_MODELS:
+        name, revision = PAPER_MODELS[args.model_name]
+        args.model_name, args.revision = name, args.revision or revision
+    if "/" not in args.model_name:
+        parser.error(f"--model_name {args.model_name!r} is not a Hub id (owner/name) or one of {', '.join(PAPER_MODELS)}")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    out = target_dir(args.model_name, args.save_dir)
+    print(f"{args.model_name} (revision {args.revision or 'main'}) -> {out}")
+    if args.dry_run:
+        return 0
+    from huggingface_hub import snapshot_download
+
+    snapshot_download(repo_id=args.model_name, revision=args.revision, local_dir=out)
+    print(f"downloaded to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
