@@ -514,6 +514,9 @@ class RavenForCausalLM(RavenPreTrainedModel):
         use_cache: bool = True,
         streamer=None,
         generator: torch.Generator | None = None,
+        adaptive_threshold: float | None = None,
+        adaptive_criterion: str = "kl",
+        bounded_cache: bool = False,
         **kwargs,
     ) -> torch.Tensor:
         """Greedy or sampled decoding with this model's own KV cache; returns prompt + new tokens.
@@ -522,6 +525,14 @@ class RavenForCausalLM(RavenPreTrainedModel):
         `pad_token_id`, `do_sample`, `temperature`). A left-padded batch needs `attention_mask`;
         without one, it is inferred from `pad_token_id` when that differs from EOS.
         Finished sequences are padded with `pad_token_id` (or EOS).
+
+        `adaptive_threshold`: per-token early exit while decoding (Huginn-style). A new token stops
+        iterating once the KL between successive iterations' output distributions
+        (`adaptive_criterion="kl"`) or the relative change of the latent state ("latent") falls
+        below the threshold, at most `num_steps` (default `config.mean_recurrence`) iterations.
+        The prompt itself runs the full depth. `last_generation_stats["mean_depth"]` reports the
+        mean depth used per generated token. `bounded_cache=True` keeps only the latest
+        iteration's keys for the recurrent layers (memory independent of depth).
         """
         generation_config = kwargs.pop("generation_config", None)
         if generation_config is not None:
@@ -543,13 +554,29 @@ class RavenForCausalLM(RavenPreTrainedModel):
         if temperature is not None and temperature <= 0:
             do_sample = False
 
+        if adaptive_threshold is not None:
+            if not use_cache:
+                raise ValueError("adaptive_threshold needs use_cache=True")
+            if adaptive_criterion not in ("kl", "latent"):
+                raise ValueError(f"adaptive_criterion must be 'kl' or 'latent', got {adaptive_criterion!r}")
+            if num_steps is not None and not isinstance(num_steps, int):
+                raise ValueError(f"adaptive decoding takes an int num_steps (the maximum depth), got {num_steps!r}")
+
         tokens = input_ids
         mask = attention_mask
         done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-        cache = KVCache() if use_cache else None
+        cache = KVCache(bounded=bounded_cache) if use_cache else None
         step_input = input_ids
+        depths: list[torch.Tensor] = []
         for _ in range(max(max_new_tokens, 0)):
-            if use_cache:
+            if adaptive_threshold is not None and cache.seen_tokens > 0:
+                max_steps = num_steps if num_steps is not None else int(self.config.mean_recurrence)
+                logits, depth = self._adaptive_decode_step(
+                    step_input, mask, cache, max_steps, adaptive_threshold, adaptive_criterion
+                )
+                depths.append(depth[~done].float())
+                out = RavenCausalLMOutput(logits=logits)
+            elif use_cache:
                 out = self(step_input, attention_mask=mask, num_steps=num_steps, past_key_values=cache,
                            use_cache=True, logits_to_keep=1)
             else:
@@ -570,7 +597,56 @@ class RavenForCausalLM(RavenPreTrainedModel):
             step_input = next_token[:, None]
         if streamer is not None:
             streamer.end()
+        if depths:
+            used = torch.cat(depths)
+            self.last_generation_stats = {"mean_depth": used.mean().item() if used.numel() else 0.0,
+                                          "tokens": int(used.numel())}
+        else:
+            depth = num_steps if num_steps is not None else int(self.config.mean_recurrence)
+            self.last_generation_stats = {"mean_depth": float(sum(depth) if isinstance(depth, (tuple, list)) else depth),
+                                          "tokens": int(tokens.shape[1] - T) * B}
         return tokens
+
+    def _adaptive_decode_step(self, step_input, mask, cache: KVCache, max_steps: int, threshold: float, criterion: str):
+        """One decoding step with per-sequence early exit; returns (last-position logits, depth used)."""
+        ctx = self.attention_context(step_input, mask, None, cache)
+        e = self.run_prelude(self.embed(step_input), ctx)
+        state = self.initial_state(e)
+        B = step_input.shape[0]
+        exited = torch.zeros(B, dtype=torch.bool, device=step_input.device)
+        depth = torch.full((B,), max_steps, device=step_input.device)
+        previous = None
+        last = max_steps - 1
+        for i in range(max_steps):
+            new_state = self.recur(state, e, ctx, i)
+            if criterion == "latent":
+                change = ((new_state - state).norm(dim=-1) / new_state.norm(dim=-1).clamp_min(1e-12))[:, -1]
+            # Sequences that already exited keep their state (the batch runs until all exit).
+            state = torch.where(exited[:, None, None], state, new_state)
+            if criterion == "kl":
+                logprobs = self.lm_head(self.run_coda(state, ctx))[:, -1].float().log_softmax(-1)
+                change = None if previous is None else F.kl_div(logprobs, previous, reduction="none", log_target=True).sum(-1)
+                previous = logprobs
+            if i > 0 and change is not None:
+                newly = ~exited & (change < threshold)
+                depth = torch.where(newly, torch.full_like(depth, i + 1), depth)
+                exited |= newly
+            if bool(exited.all()):
+                last = i
+                break
+        if not cache.bounded:
+            # Later tokens attend to every iteration's keys: fill the skipped iterations of this
+            # position with those of the last iteration run (Huginn's "latest" lookup).
+            start = ctx.past_length
+            for i in range(last + 1, max_steps):
+                for j in range(len(self.transformer.core_block)):
+                    src = cache.slot("core", j, last)
+                    k = cache.keys[src][:, :, start : start + step_input.shape[1]]
+                    v = cache.values[src][:, :, start : start + step_input.shape[1]]
+                    cache.update(cache.slot("core", j, i), k, v, start)
+        x = self.run_coda(state, ctx)
+        cache.seen_tokens = ctx.past_length + step_input.shape[1]
+        return self.lm_head(x[:, -1:]), depth
 
     @staticmethod
     def _choose_next(logits, do_sample, temperature, top_k, top_p, generator) -> torch.Tensor:

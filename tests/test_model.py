@@ -325,3 +325,37 @@ def test_num_steps_errors():
     model = tiny_model()
     with pytest.raises(ValueError, match="num_steps"):
         model(torch.tensor([[3, 4]]), num_steps=(0, 0))
+
+
+@pytest.mark.parametrize("criterion", ["kl", "latent"])
+def test_adaptive_exit_threshold_zero_runs_every_step(criterion):
+    model = tiny_model()
+    ids = torch.randint(3, VOCAB, (2, 5))
+    fixed = model.generate(ids, max_new_tokens=6, num_steps=5, eos_token_id=None)
+    adaptive = model.generate(ids, max_new_tokens=6, num_steps=5, eos_token_id=None,
+                              adaptive_threshold=0.0, adaptive_criterion=criterion)
+    assert torch.equal(fixed, adaptive)
+    assert model.last_generation_stats["mean_depth"] == 5.0
+
+
+@pytest.mark.parametrize("criterion", ["kl", "latent"])
+def test_adaptive_exit_stops_early_and_keeps_the_cache_consistent(criterion):
+    model = tiny_model(seed=3)
+    ids = torch.randint(3, VOCAB, (1, 5))
+    early = model.generate(ids, max_new_tokens=5, num_steps=6, eos_token_id=None,
+                           adaptive_threshold=1e9, adaptive_criterion=criterion)
+    assert model.last_generation_stats["mean_depth"] == 2.0  # exits at the first comparison
+    assert early.shape == (1, 10) and int(early.max()) < VOCAB
+    full = model.generate(ids, max_new_tokens=5, num_steps=6, eos_token_id=None)
+    assert model.last_generation_stats["mean_depth"] == 6.0
+    assert torch.equal(early[:, :6], full[:, :6])  # the first new token comes from the full-depth prompt pass
+
+
+def test_bounded_cache_generation_runs_and_matches_at_depth_one():
+    model = tiny_model()
+    ids = torch.randint(3, VOCAB, (2, 5))
+    # With one iteration there is nothing to bound: both caches hold the same keys.
+    assert torch.equal(model.generate(ids, max_new_tokens=5, num_steps=1, eos_token_id=None),
+                       model.generate(ids, max_new_tokens=5, num_steps=1, eos_token_id=None, bounded_cache=True))
+    out = model.generate(ids, max_new_tokens=5, num_steps=6, eos_token_id=None, bounded_cache=True)
+    assert out.shape == (2, 10)
