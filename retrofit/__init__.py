@@ -1,16 +1,15 @@
 """retrofit-recurrence: shared code for turning pretrained decoder LMs into depth-recurrent models.
 
-Importing the package registers the recurrent model with transformers' Auto classes, so
-`AutoModelForCausalLM.from_pretrained(dir)` works for our checkpoints inside this repo even
-without `trust_remote_code` (outside it, the copied modeling file is used).
+Kept import-light on purpose (data scripts import `retrofit.packing` without paying for
+transformers). Importing `retrofit.modeling_raven` registers the recurrent model with
+transformers' Auto classes, so `AutoModelForCausalLM.from_pretrained(dir)` works for our
+checkpoints inside this repo even without `trust_remote_code`.
 """
 
-from transformers import AutoConfig, AutoModelForCausalLM
 
-from .configuration_raven import RavenConfig
-from .modeling_raven import RavenForCausalLM
+def __getattr__(name):
+    if name in ("RavenConfig", "RavenForCausalLM"):
+        from . import modeling_raven
 
-AutoConfig.register(RavenConfig.model_type, RavenConfig, exist_ok=True)
-AutoModelForCausalLM.register(RavenConfig, RavenForCausalLM, exist_ok=True)
-
-__all__ = ["RavenConfig", "RavenForCausalLM"]
+        return getattr(modeling_raven, name)
+    raise AttributeError(f"module 'retrofit' has no attribute {name!r}")

@@ -666,3 +666,11 @@ class RavenForCausalLM(RavenPreTrainedModel):
 
 RavenConfig.register_for_auto_class()
 RavenForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+
+if __name__.startswith("retrofit."):
+    # Imported as part of this repo (not as remote code beside a checkpoint): let the Auto classes
+    # resolve model_type "huginn_raven" to these classes without trust_remote_code.
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    AutoConfig.register(RavenConfig.model_type, RavenConfig, exist_ok=True)
+    AutoModelForCausalLM.register(RavenConfig, RavenForCausalLM, exist_ok=True)

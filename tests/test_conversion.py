@@ -217,7 +217,7 @@ def test_download_to_local_arguments(capsys):
     download = load_script(ROOT / "utils" / "download_to_local.py")
     assert download.main(["--model_name", "olmo", "--save_dir", "models", "--dry_run"]) == 0
     out = capsys.readouterr().out
-    assert "allenai/OLMo-2-0425-1B (revision stage1-step1907359-tokens4001B) -> models/OLMo-2-0425-1B" in out
+    assert "allenai/OLMo-2-0425-1B (revision stage1-step1907359-tokens4001B) -> models/OLMo-2-0425-1B-step1907359" in out
     with pytest.raises(SystemExit) as exit_info:
         download.main(["--model_name", "nonsense"])
     assert exit_info.value.code == 2 and "nonsense" in capsys.readouterr().err

@@ -1,0 +1,247 @@
+"""Parameter counts by part, effective parameters and training FLOPs.
+
+Facts (REFERENCE.md §4):
+- N counts non-embedding parameters: no input embedding, no lm_head, no adapter (and, as in the
+  authors' counter, no final norm of a recurrent model).
+- Effective parameters at test recurrence r: N_prelude + N_coda + r * N_rec.
+- One training step with mean recurrence r and backprop depth s costs
+  6 * D * (N_prelude + N_coda + min(r, s) * N_rec) + 2 * D * max(r - s, 0) * N_rec,
+  D = tokens per step: the k = min(r, s) iterations with grad cost forward + backward (6 N D), the
+  n = r - k iterations without grad cost a forward only (2 N D).
+- A static (non-recurrent) model costs 6 * N * D per step, N = all non-embedding parameters.
+- A run's FLOPs sum the step cost over optimizer steps 1..checkpoint with the scheduled integer mean
+  recurrence of `retrofit.depth.RecurrenceSchedule`, the same object train.py steps.
+
+Models are built on the meta device from config.json alone, so counting a 1B model costs no memory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Iterable
+
+from retrofit.depth import WARMUP_TYPES, RecurrenceSchedule
+
+DEFAULT_TOKENS_PER_STEP = 2**20
+DEFAULT_BACKPROP_DEPTH = 8
+RECURRENT_MODEL_TYPE = "huginn_raven"
+
+# Parameter-name prefixes of the recurrent model (the authors' checkpoint naming).
+RECURRENT_PARTS = {
+    "embeddings": ("transformer.wte.", "lm_head."),
+    "prelude": ("transformer.prelude.",),
+    "recurrent_block": ("transformer.core_block.",),
+    "coda": ("transformer.coda.",),
+    "adapter": ("transformer.adapter.",),
+}
+
+
+@dataclass(frozen=True)
+class ParamCounts:
+    """Parameters of a model by part.
+
+    For a recurrent model `layers` is 0; for a static (plain HF) model every non-embedding
+    parameter (decoder layers and final norm) is in `layers` and the recurrent parts are 0.
+    `other` holds what belongs to no part (the recurrent model's final norm).
+    """
+
+    recurrent: bool
+    embeddings: int  # input embedding + lm_head
+    prelude: int = 0
+    recurrent_block: int = 0
+    coda: int = 0
+    adapter: int = 0
+    layers: int = 0
+    other: int = 0
+
+    @property
+    def total(self) -> int:
+        """Stored parameters (the recurrent block counted once)."""
+        return (
+            self.embeddings + self.prelude + self.recurrent_block + self.coda + self.adapter + self.layers + self.other
+        )
+
+    def non_embedding(self, num_rec: int = 1) -> int:
+        """N at test recurrence `num_rec`: the `effective_params` column of paper_data."""
+        if not self.recurrent:
+            return self.layers
+        if num_rec < 1:
+            raise ValueError(f"num_rec must be >= 1, got {num_rec}")
+        return self.prelude + self.coda + num_rec * self.recurrent_block
+
+    def as_dict(self) -> dict:
+        out = {"recurrent": self.recurrent, **asdict(self)}
+        out["total"] = self.total
+        out["non_embedding_r1"] = self.non_embedding(1)
+        return out
+
+
+def count_parameters(model) -> ParamCounts:
+    """Group a model's parameters by name prefix (recurrent model) or embeddings vs rest (HF model)."""
+    names_and_sizes = [(name, p.numel()) for name, p in model.named_parameters(remove_duplicate=False)]
+    if any(name.startswith("transformer.core_block.") for name, _ in names_and_sizes):
+        sums = dict.fromkeys(RECURRENT_PARTS, 0)
+        other = 0
+        for name, size in names_and_sizes:
+            part = next((p for p, prefixes in RECURRENT_PARTS.items() if name.startswith(prefixes)), None)
+            if part is None:
+                other += size
+            else:
+                sums[part] += size
+        return ParamCounts(recurrent=True, other=other, **sums)
+    # A plain HF model: the embeddings are whatever the model says its input/output embeddings are,
+    # so this works for any architecture's naming. A tied lm_head is counted once.
+    embedding_ids = set()
+    for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+        if module is not None:
+            embedding_ids.update(id(p) for p in module.parameters())
+    embeddings = layers = 0
+    seen = set()
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        if id(p) in embedding_ids:
+            embeddings += p.numel()
+        else:
+            layers += p.numel()
+    return ParamCounts(recurrent=False, embeddings=embeddings, layers=layers)
+
+
+def read_config(model_dir: str | Path) -> dict:
+    config_path = Path(model_dir) / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"no config.json in model dir {str(model_dir)!r}")
+    try:
+        return json.loads(config_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{config_path} is not valid JSON: {e}") from None
+
+
+def build_on_meta(model_dir: str | Path):
+    """The model of `model_dir` with meta tensors (shapes only, no memory, no weights read)."""
+    import torch
+
+    config = read_config(model_dir)
+    with torch.device("meta"):
+        if config.get("model_type") == RECURRENT_MODEL_TYPE:
+            from retrofit.configuration_raven import RavenConfig
+            from retrofit.modeling_raven import RavenForCausalLM
+
+            return RavenForCausalLM(RavenConfig.from_pretrained(model_dir))
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+
+
+@lru_cache(maxsize=64)
+def _count_model_dir_cached(resolved_dir: str, config_mtime: float) -> ParamCounts:
+    return count_parameters(build_on_meta(resolved_dir))
+
+
+def count_model_dir(model_dir: str | Path) -> ParamCounts:
+    """Parameter counts of the model in `model_dir` (reads only config.json)."""
+    config_path = Path(model_dir).resolve() / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"no config.json in model dir {str(model_dir)!r}")
+    return _count_model_dir_cached(str(config_path.parent), config_path.stat().st_mtime)
+
+
+def step_flops(counts: ParamCounts, mean_rec: int, backprop_depth: int, tokens: int) -> int:
+    """FLOPs of one optimizer step over `tokens` tokens (exact integer)."""
+    if not counts.recurrent:
+        return 6 * tokens * counts.layers
+    with_grad = min(mean_rec, backprop_depth)
+    without_grad = max(mean_rec - backprop_depth, 0)
+    return (
+        6 * tokens * (counts.prelude + counts.coda + with_grad * counts.recurrent_block)
+        + 2 * tokens * without_grad * counts.recurrent_block
+    )
+
+
+def make_schedule(
+    max_steps: int,
+    max_mean_rec: int,
+    warmup: float,
+    warmup_type: str = "linear",
+    backprop_depth: int = DEFAULT_BACKPROP_DEPTH,
+) -> RecurrenceSchedule:
+    """The mean-recurrence curriculum of a training run as train.py builds it.
+
+    `warmup` is the fraction of `max_steps` over which the mean recurrence ramps up; 0 means no
+    curriculum (constant `max_mean_rec`).
+    """
+    if max_steps < 1:
+        raise ValueError(f"max_steps must be >= 1, got {max_steps}")
+    if not 0 <= warmup <= 1:
+        raise ValueError(f"warmup is a fraction of max_steps in [0, 1], got {warmup}")
+    if warmup_type not in WARMUP_TYPES:
+        raise ValueError(f"unknown warmup_type {warmup_type!r}; expected one of {WARMUP_TYPES}")
+    return RecurrenceSchedule(
+        max_mean_rec=max_mean_rec,
+        max_backprop=backprop_depth,
+        max_steps=max_steps,
+        mean_rec_turn_on=warmup > 0,
+        mean_rec_warmup=warmup,
+        mean_rec_warmup_type=warmup_type,
+    )
+
+
+def training_flops(
+    counts: ParamCounts,
+    checkpoints: int | Iterable[int],
+    schedule: RecurrenceSchedule | None = None,
+    tokens_per_step: int = DEFAULT_TOKENS_PER_STEP,
+):
+    """Training FLOPs spent up to each checkpoint (sum over steps 1..checkpoint).
+
+    `schedule=None` means a static model (6 N D per step). Returns an int for an int checkpoint,
+    else a dict checkpoint -> FLOPs, computed in one pass up to the largest checkpoint.
+    """
+    single = isinstance(checkpoints, int)
+    wanted = sorted({checkpoints} if single else set(checkpoints))
+    if wanted and wanted[0] < 0:
+        raise ValueError(f"checkpoint steps must be >= 0, got {wanted[0]}")
+    if counts.recurrent and schedule is None:
+        raise ValueError("a recurrent model needs a recurrence schedule to count training FLOPs")
+    result = {}
+    if not counts.recurrent or schedule is None:
+        result = {c: c * step_flops(counts, 1, 1, tokens_per_step) for c in wanted}
+    else:
+        # Warmup-stable: once both curricula are over, every step costs the same, so the tail is a
+        # product (same values as stepping, since the cost comes from schedule.at either way).
+        stable_from = _stable_from(schedule)
+        stable_cost = step_flops(counts, *schedule.at(stable_from), tokens_per_step)
+        total, step, cost_cache = 0, 0, {}
+        for checkpoint in wanted:
+            while step < min(checkpoint, stable_from - 1):
+                step += 1
+                mean_rec, depth = schedule.at(step)
+                key = (mean_rec, depth)
+                if key not in cost_cache:
+                    cost_cache[key] = step_flops(counts, mean_rec, depth, tokens_per_step)
+                total += cost_cache[key]
+            if checkpoint > step:
+                total += (checkpoint - step) * stable_cost
+                step = checkpoint
+            result[checkpoint] = total
+    return result[checkpoints] if single else result
+
+
+def _stable_from(schedule: RecurrenceSchedule) -> int:
+    """First step after which `schedule.at` no longer changes (the curricula have finished)."""
+    warmups = [0.0]
+    if schedule.mean_rec_turn_on:
+        warmups.append(schedule.mean_rec_warmup * schedule.max_steps)
+    if schedule.backprop_turn_on:
+        warmups.append(schedule.backprop_warmup * schedule.max_steps)
+    return math.ceil(max(warmups)) + 1
+
+
+def summed_mean_recurrence(schedule: RecurrenceSchedule, last_step: int) -> int:
+    """Sum of the scheduled mean recurrence over steps 1..last_step (the curriculum's cost in iterations)."""
+    return sum(schedule.at(step)[0] for step in range(1, last_step + 1))

@@ -1,0 +1,71 @@
+"""paper_plots/plot.py draws every figure from the shared paper data; the schedule figure's numbers."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str, path: Path):
+    """Import a script by path under a unique name (paper_plots/ is scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+paper_plot = _load("paper_plots_plot", ROOT / "paper_plots" / "plot.py")
+scheduling_options = _load("paper_plots_scheduling_options", ROOT / "paper_plots" / "scheduling_options.py")
+
+PAPER_DATA = ROOT.parent / "shared" / "paper_data"  # CI keeps a copy of shared/ beside the clone
+
+EXPECTED = [f"{family}_{task}_flops_and_recurrence" for family in ("tinyllama", "llama", "olmo")
+            for task in ("gsm8k", "math")] + [
+    "final_checkpoint_bars", "data_mix_vs_step", "data_mix_vs_recurrence", "pretrained_vs_random",
+    "curriculum_shape", "extend_prelude_coda", "loop_whole_model", "scheduling_options"]
+
+
+@pytest.mark.skipif(not PAPER_DATA.is_dir(), reason=f"paper data not found at {PAPER_DATA}")
+def test_paper_plots_writes_every_figure(tmp_path, capsys):
+    out = tmp_path / "figs"
+    written = paper_plot.main(["--data_dir", str(PAPER_DATA), "--out_dir", str(out), "--format", "png"])
+    assert sorted(p.name for p in written) == sorted(f"{name}.png" for name in EXPECTED)
+    for path in written:
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 20_000, path
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in written)  # no temp files left
+    printed = capsys.readouterr().out.split()
+    assert printed == [str(p) for p in written]
+
+
+def test_paper_plots_bad_data_dir(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        paper_plot.main(["--data_dir", str(tmp_path / "nowhere"), "--out_dir", str(tmp_path / "o")])
+    assert exit_info.value.code == 2
+    assert "is not a folder" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit):
+        paper_plot.main(["--data_dir", str(tmp_path / "empty"), "--out_dir", str(tmp_path / "o")])
+    assert "holds none of the paper's files" in capsys.readouterr().err
+
+
+def test_clean_label():
+    assert paper_plot.clean_label("TinyLlama-1.1b-3T\nStatic Depth - Two Phase") == "TinyLlama static depth - Two Phase"
+    assert paper_plot.clean_label("Olmo-2-step1907359\nStatic Depth") == "Olmo static depth"
+    assert paper_plot.clean_label("4,6,4 75 sqrt (Train Recurrence=8)") == "4,6,4 (Train Recurrence=8)"
+
+
+def test_scheduling_options_curves_and_figure(tmp_path):
+    # 8 steps, curriculum over 50% (4 steps) to 4. linear: ceil(4 t / 4) = t, then 4.
+    # 1-sqrt: ceil(4 (1 - sqrt(1 - t/4))) = ceil(0.54), ceil(1.17), ceil(2) = 1, 2, 2, then 4.
+    curves = scheduling_options.schedule_curves(max_steps=8, warmup=0.5, max_mean_rec=4)
+    assert curves["linear"] == ([1, 2, 3, 4, 4, 4, 4, 4], 26)
+    assert curves["1-sqrt"] == ([1, 2, 2, 4, 4, 4, 4, 4], 25)
+    written = scheduling_options.main(["--out_dir", str(tmp_path), "--max_steps", "400", "--format", "pdf"])
+    assert [p.name for p in written] == ["scheduling_options.pdf"]
+    assert written[0].read_bytes().startswith(b"%PDF")
