@@ -568,6 +568,8 @@ class RavenForCausalLM(RavenPreTrainedModel):
         cache = KVCache(bounded=bounded_cache) if use_cache else None
         step_input = input_ids
         depths: list[torch.Tensor] = []
+        if streamer is not None:
+            streamer.put(input_ids.cpu())  # HF streamer convention: the prompt comes first
         for _ in range(max(max_new_tokens, 0)):
             if adaptive_threshold is not None and cache.seen_tokens > 0:
                 max_steps = num_steps if num_steps is not None else int(self.config.mean_recurrence)

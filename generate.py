@@ -1,0 +1,89 @@
+"""Stream a completion from a recurrent (or plain HF) checkpoint at a chosen test-time depth.
+
+    python generate.py MODEL_DIR --prompt "Q: Ava has 3 apples ..." [--num_steps 8] [--max_new_tokens 128]
+                       [--adaptive 1e-3 [--criterion kl|latent]] [--no_chat] [--sample --temperature 0.7]
+
+The prompt goes through the tokenizer's chat template when it has one (disable with --no_chat).
+For recurrent models the mean number of recurrent iterations per generated token is reported
+(with --adaptive, tokens exit early once successive iterations agree).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model_dir", help="checkpoint directory (config.json + weights + tokenizer)")
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--num_steps", type=int, default=None, help="recurrence (default: the config's mean_recurrence)")
+    parser.add_argument("--max_new_tokens", type=int, default=256)
+    parser.add_argument("--adaptive", type=float, default=None, metavar="THRESHOLD", help="per-token early exit threshold")
+    parser.add_argument("--criterion", choices=["kl", "latent"], default="kl")
+    parser.add_argument("--no_chat", action="store_true", help="do not apply the chat template")
+    parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    parser.add_argument("--temperature", type=float, default=0.7)
+    parser.add_argument("--top_p", type=float, default=0.95)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", help="auto (cuda if present), cpu or cuda")
+    parser.add_argument("--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16")
+    args = parser.parse_args(argv)
+    if not (Path(args.model_dir) / "config.json").is_file():
+        parser.error(f"{args.model_dir} has no config.json: not a model directory")
+    if args.num_steps is not None and args.num_steps < 1:
+        parser.error(f"--num_steps must be >= 1, got {args.num_steps}")
+    if args.max_new_tokens < 1:
+        parser.error(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer
+
+    import retrofit.modeling_raven  # noqa: F401  (registers the recurrent model with the Auto classes)
+
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    dtype = (torch.bfloat16 if device.type == "cuda" else torch.float32) if args.dtype == "auto" else getattr(torch, args.dtype)
+    torch.manual_seed(args.seed)
+    tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=dtype, trust_remote_code=True).to(device).eval()
+    recurrent = getattr(model.config, "model_type", "") == "huginn_raven"
+    if not recurrent and (args.num_steps is not None or args.adaptive is not None):
+        print("error: --num_steps/--adaptive need a recurrent checkpoint", file=sys.stderr)
+        return 2
+
+    if tokenizer.chat_template and not args.no_chat:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
+                                            return_tensors="pt", return_dict=True)["input_ids"]
+    else:
+        ids = tokenizer(args.prompt, return_tensors="pt").input_ids
+    ids = ids.to(device)
+    kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=args.sample, eos_token_id=tokenizer.eos_token_id,
+                  pad_token_id=tokenizer.pad_token_id, streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True))
+    if args.sample:
+        kwargs.update(temperature=args.temperature, top_p=args.top_p)
+    if recurrent:
+        kwargs.update(num_steps=args.num_steps, adaptive_threshold=args.adaptive, adaptive_criterion=args.criterion)
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
+    elapsed = time.perf_counter() - start
+    new_tokens = out.shape[1] - ids.shape[1]
+    summary = f"[{new_tokens} tokens in {elapsed:.1f}s, {new_tokens / max(elapsed, 1e-9):.1f} tok/s"
+    if recurrent:
+        summary += f", mean depth {model.last_generation_stats['mean_depth']:.2f} iterations/token"
+    print(summary + "]", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

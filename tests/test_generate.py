@@ -1,0 +1,56 @@
+"""generate.py: streams a completion from a converted tiny model and reports the depth used."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT
+
+from retrofit.conversion import LayerChoice, convert
+
+
+@pytest.fixture(scope="module")
+def recurrent_dir(tmp_path_factory, tiny_llama_dir):
+    out, _ = convert(tiny_llama_dir, tmp_path_factory.mktemp("gen") / "rec", LayerChoice([0, 1], [4, 5], [6, 7]),
+                     dtype="float32", verify=False, mean_recurrence=3)
+    return out
+
+
+def load_generate():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("generate_cli", ROOT / "generate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_generate_streams_and_reports_depth(recurrent_dir, capsys):
+    gen = load_generate()
+    assert gen.main([str(recurrent_dir), "--prompt", "Ava has 3 apples.", "--num_steps", "4", "--max_new_tokens", "6"]) == 0
+    captured = capsys.readouterr()
+    assert "mean depth 4.00 iterations/token" in captured.err and "tokens in" in captured.err
+    assert captured.out.strip()  # the completion was streamed to stdout
+    assert gen.main([str(recurrent_dir), "--prompt", "Ava", "--max_new_tokens", "5", "--adaptive", "1e9", "--no_chat"]) == 0
+    assert "mean depth 2.00" in capsys.readouterr().err  # exits at the first comparison
+
+
+def test_generate_baseline_and_errors(tiny_llama_dir, tmp_path, capsys):
+    gen = load_generate()
+    assert gen.main([str(tiny_llama_dir), "--prompt", "Ava", "--max_new_tokens", "3"]) == 0
+    assert "mean depth" not in capsys.readouterr().err
+    assert gen.main([str(tiny_llama_dir), "--prompt", "Ava", "--num_steps", "2"]) == 2
+    with pytest.raises(SystemExit) as exit_info:
+        gen.main([str(tmp_path), "--prompt", "x"])
+    assert exit_info.value.code == 2 and "no config.json" in capsys.readouterr().err
+
+
+def test_generate_shell_wrapper(recurrent_dir):
+    env = {**os.environ, "PYTHON": sys.executable}
+    result = subprocess.run(["bash", str(ROOT / "shells" / "generate.sh"), str(recurrent_dir), "Q: 2 + 3?",
+                             "--max_new_tokens", "4", "--num_steps", "2"], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "mean depth 2.00" in result.stderr
