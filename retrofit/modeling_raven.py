@@ -392,6 +392,16 @@ class RavenForCausalLM(RavenPreTrainedModel):
                 state = state * scale
         return state
 
+    def adapter_parts(self, prelude_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Split adapter(cat([s, e])) = s @ W_s^T + e @ W_e^T and project e once per forward.
+
+        The prelude output is the same at every iteration, so its half of the adapter is computed
+        once instead of r times, and no (B, T, 2h) concatenation is materialised per iteration.
+        """
+        weight = self.transformer.adapter.weight
+        h = weight.shape[0]
+        return weight[:, :h].contiguous(), F.linear(prelude_out, weight[:, h:])
+
     def recur(
         self,
         state: torch.Tensor,
@@ -399,9 +409,15 @@ class RavenForCausalLM(RavenPreTrainedModel):
         ctx: AttentionContext,
         iteration: int,
         hidden: list | None = None,
+        adapter_parts: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """One pass of the recurrent block: core_block(adapter(cat([state, prelude_out])))."""
-        x = self.transformer.adapter(torch.cat([state, prelude_out], dim=-1))
+        """One pass of the recurrent block: core_block(adapter(cat([state, prelude_out]))).
+
+        Pass `adapter_parts=self.adapter_parts(prelude_out)` when iterating many times.
+        """
+        w_state, embed_proj = adapter_parts if adapter_parts is not None else self.adapter_parts(prelude_out)
+        x = torch.addmm(embed_proj.reshape(-1, embed_proj.shape[-1]), state.reshape(-1, state.shape[-1]), w_state.t())
+        x = x.view(state.shape)
         for j, layer in enumerate(self.transformer.core_block):
             x = layer(x, ctx, ctx.cache.slot("core", j, iteration) if ctx.cache else None)
             if hidden is not None:
@@ -466,11 +482,12 @@ class RavenForCausalLM(RavenPreTrainedModel):
             hidden.append(e)
         e = self.run_prelude(e, ctx, hidden)
         state = self.initial_state(e) if initial_state is None else initial_state
+        parts = self.adapter_parts(e)
         with torch.no_grad():
             for i in range(n):
-                state = self.recur(state, e, ctx, i, hidden)
+                state = self.recur(state, e, ctx, i, hidden, parts)
         for i in range(n, n + k):
-            state = self.recur(state, e, ctx, i, hidden)
+            state = self.recur(state, e, ctx, i, hidden, parts)
         x = self.run_coda(state, ctx, hidden)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
@@ -614,13 +631,14 @@ class RavenForCausalLM(RavenPreTrainedModel):
         ctx = self.attention_context(step_input, mask, None, cache)
         e = self.run_prelude(self.embed(step_input), ctx)
         state = self.initial_state(e)
+        parts = self.adapter_parts(e)
         B = step_input.shape[0]
         exited = torch.zeros(B, dtype=torch.bool, device=step_input.device)
         depth = torch.full((B,), max_steps, device=step_input.device)
         previous = None
         last = max_steps - 1
         for i in range(max_steps):
-            new_state = self.recur(state, e, ctx, i)
+            new_state = self.recur(state, e, ctx, i, adapter_parts=parts)
             if criterion == "latent":
                 change = ((new_state - state).norm(dim=-1) / new_state.norm(dim=-1).clamp_min(1e-12))[:, -1]
             # Sequences that already exited keep their state (the batch runs until all exit).

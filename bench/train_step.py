@@ -1,0 +1,151 @@
+"""Training-step cost of the recurrent model against plain HF Llama layers, in one run.
+
+For a scaled-down TinyLlama shape (hidden 512, GQA 8/2 heads, (2, 2, 2) layers, sequence 256,
+batch 4) this times forward + backward at (n, k) = (0, 1), (0, 4), (3, 4), (24, 8) against a HF
+`LlamaForCausalLM` with the same number of layer applications (prelude + (n + k) * core + coda),
+interleaving the two so machine noise hits both alike, and prints per-token cost ratios:
+
+- grad iterations vs the equivalent HF layers (goal <= 1.05),
+- one no-grad iteration vs one grad iteration (goal <= 0.40),
+- activation memory saved for backward at k = 8 for n = 0, 8, 24 (goal: flat in n). It is measured
+  exactly, as the bytes autograd keeps (saved-tensor hooks), so CPU runs can check it too.
+
+    python bench/train_step.py [--repeats 3] [--device cpu|cuda] [--dtype float32|bfloat16] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from retrofit.configuration_raven import RavenConfig  # noqa: E402
+from retrofit.modeling_raven import RavenForCausalLM  # noqa: E402
+
+SHAPE = dict(hidden=512, intermediate=1408, heads=8, kv_heads=2, vocab=4096, prelude=2, core=2, coda=2)
+DEPTHS = [(0, 1), (0, 4), (3, 4), (24, 8)]
+
+
+def recurrent_model(device, dtype) -> RavenForCausalLM:
+    config = RavenConfig(
+        n_embd=SHAPE["hidden"], n_heads=SHAPE["heads"], num_key_value_heads=SHAPE["kv_heads"],
+        intermediate_size=SHAPE["intermediate"], n_layers_in_prelude=SHAPE["prelude"],
+        n_layers_in_recurrent_block=SHAPE["core"], n_layers_in_coda=SHAPE["coda"],
+        vocab_size=SHAPE["vocab"], rope_theta=10000.0, max_position_embeddings=2048,
+    )
+    torch.manual_seed(0)
+    return RavenForCausalLM(config).to(device=device, dtype=dtype).train()
+
+
+def hf_model(num_layers: int, device, dtype):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        hidden_size=SHAPE["hidden"], intermediate_size=SHAPE["intermediate"], num_attention_heads=SHAPE["heads"],
+        num_key_value_heads=SHAPE["kv_heads"], num_hidden_layers=num_layers, vocab_size=SHAPE["vocab"],
+        max_position_embeddings=2048, tie_word_embeddings=False, attn_implementation="sdpa",
+    )
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).to(device=device, dtype=dtype).train()
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_step(step, device) -> float:
+    sync(device)
+    start = time.perf_counter()
+    step()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def saved_activation_bytes(fn) -> int:
+    """Bytes of tensors autograd saves for backward during fn() (the truncated-backprop memory)."""
+    total = 0
+    seen: set[int] = set()
+
+    def pack(t):
+        nonlocal total
+        key = t.untyped_storage().data_ptr()
+        if key not in seen:  # count each storage once (views share one)
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--quick", action="store_true", help="skip the (24, 8) timing (slow on CPU)")
+    args = parser.parse_args(argv)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    torch.set_num_threads(torch.get_num_threads())
+    ids = torch.randint(0, SHAPE["vocab"], (args.batch, args.seq), device=device)
+    tokens = ids.numel()
+    ours = recurrent_model(device, dtype)
+    ours.config.init_values["std"] = 0.0
+
+    def ours_step(n, k):
+        out = ours(ids, labels=ids, num_steps=(n, k))
+        out.loss.backward()
+        ours.zero_grad(set_to_none=True)
+
+    depths = [d for d in DEPTHS if not (args.quick and d == (24, 8))]
+    results = {}
+    for n, k in depths:
+        layers = SHAPE["prelude"] + (n + k) * SHAPE["core"] + SHAPE["coda"]
+        reference = hf_model(layers, device, dtype)
+
+        def hf_step():
+            out = reference(ids, labels=ids)
+            out.loss.backward()
+            reference.zero_grad(set_to_none=True)
+
+        ours_step(n, k), hf_step()  # warm-up
+        t_ours, t_hf = [], []
+        for _ in range(args.repeats):  # interleaved
+            t_ours.append(time_step(lambda: ours_step(n, k), device))
+            t_hf.append(time_step(hf_step, device))
+        results[(n, k)] = (statistics.median(t_ours), statistics.median(t_hf), layers)
+        del reference
+
+    print(f"device {device}, dtype {args.dtype}, batch {args.batch} x seq {args.seq}, "
+          f"shape {SHAPE}, median of {args.repeats}")
+    print(f"{'(n, k)':>8} {'HF layers':>9} {'ours ms/tok':>12} {'HF ms/tok':>10} {'ours/HF':>8}")
+    for (n, k), (t_o, t_h, layers) in results.items():
+        print(f"{str((n, k)):>8} {layers:>9} {1e3 * t_o / tokens:12.4f} {1e3 * t_h / tokens:10.4f} {t_o / t_h:8.3f}")
+
+    # Marginal costs: one grad iteration and one no-grad iteration of the recurrent block.
+    grad_iter = (results[(0, 4)][0] - results[(0, 1)][0]) / 3
+    hf_grad_iter = (results[(0, 4)][1] - results[(0, 1)][1]) / 3
+    nograd_iter = (results[(3, 4)][0] - results[(0, 4)][0]) / 3
+    print(f"one grad iteration: ours / equivalent HF layers = {grad_iter / hf_grad_iter:.3f}  (goal <= 1.05)")
+    print(f"one no-grad iteration / one grad iteration      = {nograd_iter / grad_iter:.3f}  (goal <= 0.40)")
+
+    print("activation memory saved for backward at k = 8:")
+    base = None
+    for n in (0, 8, 24):
+        nbytes = saved_activation_bytes(lambda: ours(ids, labels=ids, num_steps=(n, 8)))
+        base = base or nbytes
+        print(f"  n = {n:2d}: {nbytes / 2**20:8.1f} MiB  ({nbytes / base:.3f} x n = 0)")
+
+
+if __name__ == "__main__":
+    main()
