@@ -178,3 +178,22 @@ def train_parquet_dir(tmp_path_factory, tokenizer, corpus) -> Path:
     """Packed rows of 33 tokens (max_length 32) in 4 parquet shards with row groups of 16."""
     rows = pack_token_rows(tokenizer, corpus, 33)
     return write_token_parquet(rows, tmp_path_factory.mktemp("train_parquet"), num_shards=4, row_group_size=16)
+
+
+# ---- evaluation fixtures (tests/test_eval_*.py) -----------------------------------------------
+@pytest.fixture(scope="session")
+def eval_run_dir(tmp_path_factory, tiny_llama_dir) -> Path:
+    """A run folder with `model_only_chkpt_10/`: the tiny Llama converted (prelude 0-1, recurrent
+    block 4-5, coda 6-7), float32, with init_values.std = 0 so the initial state is zeros and every
+    evaluation is deterministic (converted models default to Huginn's random state)."""
+    import json
+
+    from retrofit.conversion import LayerChoice, convert
+
+    run = tmp_path_factory.mktemp("eval_run")
+    ckpt = run / "model_only_chkpt_10"
+    convert(tiny_llama_dir, ckpt, LayerChoice([0, 1], [4, 5], [6, 7]), dtype="float32", mean_recurrence=4)
+    config = json.loads((ckpt / "config.json").read_text())
+    config["init_values"]["std"] = 0.0
+    (ckpt / "config.json").write_text(json.dumps(config, indent=2))
+    return run

@@ -1,0 +1,405 @@
+"""Training data for train.py: a stateful, rank-sharded parquet reader, a resumable reader for
+`load_from_disk` packed datasets, and q/a chat SFT tokenisation.
+
+Rows are `input_ids` of exactly max_length + 1 tokens with an `attention_mask` (1 = real token,
+0 = padding). The model sees `input_ids[:, :-1]` and predicts `input_ids[:, 1:]`; targets whose
+mask is 0 (padding, or prompt tokens in SFT mode via `loss_mask`) get the label -100.
+
+Both readers hand out micro-batches with `next_batch()` (None at the end of the data) and save
+their exact position with `state_dict()`, so a resumed run reads exactly what the uninterrupted
+run would have read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REQUIRED_COLUMNS = ("input_ids", "attention_mask")
+OPTIONAL_COLUMNS = ("loss_mask",)  # chat SFT shards: 1 on the answer tokens
+PARQUET_SHUFFLE_SEED = 42  # the original's reader always used 42, independent of --seed
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant that can assist users with mathematical reasoning."
+
+
+class DataError(ValueError):
+    """Bad training data (missing columns, wrong row length, empty data)."""
+
+
+def _natural_key(path: Path):
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
+
+
+def list_parquet_files(folder: str | Path) -> list[Path]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"parquet dataset folder {str(folder)!r} does not exist")
+    files = sorted(folder.glob("*.parquet"), key=_natural_key)
+    if not files:
+        raise DataError(f"no *.parquet files in {str(folder)!r}")
+    return files
+
+
+def _rows_from_list_column(column, expected_len: int | None, where: str) -> np.ndarray:
+    """A pyarrow list column of equal-length rows -> (rows, length) int64 array, checking lengths."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    if len(column) == 0:
+        return np.zeros((0, expected_len or 0), dtype=np.int64)
+    lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
+    row_len = int(lengths[0]) if expected_len is None else expected_len
+    bad = np.nonzero(lengths != row_len)[0]
+    if len(bad):
+        raise DataError(
+            f"{where}: row {int(bad[0])} has {int(lengths[bad[0]])} tokens, expected {row_len}"
+            f" (max_length + 1); was the data packed for a different --max_length?"
+        )
+    values = column.flatten().to_numpy(zero_copy_only=False)
+    return values.astype(np.int64, copy=False).reshape(len(column), row_len)
+
+
+def inspect_parquet_files(files: list[Path], max_length: int | None) -> int:
+    """Check every file's schema and the first row group's row lengths; return max_length.
+
+    Runs before any training work so bad data fails in seconds, not after model loading.
+    """
+    import pyarrow.parquet as pq
+
+    row_len = None if max_length is None else max_length + 1
+    total_rows = 0
+    for path in files:
+        pf = pq.ParquetFile(path)
+        names = pf.schema_arrow.names
+        missing = [c for c in REQUIRED_COLUMNS if c not in names]
+        if missing:
+            raise DataError(f"{path}: missing column(s) {missing}; found {names}")
+        total_rows += pf.metadata.num_rows
+        if row_len is None and pf.metadata.num_rows:
+            first = pf.read_row_group(0, columns=["input_ids"]).column("input_ids")
+            row_len = len(first[0])
+    if total_rows == 0:
+        raise DataError(f"the parquet files in {str(files[0].parent)!r} hold no rows")
+    first = pq.ParquetFile(files[0])
+    if first.num_row_groups:
+        table = first.read_row_group(0, columns=list(REQUIRED_COLUMNS))
+        for column in REQUIRED_COLUMNS:
+            _rows_from_list_column(table.column(column), row_len, f"{files[0]} column {column}")
+    return row_len - 1
+
+
+class ParquetStream:
+    """Streams micro-batches from parquet shards, sharded across ranks by file.
+
+    File order: natural sort, then a seeded shuffle (per epoch); rank r reads files[r::world].
+    Within a row group, rows are read in a seeded random order derived from (seed, epoch,
+    file, row group), so the position (epoch, file, row group, row) is the whole state.
+    """
+
+    def __init__(
+        self,
+        folder: str | Path,
+        micro_batch_size: int,
+        max_length: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = PARQUET_SHUFFLE_SEED,
+        shuffle: bool = True,
+        epochs: int = 1,
+    ):
+        self.all_files = list_parquet_files(folder)
+        if len(self.all_files) < world_size:
+            raise DataError(
+                f"{len(self.all_files)} parquet file(s) in {str(folder)!r} cannot be split across {world_size}"
+                " ranks (sharding is by file): write at least one shard per rank"
+            )
+        self.micro_batch_size = micro_batch_size
+        self.row_len = max_length + 1
+        self.rank, self.world_size = rank, world_size
+        self.seed, self.shuffle, self.epochs = seed, shuffle, epochs
+        self.fingerprint = hashlib.sha1("\n".join(p.name for p in self.all_files).encode()).hexdigest()[:12]
+        self.position = dict(epoch=0, file_idx=0, row_group_idx=0, row_idx=0)
+        self._cache_key = None
+        self._cache = None
+
+    def files_for_epoch(self, epoch: int) -> list[Path]:
+        files = list(self.all_files)
+        if self.shuffle:
+            random.Random(self.seed + epoch).shuffle(files)
+        return files[self.rank :: self.world_size]
+
+    def _row_group(self, epoch: int, file_idx: int, row_group_idx: int) -> dict[str, np.ndarray]:
+        """{column: (rows, max_length + 1) array} of one row group, rows in their shuffled order.
+
+        Reads `input_ids`, `attention_mask` and, where the shards carry one (chat SFT data from
+        preprocess_data_packing.py), `loss_mask`.
+        """
+        import pyarrow.parquet as pq
+
+        key = (epoch, file_idx, row_group_idx)
+        if self._cache_key == key:
+            return self._cache
+        path = self.files_for_epoch(epoch)[file_idx]
+        parquet = pq.ParquetFile(path)
+        columns = list(REQUIRED_COLUMNS) + [c for c in OPTIONAL_COLUMNS if c in parquet.schema_arrow.names]
+        table = parquet.read_row_group(row_group_idx, columns=columns)
+        where = f"{path} row group {row_group_idx}"
+        arrays = {c: _rows_from_list_column(table.column(c), self.row_len, f"{where} {c}") for c in columns}
+        if self.shuffle:
+            order = list(range(table.num_rows))
+            random.Random(f"{self.seed}/{epoch}/{path.name}/{row_group_idx}").shuffle(order)
+            arrays = {c: a[order] for c, a in arrays.items()}
+        self._cache_key, self._cache = key, arrays
+        return arrays
+
+    def _num_row_groups(self, epoch: int, file_idx: int) -> int:
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(self.files_for_epoch(epoch)[file_idx]).num_row_groups
+
+    def next_batch(self) -> dict[str, torch.Tensor] | None:
+        """The next micro-batch of this rank, or None when this rank's data is exhausted."""
+        chunks: dict[str, list[np.ndarray]] = {}  # per column, chunks of rows (a micro-batch may span row groups)
+        have = 0
+        pos = self.position
+        while have < self.micro_batch_size:
+            if pos["epoch"] >= self.epochs:
+                return None
+            files = self.files_for_epoch(pos["epoch"])
+            if pos["file_idx"] >= len(files):
+                pos.update(epoch=pos["epoch"] + 1, file_idx=0, row_group_idx=0, row_idx=0)
+                continue
+            if pos["row_group_idx"] >= self._num_row_groups(pos["epoch"], pos["file_idx"]):
+                pos.update(file_idx=pos["file_idx"] + 1, row_group_idx=0, row_idx=0)
+                continue
+            arrays = self._row_group(pos["epoch"], pos["file_idx"], pos["row_group_idx"])
+            take = min(self.micro_batch_size - have, len(arrays["input_ids"]) - pos["row_idx"])
+            if take <= 0:
+                pos.update(row_group_idx=pos["row_group_idx"] + 1, row_idx=0)
+                continue
+            for column, array in arrays.items():
+                chunks.setdefault(column, []).append(array[pos["row_idx"] : pos["row_idx"] + take])
+            pos["row_idx"] += take
+            have += take
+        if len({len(parts) for parts in chunks.values()}) > 1:
+            raise DataError("some parquet shards carry a loss_mask column and others do not; repack them alike")
+        return {column: torch.from_numpy(np.concatenate(parts)) for column, parts in chunks.items()}
+
+    def state_dict(self) -> dict:
+        return dict(kind="parquet", fingerprint=self.fingerprint, world_size=self.world_size, **self.position)
+
+    def load_state_dict(self, state: dict):
+        if state.get("kind") != "parquet":
+            raise DataError(f"checkpoint data state is for a {state.get('kind')!r} dataset, not parquet")
+        if state["fingerprint"] != self.fingerprint:
+            raise DataError(
+                f"the parquet files differ from the checkpoint's (fingerprint {self.fingerprint} vs"
+                f" {state['fingerprint']}); pass --ignore_past_parquet_dataset=true to start the data from the beginning"
+            )
+        if state["world_size"] != self.world_size:
+            raise DataError(
+                f"checkpoint was written with {state['world_size']} ranks, this run has {self.world_size}; the"
+                " per-rank file positions cannot be mapped (pass --ignore_past_parquet_dataset=true to restart the data)"
+            )
+        self.position = {k: int(state[k]) for k in ("epoch", "file_idx", "row_group_idx", "row_idx")}
+
+
+class PackedDatasetStream:
+    """Micro-batches from an in-memory / `load_from_disk` dataset of fixed-length rows.
+
+    A seeded permutation per epoch defines one global row order; each global micro-step takes
+    world_size * micro_batch_size rows and rank r gets the r-th slice, so a run on W ranks with
+    micro-batch m sees exactly the rows one process with micro-batch W*m would see. The last
+    incomplete global micro-batch of an epoch is dropped so every rank does the same number of steps.
+    """
+
+    def __init__(
+        self,
+        dataset,
+        micro_batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 74,
+        shuffle: bool = True,
+        epochs: int = 1,
+    ):
+        self.dataset = dataset.with_format("numpy")
+        self.columns = [c for c in ("input_ids", "attention_mask", "loss_mask") if c in dataset.column_names]
+        self.micro_batch_size, self.rank, self.world_size = micro_batch_size, rank, world_size
+        self.seed, self.shuffle, self.epochs = seed, shuffle, epochs
+        self.global_micro_batch = micro_batch_size * world_size
+        if len(dataset) < self.global_micro_batch:
+            raise DataError(
+                f"the dataset has {len(dataset)} rows, fewer than one global micro-batch"
+                f" ({micro_batch_size} x {world_size} ranks)"
+            )
+        self.position = dict(epoch=0, row=0)
+        self._order_epoch, self._order = None, None
+
+    def _order_for(self, epoch: int) -> np.ndarray:
+        if self._order_epoch != epoch:
+            if self.shuffle:
+                generator = torch.Generator().manual_seed(self.seed + epoch)
+                self._order = torch.randperm(len(self.dataset), generator=generator).numpy()
+            else:
+                self._order = np.arange(len(self.dataset))
+            self._order_epoch = epoch
+        return self._order
+
+    def steps_per_epoch(self) -> int:
+        return len(self.dataset) // self.global_micro_batch
+
+    def next_batch(self) -> dict[str, torch.Tensor] | None:
+        pos = self.position
+        if pos["row"] + self.global_micro_batch > len(self.dataset):
+            pos.update(epoch=pos["epoch"] + 1, row=0)
+        if pos["epoch"] >= self.epochs:
+            return None
+        order = self._order_for(pos["epoch"])
+        start = pos["row"] + self.rank * self.micro_batch_size
+        indices = np.sort(order[start : start + self.micro_batch_size]).tolist()
+        rows = self.dataset[indices]
+        # restore the permutation's order (datasets reads faster with sorted indices)
+        back = np.argsort(np.argsort(order[start : start + self.micro_batch_size]))
+        pos["row"] += self.global_micro_batch
+        return {c: torch.as_tensor(np.asarray(rows[c])[back], dtype=torch.long) for c in self.columns}
+
+    def state_dict(self) -> dict:
+        return dict(kind="packed", num_rows=len(self.dataset), world_size=self.world_size, **self.position)
+
+    def load_state_dict(self, state: dict):
+        if state.get("kind") != "packed":
+            raise DataError(f"checkpoint data state is for a {state.get('kind')!r} dataset, not a packed dataset")
+        if state["num_rows"] != len(self.dataset):
+            raise DataError(
+                f"the dataset has {len(self.dataset)} rows, the checkpoint's had {state['num_rows']};"
+                " pass --ignore_past_parquet_dataset=true to start the data from the beginning"
+            )
+        self.position = {"epoch": int(state["epoch"]), "row": int(state["row"])}
+
+
+def check_packed_dataset(dataset, max_length: int | None, where: str) -> int:
+    """Columns and row length of a `load_from_disk` dataset; returns max_length."""
+    missing = [c for c in REQUIRED_COLUMNS if c not in dataset.column_names]
+    if missing:
+        raise DataError(f"{where}: missing column(s) {missing}; found {dataset.column_names}")
+    if len(dataset) == 0:
+        raise DataError(f"{where}: the dataset is empty")
+    row_len = len(dataset[0]["input_ids"]) if max_length is None else max_length + 1
+    import pyarrow.compute as pc
+
+    table = dataset.data.table if hasattr(dataset.data, "table") else dataset.data
+    for column in REQUIRED_COLUMNS:
+        lengths = pc.list_value_length(table.column(column)).to_numpy(zero_copy_only=False)
+        bad = np.nonzero(lengths != row_len)[0]
+        if len(bad):
+            raise DataError(
+                f"{where}: row {int(bad[0])} of {column} has {int(lengths[bad[0]])} tokens, expected {row_len}"
+                " (max_length + 1); was the data packed for a different --max_length?"
+            )
+    return row_len - 1
+
+
+# --------------------------------------------------------------------------------------------
+# Chat SFT (GSM8K-style q/a columns)
+# --------------------------------------------------------------------------------------------
+def load_raw_dataset(location: str, config: str | None, split: str = "train"):
+    """A local `save_to_disk` folder, or a Hub / builder dataset name."""
+    import datasets
+
+    if Path(location).exists():
+        loaded = datasets.load_from_disk(location)
+    else:
+        loaded = datasets.load_dataset(location, config)
+    if isinstance(loaded, datasets.DatasetDict):
+        if split not in loaded:
+            raise DataError(f"{location!r} has no {split!r} split; found {list(loaded)}")
+        loaded = loaded[split]
+    return loaded
+
+
+def tokenize_chat_example(
+    tokenizer, question: str, answer: str, system_prompt: str | None = DEFAULT_SYSTEM_PROMPT
+) -> tuple[list[int], list[int]]:
+    """Token ids of the chat-templated (system, user, assistant) conversation and a mask that is
+    1 on the assistant's answer tokens (everything after the generation prompt)."""
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    messages.append({"role": "user", "content": question.strip()})
+    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(
+        messages + [{"role": "assistant", "content": answer.strip()}], tokenize=False
+    )
+    if not full.startswith(prompt):
+        raise DataError("the tokenizer's chat template does not render the prompt as a prefix of the conversation")
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    answer_ids = tokenizer(full[len(prompt) :], add_special_tokens=False)["input_ids"]
+    # Start with BOS like plain text does, unless the template already writes it.
+    template_has_bos = bool(tokenizer.bos_token) and prompt.startswith(tokenizer.bos_token)
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None and not template_has_bos else []
+    ids = bos + prompt_ids + answer_ids
+    mask = [0] * (len(bos) + len(prompt_ids)) + [1] * len(answer_ids)
+    return ids, mask
+
+
+def build_sft_dataset(
+    dataset,
+    tokenizer,
+    q_col: str,
+    a_col: str,
+    max_length: int | None,
+    take_loss_over_all_tokens: bool = False,
+    max_samples: int | None = None,
+    num_proc: int | None = None,
+):
+    """Rows of `input_ids`, `attention_mask`, `loss_mask`, each max_length + 1 long (right-padded,
+    truncated). `q_col == "text"` trains on plain text (bos + text, loss on every token)."""
+    if tokenizer.chat_template is None and q_col != "text":
+        raise DataError("the tokenizer has no chat template; chat SFT needs one (or use q_col=text)")
+    needed = [q_col] if q_col == "text" else [q_col, a_col]
+    missing = [c for c in needed if c not in dataset.column_names]
+    if missing:
+        raise DataError(f"dataset has no column(s) {missing}; found {dataset.column_names} (set --dataset_args.q_col/a_col)")
+    if max_samples is not None:
+        dataset = dataset.select(range(min(max_samples, len(dataset))))
+    if len(dataset) == 0:
+        raise DataError("the SFT dataset is empty")
+
+    def encode(example):
+        if q_col == "text":
+            ids = tokenizer(example[q_col].strip())["input_ids"]
+            mask = [1] * len(ids)
+        else:
+            ids, mask = tokenize_chat_example(tokenizer, example[q_col], example[a_col])
+        return {"ids": ids, "answer_mask": mask}
+
+    encoded = dataset.map(encode, remove_columns=dataset.column_names, num_proc=num_proc, desc="tokenizing")
+    if max_length is None:
+        max_length = max(len(ids) for ids in encoded["ids"]) - 1
+    row_len = max_length + 1
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def pad(example):
+        ids, answer_mask = example["ids"][:row_len], example["answer_mask"][:row_len]
+        n_pad = row_len - len(ids)
+        attention = [1] * len(ids) + [0] * n_pad
+        loss_mask = attention if take_loss_over_all_tokens else answer_mask + [0] * n_pad
+        return {"input_ids": ids + [pad_id] * n_pad, "attention_mask": attention, "loss_mask": loss_mask}
+
+    return encoded.map(pad, remove_columns=["ids", "answer_mask"], num_proc=num_proc, desc="padding"), max_length
+
+
+def inputs_and_labels(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """input_ids = row[:, :-1]; labels = row[:, 1:] with -100 where the target is padding (or,
+    with a `loss_mask`, not part of the answer)."""
+    rows = batch["input_ids"]
+    keep = batch["attention_mask"][:, 1:].bool()
+    if "loss_mask" in batch:
+        keep = keep & batch["loss_mask"][:, 1:].bool()
+    labels = torch.where(keep, rows[:, 1:], torch.full_like(rows[:, 1:], -100))
+    return rows[:, :-1], labels
