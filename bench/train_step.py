@@ -16,7 +16,6 @@ interleaving the two so machine noise hits both alike, and prints per-token cost
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -66,6 +65,48 @@ def time_step(step, device) -> float:
     step()
     sync(device)
     return time.perf_counter() - start
+
+
+def iteration_costs(ours: RavenForCausalLM, ids, repeats: int, device, dtype) -> tuple[float, float, float]:
+    """Best-of-`repeats` seconds of: one grad iteration, the equivalent HF layers, one no-grad iteration."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+    ctx = ours.attention_context(ids)
+    with torch.no_grad():
+        e = ours.run_prelude(ours.embed(ids), ctx)
+        parts = tuple(p.detach() for p in ours.adapter_parts(e))
+    state = torch.randn_like(e)
+    config = LlamaConfig(hidden_size=SHAPE["hidden"], intermediate_size=SHAPE["intermediate"],
+                         num_attention_heads=SHAPE["heads"], num_key_value_heads=SHAPE["kv_heads"],
+                         num_hidden_layers=SHAPE["core"], attn_implementation="sdpa")
+    torch.manual_seed(0)
+    hf_block = torch.nn.ModuleList(LlamaDecoderLayer(config, i) for i in range(SHAPE["core"])).to(device, dtype)
+    positions = torch.arange(ids.shape[1], device=device)[None].expand(ids.shape[0], -1)
+    rope = LlamaRotaryEmbedding(config).to(device)(e, positions)
+
+    def ours_grad():
+        x = state.detach().requires_grad_(True)
+        ours.recur(x, e, ctx, 0, adapter_parts=parts).sum().backward()
+
+    def hf_grad():
+        x = state.detach().requires_grad_(True)
+        for layer in hf_block:
+            x = layer(x, position_embeddings=rope, position_ids=positions)
+        x.sum().backward()
+
+    def ours_nograd():
+        with torch.no_grad():
+            ours.recur(state, e, ctx, 0, adapter_parts=parts)
+
+    best = {f: float("inf") for f in (ours_grad, hf_grad, ours_nograd)}
+    for f in best:
+        f()  # warm-up
+    for _ in range(repeats):  # interleaved
+        for f in best:
+            best[f] = min(best[f], time_step(f, device))
+    ours.zero_grad(set_to_none=True)
+    return best[ours_grad], best[hf_grad], best[ours_nograd]
 
 
 def saved_activation_bytes(fn) -> int:
@@ -123,20 +164,20 @@ def main(argv=None):
         for _ in range(args.repeats):  # interleaved
             t_ours.append(time_step(lambda: ours_step(n, k), device))
             t_hf.append(time_step(hf_step, device))
-        results[(n, k)] = (statistics.median(t_ours), statistics.median(t_hf), layers)
+        results[(n, k)] = (min(t_ours), min(t_hf), layers)  # min: the least-disturbed run on a shared machine
         del reference
 
     print(f"device {device}, dtype {args.dtype}, batch {args.batch} x seq {args.seq}, "
-          f"shape {SHAPE}, median of {args.repeats}")
+          f"shape {SHAPE}, best of {args.repeats}")
     print(f"{'(n, k)':>8} {'HF layers':>9} {'ours ms/tok':>12} {'HF ms/tok':>10} {'ours/HF':>8}")
     for (n, k), (t_o, t_h, layers) in results.items():
         print(f"{str((n, k)):>8} {layers:>9} {1e3 * t_o / tokens:12.4f} {1e3 * t_h / tokens:10.4f} {t_o / t_h:8.3f}")
 
-    # Marginal costs: one grad iteration and one no-grad iteration of the recurrent block.
-    grad_iter = (results[(0, 4)][0] - results[(0, 1)][0]) / 3
-    hf_grad_iter = (results[(0, 4)][1] - results[(0, 1)][1]) / 3
-    nograd_iter = (results[(3, 4)][0] - results[(0, 4)][0]) / 3
-    print(f"one grad iteration: ours / equivalent HF layers = {grad_iter / hf_grad_iter:.3f}  (goal <= 1.05)")
+    # Marginal costs, measured directly on one iteration (differences of whole steps are too noisy
+    # on a shared CPU): our grad iteration (forward + backward, including the gradient w.r.t. the
+    # incoming state) vs the same number of HF decoder layers, and our no-grad iteration.
+    grad_iter, hf_layers, nograd_iter = iteration_costs(ours, ids, args.repeats * 3, device, dtype)
+    print(f"one grad iteration: ours / equivalent HF layers = {grad_iter / hf_layers:.3f}  (goal <= 1.05)")
     print(f"one no-grad iteration / one grad iteration      = {nograd_iter / grad_iter:.3f}  (goal <= 0.40)")
 
     print("activation memory saved for backward at k = 8:")
