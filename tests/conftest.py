@@ -9,8 +9,13 @@ import os
 import sys
 from pathlib import Path
 
-import pytest
-import torch
+# Tiny models on a 2-core machine: one intra-op thread per process is several times faster than
+# torch's default (thread hand-offs dominate such small matmuls, and subprocess tests such as DDP
+# would oversubscribe the cores). Set before torch is imported; subprocesses inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))

@@ -1,0 +1,129 @@
+"""Validation loss of recurrent checkpoints at many test-time depths (REFERENCE.md §5).
+
+For each checkpoint of a run, the first --num_sequences rows of a held-out parquet shard are
+scored at every depth in --recurrences (default 1,2,4,8,16,32,64): the model reads row[:-1],
+predicts row[1:], padding is not scored, and the mean loss of each sequence is saved as
+
+    {output_dir}/{run name}/chkpt_{N}.json    {"1": [[loss of each sequence in batch 1], [batch 2], ...], "2": ...}
+
+(the original's format and path; output_dir defaults to ./loss_over_rec_eval). All depths come
+from one pass: the prelude runs once and the recurrent block keeps iterating, with the coda read
+out at each requested depth (64 iterations instead of 1+2+...+64). --independent_runs evaluates
+each depth from scratch instead, as the original did; both start from the same seeded state.
+
+--adaptive_threshold T stops iterating each token once the KL between successive iterations'
+next-token distributions (--adaptive_criterion kl) or the relative change of its latent state
+(latent) drops below T, and also reports the mean depth used; results go to
+chkpt_{N}_adaptive_{criterion}_{T}.json = {"criterion", "threshold", "loss": {...}, "mean_depth": {...}}.
+
+    python multi_recurrence_eval.py runs/my_run 1000,2000 --eval_file_path=$DATA/val/shard-00512.parquet
+    python multi_recurrence_eval.py runs/my_run final_checkpoint --eval_file_path=... --adaptive_threshold 5e-4
+
+CKPTS: step numbers N (meaning {MODEL_DIR}/model_only_chkpt_N, as in the original; '[1000,2000]',
+'1000,2000' and '1000 2000' all work) or folder names such as final_checkpoint. Checkpoints whose
+output already exists are skipped (--overwrite to redo).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from retrofit.evaluation import (  # noqa: E402
+    ADAPTIVE_CRITERIA,
+    DEFAULT_RECURRENCES,
+    AdaptiveExit,
+    EvalError,
+    checkpoint_dirs,
+    load_eval_rows,
+    loss_over_depth,
+    output_name,
+    parse_recurrences,
+    result_json,
+    summary_lines,
+    write_json_atomic,
+)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("model_name", metavar="MODEL_DIR", help="run directory holding the checkpoints")
+    parser.add_argument("ckpts", metavar="CKPTS", nargs="+", help="checkpoint steps (model_only_chkpt_N) or folder names")
+    parser.add_argument("--eval_file_path", required=True, help="held-out parquet shard (or a folder of shards)")
+    parser.add_argument("--recurrences", default=",".join(map(str, DEFAULT_RECURRENCES)), help="test depths, e.g. 1,2,4,8")
+    parser.add_argument("--num_sequences", type=int, default=1024, help="first N rows of the shard (default 1024)")
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random initial states")
+    parser.add_argument("--independent_runs", action="store_true", help="run every depth from scratch (the original's way)")
+    parser.add_argument("--adaptive_threshold", type=float, default=None, help="per-token early exit below this value")
+    parser.add_argument("--adaptive_criterion", default="kl", help=f"exit criterion: {' or '.join(ADAPTIVE_CRITERIA)}")
+    parser.add_argument("--output_dir", default="loss_over_rec_eval", help="results go to OUTPUT_DIR/{run name}/")
+    parser.add_argument("--overwrite", action="store_true", help="recompute checkpoints whose output exists")
+    return parser.parse_args(argv)
+
+
+def load_model(path: Path, device: str, dtype: str):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=getattr(torch, dtype))
+    if not hasattr(model, "recur"):
+        raise EvalError(f"{path} is not a recurrent model (model_type {model.config.model_type!r}); nothing to sweep")
+    return model.to(device).eval()
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        import torch
+
+        recurrences = parse_recurrences(args.recurrences)
+        adaptive = None
+        if args.adaptive_threshold is not None:
+            adaptive = AdaptiveExit(args.adaptive_threshold, args.adaptive_criterion)
+        elif args.adaptive_criterion not in ADAPTIVE_CRITERIA:
+            raise EvalError(f"adaptive criterion {args.adaptive_criterion!r} is not one of {', '.join(ADAPTIVE_CRITERIA)}")
+        checkpoints = checkpoint_dirs(args.model_name, args.ckpts)
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        out_dir = Path(args.output_dir) / Path(args.model_name).resolve().name
+        todo = []
+        for label, path in checkpoints:
+            target = out_dir / output_name(label, adaptive)
+            if target.exists() and not args.overwrite:
+                print(f"skip {label}: {target} exists (--overwrite to redo)")
+            else:
+                todo.append((label, path))
+        if not todo:
+            return 0
+        input_ids, attention_mask = load_eval_rows(args.eval_file_path, args.num_sequences)
+        for label, path in todo:
+            model = load_model(path, device, args.dtype)
+            start = time.perf_counter()
+            result = loss_over_depth(
+                model, input_ids, attention_mask, recurrences, batch_size=args.batch_size, seed=args.seed,
+                independent_runs=args.independent_runs, adaptive=adaptive,
+            )
+            elapsed = time.perf_counter() - start
+            target = write_json_atomic(out_dir / output_name(label, adaptive), result_json(result, adaptive))
+            mode = "independent runs" if args.independent_runs else "one pass"
+            print(f"{label}: {result.num_sequences} sequences, {mode}, {elapsed:.1f}s -> {target}")
+            print("\n".join(summary_lines(result, adaptive)))
+            del model
+    except EvalError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
