@@ -52,6 +52,9 @@ TASK_METRICS = {
     "asdiv": "acc,none",
     "gsm8k_cot_sean": "exact_match,flexible-extract",
     "minerva_math": "math_verify,none",
+    # the bundled quickstart's local tasks (utils/make_synthetic_data.py)
+    "quickstart_gsm8k_cot_sean": "exact_match,flexible-extract",
+    "quickstart_arith_mc": "acc,none",
 }
 
 # Names on plots.
@@ -68,6 +71,8 @@ TASK_TITLES = {
     "asdiv": "ASDiv",
     "gsm8k_cot_sean": "GSM8K",
     "minerva_math": "MATH",
+    "quickstart_gsm8k_cot_sean": "Synthetic GSM8K (1-shot CoT)",
+    "quickstart_arith_mc": "Arithmetic multiple choice",
 }
 
 # Accuracy of guessing, drawn as a reference line.
@@ -84,6 +89,8 @@ TASK_CHANCE = {
     "asdiv": 0.0,
     "gsm8k_cot_sean": 0.0,
     "minerva_math": 0.0,
+    "quickstart_gsm8k_cot_sean": 0.0,
+    "quickstart_arith_mc": 0.25,
 }
 
 # Files that live in checkpoint folders and are never eval output.

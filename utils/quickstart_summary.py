@@ -1,0 +1,370 @@
+"""The last stages of shells/quickstart.sh: static-model validation loss, plots and the summary table.
+
+    python utils/quickstart_summary.py static-loss --eval_file_path VAL --num_sequences N --model DIR OUT.json ...
+    python utils/quickstart_summary.py plot-evals  <plot_evals.py arguments>
+    python utils/quickstart_summary.py plot-loss   --loss_dir OUT/loss_over_rec_eval --out_dir OUT/plots
+    python utils/quickstart_summary.py summary     --out_dir OUT --steps S --pretrain_steps P --tokens_per_step T ...
+    python utils/quickstart_summary.py report      --runs_file RUNS.json <summary arguments>   # all three, one process
+
+static-loss   multi_recurrence_eval.py sweeps recurrent models only; this scores a plain HF model on the same
+              rows with the same loss (retrofit.evaluation) and writes the same JSON format ({"1": [[...], ...]}).
+plot-evals    plot_evals.py in-process (saves a Python start-up).
+plot-loss     validation loss against test recurrence, the static models as horizontal lines.
+summary       OUT/summary.md: per run the training steps, FLOPs (param_counter.py), final train loss,
+              validation loss at each recurrence, lm-eval accuracy at each recurrence, figures, stage times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+# The quickstart's lm-eval tasks (utils/make_synthetic_data.py): (headline metric, title, chance),
+# read from the one task table plot_evals.py and paper_plots share.
+from retrofit.results import TASK_CHANCE, TASK_METRICS, TASK_TITLES  # noqa: E402
+
+QUICKSTART_TASKS = {
+    task: (TASK_METRICS[task], TASK_TITLES[task], TASK_CHANCE[task])
+    for task in ("quickstart_gsm8k_cot_sean", "quickstart_arith_mc")
+}
+RUN_LABELS = {"recurrent": "recurrent", "baseline": "baseline (static)", "pretrain": "pretrained (static)"}
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------ static loss
+
+
+def static_loss(args) -> int:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from retrofit.evaluation import EvalError, inputs_and_labels, load_eval_rows, per_sequence_loss
+
+    try:
+        rows, mask = load_eval_rows(args.eval_file_path, args.num_sequences)
+    except EvalError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for model_dir, out in args.model:
+        if Path(out).exists():
+            print(f"skip {model_dir}: {out} exists")
+            continue
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        if getattr(model.config, "model_type", None) == "huginn_raven":
+            print(f"error: {model_dir} is a recurrent model; use multi_recurrence_eval.py", file=sys.stderr)
+            return 2
+        batches = []
+        with torch.no_grad():
+            for start in range(0, len(rows), args.batch_size):
+                input_ids, attention_mask, labels = inputs_and_labels(rows[start:start + args.batch_size],
+                                                                      mask[start:start + args.batch_size])
+                logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+                batches.append(per_sequence_loss(logits, labels).tolist())
+        write_text_atomic(Path(out), json.dumps({"1": batches}))
+        flat = [x for b in batches for x in b]
+        print(f"{model_dir}: {len(flat)} sequences, loss {sum(flat) / len(flat):.4f} -> {out}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- plots
+
+
+def plot_evals(argv: list[str]) -> int:
+    import plot_evals as plot_evals_cli
+
+    plot_evals_cli.main(argv)
+    return 0
+
+
+def mean_losses(path: Path) -> dict[int, float]:
+    """{recurrence: mean loss over sequences} of a multi_recurrence_eval.py JSON."""
+    data = json.loads(path.read_text())
+    out = {}
+    for rec, batches in data.items():
+        if not rec.isdigit():
+            continue
+        flat = [x for batch in batches for x in batch]
+        out[int(rec)] = sum(flat) / len(flat)
+    return dict(sorted(out.items()))
+
+
+def plot_loss(args) -> int:
+    from retrofit import plotting
+
+    loss_dir = Path(args.loss_dir)
+    plotting.apply_style()
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    colors = plotting.colors_for(RUN_LABELS.values())
+    handles = []
+    for run, label in RUN_LABELS.items():
+        path = loss_dir / run / "final_checkpoint.json"
+        if not path.exists():
+            continue
+        losses = mean_losses(path)
+        if run == "recurrent":
+            (line,) = ax.plot(list(losses), list(losses.values()), marker="o", color=colors[label], label=label)
+        else:
+            line = ax.axhline(losses[1], color=colors[label], linestyle="--", linewidth=2, label=label)
+        handles.append(line)
+    if not handles:
+        print(f"error: no loss files under {loss_dir}", file=sys.stderr)
+        return 2
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel(plotting.AXIS_LABELS["num_rec"])
+    ax.set_ylabel("Validation loss (nats/token)")
+    ax.set_title("Held-out loss vs test recurrence")
+    plotting.legend_outside(fig, handles)
+    written = plotting.save_figure(fig, args.out_dir, "loss_vs_num_rec", plotting.FORMATS)
+    print("wrote " + ", ".join(map(str, written)))
+    return 0
+
+
+# -------------------------------------------------------------------------------------- summary
+
+
+def final_train_loss(run_dir: Path) -> tuple[int, float] | tuple[None, None]:
+    metrics = run_dir / "metrics.jsonl"
+    if not metrics.exists():
+        return None, None
+    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    return (records[-1]["step"], records[-1]["loss"]) if records else (None, None)
+
+
+def lm_eval_scores(checkpoint: Path) -> dict[tuple[str, str], tuple[float, float | None]]:
+    """{(eval folder: rec_R | non_recurrent, task): (score, stderr)} from shells/eval.sh's results files."""
+    scores = {}
+    for file in sorted((checkpoint / "eval").glob("*/*/*/results_*.json")):  # newest last, so it wins
+        data = json.loads(file.read_text())
+        folder = file.relative_to(checkpoint / "eval").parts[0]
+        for task, (metric, _, _) in QUICKSTART_TASKS.items():
+            metrics = data.get("results", {}).get(task)
+            if metrics and metric in metrics:
+                name, _, filt = metric.partition(",")
+                stderr = metrics.get(f"{name}_stderr,{filt}")
+                scores[(folder, task)] = (float(metrics[metric]), stderr if isinstance(stderr, (int, float)) else None)
+    return scores
+
+
+def stage_times(path: Path) -> dict[str, float]:
+    times = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            name, _, seconds = line.partition("\t")
+            if seconds:
+                times[name] = float(seconds)  # the latest run of a stage wins
+    return times
+
+
+def fmt_loss(value):
+    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
+
+
+def summary(args) -> int:
+    from param_counter import count, flops_report
+
+    out = Path(args.out_dir)
+    runs = out / "runs"
+    loss_dir = out / "loss_over_rec_eval"
+    eval_recs = [int(r) for r in args.eval_recs.replace(",", " ").split()]
+    lines = ["# Quickstart summary", ""]
+
+    # Training: steps, FLOPs (param_counter.py's formulas), final train loss.
+    flops = {
+        "pretrain": flops_report(runs / "pretrain/final_checkpoint", args.pretrain_steps,
+                                 tokens_per_step=args.tokens_per_step, non_recurrent=True),
+        "recurrent": flops_report(runs / "recurrent/final_checkpoint", args.steps, max_steps=args.steps,
+                                  tokens_per_step=args.tokens_per_step, max_mean_rec=args.max_mean_rec,
+                                  warmup=args.warmup, warmup_type="1-sqrt", backprop_depth=args.backprop_depth),
+        "baseline": flops_report(runs / "baseline/final_checkpoint", args.steps,
+                                 tokens_per_step=args.tokens_per_step, non_recurrent=True),
+    }
+    recurrent_config = json.loads((runs / "recurrent/final_checkpoint/config.json").read_text())
+    counts = count(runs / "recurrent/final_checkpoint", [1])
+    lines += [
+        "## Training",
+        "",
+        f"{args.tokens_per_step:,} tokens per step. The recurrent model is the pretrained Llama converted to "
+        f"(prelude {recurrent_config['n_layers_in_prelude']}, recurrent block "
+        f"{recurrent_config['n_layers_in_recurrent_block']}, coda {recurrent_config['n_layers_in_coda']}) layers and "
+        f"trained with a 1-sqrt curriculum to mean recurrence {args.max_mean_rec} over {args.warmup:.0%} of its steps "
+        f"(backprop depth {args.backprop_depth}); the baseline trains the pretrained Llama for the same steps and tokens. "
+        "FLOPs: param_counter.py (6·N·D per step, plus 2·N_rec·D per no-grad iteration).",
+        "",
+        "| run | model | train steps | tokens | training FLOPs | final train loss |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for run, model in (("pretrain", "Llama, from scratch"), ("recurrent", "recurrent (converted)"),
+                       ("baseline", "Llama (pretrained)")):
+        step, loss = final_train_loss(runs / run)
+        tokens = (step or 0) * args.tokens_per_step
+        lines.append(f"| {RUN_LABELS[run]} | {model} | {step if step is not None else '–'} | {tokens:,} | "
+                     f"{flops[run]['FLOPs']:.3e} | {fmt_loss(loss)} |")
+
+    ratio = flops["recurrent"]["FLOPs"] / flops["baseline"]["FLOPs"]
+    lines += ["", f"Both runs start from the pretrained Llama (whose FLOPs they share); for the same tokens the "
+              f"recurrent run spent {ratio:.2f}× the baseline's FLOPs."]
+
+    # Validation loss at each recurrence.
+    losses = {run: mean_losses(loss_dir / run / "final_checkpoint.json")
+              for run in RUN_LABELS if (loss_dir / run / "final_checkpoint.json").exists()}
+    recs = sorted({r for run_losses in losses.values() for r in run_losses})
+    first = (losses.get("recurrent") or {})
+    num_sequences = None
+    if (loss_dir / "recurrent/final_checkpoint.json").exists():
+        num_sequences = sum(len(b) for b in json.loads((loss_dir / "recurrent/final_checkpoint.json").read_text())["1"])
+    std = float((recurrent_config.get("init_values") or {}).get("std", 0.0))
+    state = (f"a random initial state (TruncNormal std {std:g}, seeded)" if std > 0
+             else "a deterministic zero initial state (init_values.std = 0)")
+    lines += [
+        "",
+        "## Validation loss vs test recurrence",
+        "",
+        f"Mean next-token loss (nats) on the first {num_sequences or '?'} rows of the held-out shard "
+        f"(parquet/val). The recurrent model starts from {state} in every evaluation, the default of the "
+        "converted config; static models have one value (their depth is fixed).",
+        "",
+        "| run | " + " | ".join(f"r={r}" for r in recs) + " |",
+        "|---|" + "---:|" * len(recs),
+    ]
+    for run, run_losses in losses.items():
+        cells = [fmt_loss(run_losses.get(r)) if run == "recurrent" else (fmt_loss(run_losses[1]) if r == 1 else "")
+                 for r in recs]
+        lines.append(f"| {RUN_LABELS[run]} | " + " | ".join(cells) + " |")
+    if first:
+        best = min(first, key=first.get)
+        lines += ["", f"Lowest recurrent loss {first[best]:.3f} at r={best} (trained at mean recurrence {args.max_mean_rec})."]
+
+    # lm-eval accuracy.
+    rec_scores = lm_eval_scores(runs / "recurrent/final_checkpoint")
+    base_scores = lm_eval_scores(runs / "baseline/final_checkpoint")
+    lines += [
+        "",
+        "## lm-eval accuracy",
+        "",
+        f"shells/eval.sh, 1-shot, first {args.limit} documents of each held-out task. "
+        "Synthetic GSM8K: exact match of the last number generated (flexible-extract), greedy; "
+        "multiple choice: acc (4 choices, chance 25%).",
+        "",
+        "| task | " + " | ".join(f"recurrent r={r}" for r in eval_recs) + " | baseline (static) |",
+        "|---|" + "---:|" * (len(eval_recs) + 1),
+    ]
+
+    def cell(scores, key):
+        if key not in scores:
+            return "–"
+        value, stderr = scores[key]
+        return f"{100 * value:.1f}%" + (f" ± {100 * stderr:.1f}" if stderr is not None else "")
+
+    for task, (_, title, _) in QUICKSTART_TASKS.items():
+        cells = [cell(rec_scores, (f"rec_{r}", task)) for r in eval_recs] + [cell(base_scores, ("non_recurrent", task))]
+        lines.append(f"| {title} (`{task}`) | " + " | ".join(cells) + " |")
+
+    # Parameters.
+    parts = counts["parts"]
+    lines += [
+        "",
+        "## Parameters",
+        "",
+        "Recurrent model: " + ", ".join(f"{k} {v:,}" for k, v in parts.items())
+        + f"; effective non-embedding parameters at r: N_prelude + N_coda + r·N_rec "
+        f"({counts['effective_params']['1']:,} at r=1).",
+    ]
+
+    # Figures.
+    plots = out / "plots"
+    figures = sorted(p for p in plots.glob("*.png"))
+    lines += ["", "## Figures", ""] + [f"- `{p.relative_to(out)}` (and `.pdf`)" for p in figures]
+    if (plots / "results.jsonl").exists():
+        lines.append(f"- `{(plots / 'results.jsonl').relative_to(out)}`: the accuracy table plot_evals.py drew")
+
+    # Stage times.
+    times = stage_times(out / "stage_times.tsv")
+    times.pop("report", None)  # a previous report's time; this one is still running
+    lines += ["", "## Stage wall times", "",
+              "Seconds on this machine, from the run that did the work (`train`, `val_loss` and `lm_eval` are the "
+              "wall time of two processes running side by side; their parts are listed too).", "",
+              "| stage | seconds |", "|---|---:|"]
+    for name, seconds in times.items():
+        lines.append(f"| {name} | {seconds:.1f} |")
+    groups = ("train", "val_loss", "lm_eval")  # shells/quickstart.sh runs each group's parts side by side
+    total = 0.0
+    for name, seconds in times.items():
+        group = next((g for g in groups if name.startswith(g + "_")), None)
+        if group is None:
+            total += seconds
+        elif group not in times:  # a group finished over several invocations: count its slowest part
+            total += seconds if seconds == max(v for n, v in times.items() if n.startswith(group + "_")) else 0.0
+    lines.append(f"| **total** (all but the plots and this summary) | {total:.1f} |")
+
+    write_text_atomic(out / "summary.md", "\n".join(lines) + "\n")
+    print(f"wrote {out / 'summary.md'}")
+    return 0
+
+
+def report(args) -> int:
+    """plot_evals.py's figures, the loss plot and the summary, in one process (one set of imports)."""
+    out = Path(args.out_dir)
+    plot_evals(["--runs_file", args.runs_file, "--out_dir", str(out / "plots"), "--format", "png", "pdf"])
+    status = plot_loss(argparse.Namespace(loss_dir=str(out / "loss_over_rec_eval"), out_dir=str(out / "plots")))
+    return status or summary(args)
+
+
+# -------------------------------------------------------------------------------------------- CLI
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "plot-evals":
+        return plot_evals(argv[1:])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("static-loss", help="validation loss of plain HF models")
+    p.add_argument("--eval_file_path", required=True)
+    p.add_argument("--num_sequences", type=int, default=256)
+    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--model", nargs=2, action="append", required=True, metavar=("MODEL_DIR", "OUT_JSON"))
+    p = sub.add_parser("plot-loss", help="validation loss vs test recurrence")
+    p.add_argument("--loss_dir", required=True)
+    p.add_argument("--out_dir", required=True)
+    sub.add_parser("plot-evals", help="plot_evals.py with the quickstart tasks registered")
+    for name in ("summary", "report"):
+        p = sub.add_parser(name, help="write OUT/summary.md" if name == "summary" else "plots, then the summary")
+        add_summary_args(p)
+        if name == "report":
+            p.add_argument("--runs_file", required=True, help="plot_evals.py --runs_file")
+    args = parser.parse_args(argv)
+    return {"static-loss": static_loss, "plot-loss": plot_loss, "summary": summary, "report": report}[args.command](args)
+
+
+def add_summary_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out_dir", required=True)
+    p.add_argument("--steps", type=int, required=True, help="recurrent / baseline training steps")
+    p.add_argument("--pretrain_steps", type=int, required=True)
+    p.add_argument("--tokens_per_step", type=int, required=True)
+    p.add_argument("--max_mean_rec", type=int, required=True)
+    p.add_argument("--warmup", type=float, required=True)
+    p.add_argument("--backprop_depth", type=int, required=True)
+    p.add_argument("--limit", type=int, required=True)
+    p.add_argument("--eval_recs", required=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
