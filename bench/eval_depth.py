@@ -83,7 +83,7 @@ def main(argv=None):
     assert torch.equal(gen[(8, True)], gen[(8, False)]), "cached and uncached generation disagree"
     print("  cached == uncached at recurrence 8: yes")
 
-    print("KV cache memory after prompt + generation:")
+    print("KV cache memory after a 64-token prompt:")
     memory = {}
     high = 16 if args.quick else 32
     for r in (1, high):
