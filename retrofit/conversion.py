@@ -362,15 +362,22 @@ def convert(
     return save_path, rows
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
 def load_tokenizer(model_name):
     """The base model's tokenizer, or None (with a one-line warning) for a weights-only directory."""
     from transformers import AutoTokenizer
 
+    local = Path(model_name)
+    if local.is_dir() and not any((local / name).exists() for name in TOKENIZER_FILES):
+        print(f"warning: no tokenizer files in {model_name}; saving the model without a tokenizer")
+        return None
     try:
         return AutoTokenizer.from_pretrained(model_name)
     except (OSError, ValueError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        print(f"warning: no tokenizer found in {model_name} ({first_line}); saving the model without one")
+        print(f"warning: could not load the tokenizer of {model_name} ({first_line}); saving the model without one")
         return None
 
 
