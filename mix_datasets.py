@@ -43,6 +43,7 @@ from retrofit.packing import (  # noqa: E402
     DataError,
     MixRequest,
     gather_rows,
+    load_disk_table,
     mix_order,
     normalize_packed_table,
     open_packed_parquet,
@@ -80,20 +81,11 @@ def parquet_to_arrow(files: list[Path], arrow_path: Path):
 
 def load_source(path: str, cache_dir: Path, index: int):
     """Arrow table of a mix source: a save_to_disk dataset, a parquet folder, or one parquet file."""
-    import datasets
-
     p = Path(path)
     if not p.exists():
         raise DataError(f"mix source {path!r} does not exist")
     if p.is_dir() and ((p / "state.json").exists() or (p / "dataset_dict.json").exists()):
-        dataset = datasets.load_from_disk(str(p))
-        if isinstance(dataset, datasets.DatasetDict):
-            if len(dataset) != 1:
-                raise DataError(f"mix source {path!r} has splits {list(dataset)}; give the folder of one split")
-            dataset = next(iter(dataset.values()))
-        if dataset._indices is not None:
-            dataset = dataset.flatten_indices()
-        table = dataset.data.table
+        table = load_disk_table(p, "mix source")
     else:
         files = sorted(p.glob("*.parquet")) if p.is_dir() else [p]
         if not files:

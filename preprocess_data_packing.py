@@ -30,7 +30,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # parallelism comes fr
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from retrofit.data import DEFAULT_SYSTEM_PROMPT  # noqa: E402  (the original's system prompt, shared with train.py)
-from retrofit.packing import DataError, PackConfig, PackStats, atomic_output_dir, iter_packed_rows, special_token_ids  # noqa: E402
+from retrofit.packing import DataError, PackConfig, PackStats, atomic_output_dir, iter_packed_rows, load_disk_table, special_token_ids  # noqa: E402
 
 
 def output_dir(save_path: str, tokenizer_name: str, out_path: str, pack: bool, wrapped_packing: bool) -> Path:
@@ -42,27 +42,9 @@ def output_dir(save_path: str, tokenizer_name: str, out_path: str, pack: bool, w
 
 def load_text_table(dataset_location: str, dataset_config: str | None, max_samples: int | None):
     """The dataset's Arrow table (memory-mapped, zero-copy), first max_samples rows."""
-    import datasets
-
-    if not Path(dataset_location).exists():
-        raise DataError(f"dataset_location {dataset_location!r} does not exist")
-    try:
-        dataset = datasets.load_from_disk(dataset_location)
-    except FileNotFoundError as err:
-        raise DataError(f"{dataset_location!r} is not a save_to_disk dataset ({str(err).splitlines()[0]})") from None
-    if isinstance(dataset, datasets.DatasetDict):
-        # The original passed dataset_config to load_from_disk, where it did nothing; here it
-        # picks the split of a multi-split DatasetDict.
-        splits = list(dataset)
-        if len(splits) == 1:
-            dataset = dataset[splits[0]]
-        elif dataset_config in dataset:
-            dataset = dataset[dataset_config]
-        else:
-            raise DataError(f"{dataset_location!r} has splits {splits}; pick one with --dataset_config")
-    if dataset._indices is not None:
-        dataset = dataset.flatten_indices()
-    table = dataset.data.table
+    # The original passed dataset_config to load_from_disk, where it did nothing; here it picks
+    # the split of a multi-split DatasetDict.
+    table = load_disk_table(dataset_location, "dataset_location", split=dataset_config, split_flag="--dataset_config")
     if max_samples is not None:
         if max_samples < 0:
             raise DataError(f"max_samples={max_samples} must be >= 0")

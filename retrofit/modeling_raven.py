@@ -644,7 +644,8 @@ class RavenForCausalLM(RavenPreTrainedModel):
             # Sequences that already exited keep their state (the batch runs until all exit).
             state = torch.where(exited[:, None, None], state, new_state)
             if criterion == "kl":
-                logprobs = self.lm_head(self.run_coda(state, ctx))[:, -1].float().log_softmax(-1)
+                x = self.run_coda(state, ctx)  # the last iteration's is also the step's output
+                logprobs = self.lm_head(x[:, -1]).float().log_softmax(-1)
                 change = None if previous is None else F.kl_div(logprobs, previous, reduction="none", log_target=True).sum(-1)
                 previous = logprobs
             if i > 0 and change is not None:
@@ -664,7 +665,8 @@ class RavenForCausalLM(RavenPreTrainedModel):
                     k = cache.keys[src][:, :, start : start + step_input.shape[1]]
                     v = cache.values[src][:, :, start : start + step_input.shape[1]]
                     cache.update(cache.slot("core", j, i), k, v, start)
-        x = self.run_coda(state, ctx)
+        if criterion != "kl":
+            x = self.run_coda(state, ctx)
         cache.seen_tokens = ctx.past_length + step_input.shape[1]
         return self.lm_head(x[:, -1:]), depth
 

@@ -492,6 +492,34 @@ def iter_packed_rows(
 # --------------------------------------------------------------------------------------------
 # Parquet shards and packed-row checks
 # --------------------------------------------------------------------------------------------
+def load_disk_table(path: str | Path, what: str, split: str | None = None, split_flag: str | None = None) -> pa.Table:
+    """The Arrow table (memory-mapped, zero-copy) of a `save_to_disk` dataset at `path`.
+
+    A DatasetDict with one split is unwrapped; with several, `split` picks one (`split_flag` is the
+    CLI flag that sets it, for the error message). `what` names the flag or source in errors.
+    """
+    import datasets
+
+    if not Path(path).exists():
+        raise DataError(f"{what} {str(path)!r} does not exist")
+    try:
+        dataset = datasets.load_from_disk(str(path))
+    except FileNotFoundError as err:
+        raise DataError(f"{what} {str(path)!r} is not a save_to_disk dataset ({str(err).splitlines()[0]})") from None
+    if isinstance(dataset, datasets.DatasetDict):
+        splits = list(dataset)
+        if len(splits) == 1:
+            dataset = dataset[splits[0]]
+        elif split in dataset:
+            dataset = dataset[split]
+        else:
+            how = f"pick one with {split_flag}" if split_flag else "give the folder of one split"
+            raise DataError(f"{what} {str(path)!r} has splits {splits}; {how}")
+    if dataset._indices is not None:
+        dataset = dataset.flatten_indices()
+    return dataset.data.table
+
+
 def check_packed_schema(schema: pa.Schema, where: str):
     """`input_ids` and `attention_mask` (and optional `loss_mask`) must be lists of integers."""
     for name in ROW_COLUMNS + ((LOSS_MASK_COLUMN,) if LOSS_MASK_COLUMN in schema.names else ()):

@@ -245,7 +245,10 @@ def test_generate_stops_at_eos_and_honours_stopping_criteria():
     free = model.generate(ids, max_new_tokens=6, eos_token_id=None)
     first = int(free[0, 5])
     stopped = model.generate(ids, max_new_tokens=6, eos_token_id=first, pad_token_id=2)
-    assert stopped[0, 5] == first and (stopped[0, 6:] == 2).all() or stopped.shape[1] == 6
+    assert stopped[0, 5] == first and (stopped[0, 6:] == 2).all()  # row 0 stops at its EOS, then pads
+    row1 = free[1, 5:].tolist()
+    until = row1.index(first) + 1 if first in row1 else len(row1)
+    assert stopped[1, 5 : 5 + until].tolist() == row1[:until]  # row 1 runs on unaffected
 
     calls = []
 

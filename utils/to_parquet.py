@@ -16,26 +16,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from retrofit.packing import DEFAULT_ROW_GROUP_SIZE, DataError, write_parquet_shards  # noqa: E402
-
-
-def load_packed_table(dataset_path: str):
-    """The Arrow table of a save_to_disk dataset (a single-split DatasetDict is unwrapped)."""
-    import datasets
-
-    if not Path(dataset_path).exists():
-        raise DataError(f"dataset_path {dataset_path!r} does not exist")
-    try:
-        dataset = datasets.load_from_disk(dataset_path)
-    except FileNotFoundError as err:
-        raise DataError(f"{dataset_path!r} is not a save_to_disk dataset ({str(err).splitlines()[0]})") from None
-    if isinstance(dataset, datasets.DatasetDict):
-        if len(dataset) != 1:
-            raise DataError(f"{dataset_path!r} has splits {list(dataset)}; pass the folder of one split")
-        dataset = next(iter(dataset.values()))
-    if dataset._indices is not None:
-        dataset = dataset.flatten_indices()
-    return dataset.data.table
+from retrofit.packing import DEFAULT_ROW_GROUP_SIZE, DataError, load_disk_table, write_parquet_shards  # noqa: E402
 
 
 def main(argv: list[str] | None = None):
@@ -50,7 +31,7 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--no_progress", action="store_true")
     args = parser.parse_args(argv)
     try:
-        table = load_packed_table(args.dataset_path)
+        table = load_disk_table(args.dataset_path, "dataset_path")
         paths = write_parquet_shards(
             table.num_rows,
             lambda a, b: table.slice(a, b - a),
