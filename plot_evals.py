@@ -16,7 +16,7 @@ training FLOPs, and writes
 Examples:
     python plot_evals.py outputs/my_run --max_steps 50000 --max_mean_rec 32 --warmup 0.75 \
         --warmup_type 1-sqrt --out_dir plots/my_run
-    python plot_evals.py --runs_file runs.json --jsonl ../shared/paper_data/olmo_50k_steps.jsonl --out_dir plots
+    python plot_evals.py --runs_file runs.json --jsonl paper_plots/data/olmo_50k_steps.jsonl --out_dir plots
 where runs.json is a list of objects with the RunSpec fields of retrofit/results.py (path, label,
 train_rec, max_steps, warmup, warmup_type, backprop_depth, tokens_per_step, non_recurrent,
 model_dir, cooldown). --jsonl adds rows of an existing table (e.g. the paper's) to the same plots.

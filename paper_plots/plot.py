@@ -1,6 +1,6 @@
-"""Recreate the paper's evaluation figures from its raw results (the paper_data JSONL files).
+"""Recreate the paper's evaluation figures from its raw results (the JSONL files in paper_plots/data/).
 
-    python paper_plots/plot.py --data_dir ../shared/paper_data --out_dir figs [--format pdf|png|both]
+    python paper_plots/plot.py --out_dir figs [--data_dir paper_plots/data] [--format pdf|png|both]
 
 Figures (file stem: what it shows; input file):
   {family}_{gsm8k|math}_flops_and_recurrence  accuracy vs training FLOPs (tested at the training
@@ -36,6 +36,8 @@ from retrofit import plotting  # noqa: E402
 from retrofit.results import read_jsonl  # noqa: E402
 
 log = logging.getLogger("paper_plots")
+# The authors' published results ship with the repository (see data/README.md for the columns).
+DEFAULT_DATA_DIR = Path(__file__).resolve().parent / "data"
 plt = plotting.plt
 
 MATH_TASKS = {"gsm8k_cot_sean": "gsm8k", "minerva_math": "math"}
@@ -214,7 +216,8 @@ def make_all(data_dir: str | Path, out_dir: str | Path, formats=plotting.FORMATS
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data_dir", required=True, help="folder of the paper_data JSONL files")
+    parser.add_argument("--data_dir", default=str(DEFAULT_DATA_DIR),
+                        help="folder of the paper's JSONL files (default: the copy shipped in paper_plots/data)")
     parser.add_argument("--out_dir", required=True)
     parser.add_argument("--format", default="both", choices=("pdf", "png", "both"))
     args = parser.parse_args(argv)

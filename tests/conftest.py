@@ -18,6 +18,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+# The authors' published raw results, shipped with the repository (paper_plots/data/README.md).
+PAPER_DATA = ROOT / "paper_plots" / "data"
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 import param_counter
+from conftest import PAPER_DATA
 from retrofit.flops import (
     ParamCounts,
     build_on_meta,
@@ -23,7 +24,6 @@ from retrofit.flops import (
     training_flops,
 )
 
-PAPER_DATA = Path(__file__).resolve().parents[2] / "shared" / "paper_data"
 
 TINYLLAMA_LAYER = 44_044_288  # REFERENCE.md §2
 
@@ -224,7 +224,6 @@ def same_to_printed_digits(ours: int, paper) -> bool:
     return ours == paper if isinstance(paper, int) else float(f"{ours:.9e}") == paper
 
 
-@pytest.mark.skipif(not PAPER_DATA.is_dir(), reason=f"paper data not found at {PAPER_DATA}")
 def test_param_counter_reproduces_paper_columns(model_dirs):
     """Every row of every paper_data file: effective_params exactly, FLOPs to the printed digits
     (loop_whole_model within 0.2%, see PAPER_RUNS). param_counter's own entry points are checked on

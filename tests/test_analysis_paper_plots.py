@@ -1,4 +1,4 @@
-"""paper_plots/plot.py draws every figure from the shared paper data; the schedule figure's numbers."""
+"""paper_plots/plot.py draws every figure from the shipped paper data (paper_plots/data/); the schedule figure's numbers."""
 
 from __future__ import annotations
 
@@ -7,8 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import PAPER_DATA, ROOT
 
 
 def _load(name: str, path: Path):
@@ -23,7 +22,6 @@ def _load(name: str, path: Path):
 paper_plot = _load("paper_plots_plot", ROOT / "paper_plots" / "plot.py")
 scheduling_options = _load("paper_plots_scheduling_options", ROOT / "paper_plots" / "scheduling_options.py")
 
-PAPER_DATA = ROOT.parent / "shared" / "paper_data"  # CI keeps a copy of shared/ beside the clone
 
 EXPECTED = [f"{family}_{task}_flops_and_recurrence" for family in ("tinyllama", "llama", "olmo")
             for task in ("gsm8k", "math")] + [
@@ -31,10 +29,11 @@ EXPECTED = [f"{family}_{task}_flops_and_recurrence" for family in ("tinyllama", 
     "curriculum_shape", "extend_prelude_coda", "loop_whole_model", "scheduling_options"]
 
 
-@pytest.mark.skipif(not PAPER_DATA.is_dir(), reason=f"paper data not found at {PAPER_DATA}")
 def test_paper_plots_writes_every_figure(tmp_path, capsys):
+    """From a clone, with no --data_dir: the default is the shipped copy of the authors' results."""
+    assert paper_plot.DEFAULT_DATA_DIR == PAPER_DATA
     out = tmp_path / "figs"
-    written = paper_plot.main(["--data_dir", str(PAPER_DATA), "--out_dir", str(out), "--format", "png"])
+    written = paper_plot.main(["--out_dir", str(out), "--format", "png"])
     assert sorted(p.name for p in written) == sorted(f"{name}.png" for name in EXPECTED)
     for path in written:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 20_000, path

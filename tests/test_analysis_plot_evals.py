@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 import plot_evals
+from conftest import PAPER_DATA
 from retrofit.flops import count_model_dir, make_schedule, training_flops
 from retrofit.results import COLUMNS, NotLmEvalOutput, RunSpec, collect_run, read_jsonl
 
-PAPER_DATA = Path(__file__).resolve().parents[2] / "shared" / "paper_data"
 MAX_STEPS = 300
 RECS = (1, 2, 4)
 
@@ -185,7 +185,6 @@ def test_plot_evals_cli_writes_table_and_figures(runs, tmp_path, caplog):
     assert not list(out.glob(".*"))  # no temp files left behind
 
 
-@pytest.mark.skipif(not PAPER_DATA.is_dir(), reason=f"paper data not found at {PAPER_DATA}")
 def test_own_runs_and_paper_data_share_the_plots(runs, tmp_path):
     out = tmp_path / "mixed"
     rows, written = plot_evals.main([str(runs["recurrent"]), "--labels", "mine", "--max_steps", str(MAX_STEPS),
