@@ -1,4 +1,4 @@
-"""Validation loss of recurrent checkpoints at many test-time depths (REFERENCE.md §5).
+"""Validation loss of recurrent checkpoints at many test-time depths (docs/evaluation.md, Validation loss over depth).
 
 For each checkpoint of a run, the first --num_sequences rows of a held-out parquet shard are
 scored at every depth in --recurrences (default 1,2,4,8,16,32,64): the model reads row[:-1],

@@ -1,7 +1,7 @@
 """Parameter counts by part, effective parameters and training FLOPs of a model directory.
 
 Reads only config.json and builds the model on the meta device, so a 1B model costs no memory.
-Prints JSON. Formulas: REFERENCE.md §4; the curriculum is retrofit.depth.RecurrenceSchedule, the
+Prints JSON. Formulas: docs/analysis.md (Parameters and FLOPs); the curriculum is retrofit.depth.RecurrenceSchedule, the
 same code train.py steps.
 
     # counts, and effective parameters at test recurrence 16

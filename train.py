@@ -12,7 +12,7 @@ Per optimizer step u (counting from 1): the curriculum gives (mean recurrence, b
 RecurrenceSchedule.at(u); every micro-batch draws its own (n, k) from the depth sampler seeded by
 its index `data_step` (counting from 1, the same on every rank); gradients are accumulated over
 batch_size / micro_batch_size micro-batches, averaged over ranks by DDP, clipped, and applied
-with the warmup-stable-decay learning rate. See README "Training" for outputs and resuming.
+with the warmup-stable-decay learning rate. See docs/training.md for outputs and resuming.
 """
 
 from __future__ import annotations

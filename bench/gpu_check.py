@@ -2,7 +2,7 @@
 
 Prints one table: for a TinyLlama-shaped (4, 8, 4) random recurrent model, micro batch 8 x 1024,
 AdamW steps in bf16 at mean recurrence 4 and 32 (backprop depth 8, (n, k) fixed at the mean so
-runs are comparable), tokens/s and MFU. MFU uses the FLOPs formula of REFERENCE.md §4
+runs are comparable), tokens/s and MFU. MFU uses the FLOPs formula of docs/analysis.md (Parameters and FLOPs)
 (6 D (N_prelude + N_coda + min(r, 8) N_rec) + 2 D max(r - 8, 0) N_rec) against the chip's bf16
 matmul rate measured in the same run, with and without torch.compile (per layer, so the unrolled
 recurrence does not have to be traced), and names the SDPA kernel the profiler saw.

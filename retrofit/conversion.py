@@ -66,7 +66,7 @@ FAMILIES = {
     ),
 }
 
-# The paper's layer choices (REFERENCE.md §2), 0-based indices of the base model's layers.
+# The paper's layer choices (docs/model.md, Layer choices), 0-based indices of the base model's layers.
 PRESETS = {
     "tinyllama-4-8-4": (range(0, 4), range(10, 18), range(18, 22)),
     "llama-2-4-2": (range(0, 2), range(10, 14), range(14, 16)),

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-DEFAULT_RECURRENCES = (1, 2, 4, 8, 16, 32, 64)  # REFERENCE.md §5: validation loss depths
+DEFAULT_RECURRENCES = (1, 2, 4, 8, 16, 32, 64)  # the paper's validation loss depths (docs/evaluation.md, Tasks and metrics)
 ADAPTIVE_CRITERIA = ("kl", "latent")
 CHECKPOINT_PREFIX = "model_only_chkpt_"  # what train.py writes: {run_dir}/model_only_chkpt_{step}
 

@@ -1,6 +1,6 @@
 """Parameter counts by part, effective parameters and training FLOPs.
 
-Facts (REFERENCE.md §4):
+Facts (docs/analysis.md, Parameters and FLOPs):
 - N counts non-embedding parameters: no input embedding, no lm_head, no adapter (and, as in the
   authors' counter, no final norm of a recurrent model).
 - Effective parameters at test recurrence r: N_prelude + N_coda + r * N_rec.
@@ -66,7 +66,7 @@ class ParamCounts:
         )
 
     def non_embedding(self, num_rec: int = 1) -> int:
-        """N at test recurrence `num_rec`: the `effective_params` column of paper_data."""
+        """N at test recurrence `num_rec`: the `effective_params` column of paper_plots/data."""
         if not self.recurrent:
             return self.layers
         if num_rec < 1:

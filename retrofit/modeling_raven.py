@@ -31,7 +31,7 @@ from transformers.utils import ModelOutput
 from .configuration_raven import RavenConfig
 
 # ----------------------------------------------------------------------------------------------
-# Depth sampling (REFERENCE §3). `retrofit.depth` re-exports this; it lives here so a checkpoint
+# Depth sampling (the repository's docs/training.md, Depth sampler). `retrofit.depth` re-exports this; it lives here so a checkpoint
 # directory carries everything its forward pass needs.
 # ----------------------------------------------------------------------------------------------
 

@@ -1,9 +1,9 @@
-"""lm-eval output JSON -> tidy rows of the paper_data schema, and the JSONL table in and out.
+"""lm-eval output JSON -> tidy rows of the paper data schema (paper_plots/data/README.md), and the JSONL table in and out.
 
-One row per (run, checkpoint, test recurrence, task) with the columns of `paper_data/*.jsonl`:
+One row per (run, checkpoint, test recurrence, task) with the columns of `paper_plots/data/*.jsonl`:
 model, chkpt, task, acc, stderr, train_rec, num_rec, cooldown, effective_params, FLOPs.
 
-The headline metric of each task (REFERENCE.md §5) lives in TASK_METRICS, the one table that both
+The headline metric of each task (docs/evaluation.md, Tasks and metrics) lives in TASK_METRICS, the one table that both
 plot_evals.py and paper_plots/plot.py use.
 
 Eval layout written by shells/eval.sh (anything else reasonable is accepted too):
@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 COLUMNS = ("model", "chkpt", "task", "acc", "stderr", "train_rec", "num_rec", "cooldown", "effective_params", "FLOPs")
 
-# Headline metric per task (REFERENCE.md §5). lm-eval names the standard error "<metric>_stderr,<filter>".
+# Headline metric per task (docs/evaluation.md, Tasks and metrics). lm-eval names the standard error "<metric>_stderr,<filter>".
 TASK_METRICS = {
     "arc_challenge": "acc_norm,none",
     "arc_easy": "acc_norm,none",

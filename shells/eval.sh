@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Evaluate checkpoints with lm-eval at several test-time recurrences (REFERENCE.md §5).
+# Evaluate checkpoints with lm-eval at several test-time recurrences (docs/evaluation.md).
 #
 #   bash shells/eval.sh [options] CHECKPOINT_DIR [CHECKPOINT_DIR ...] [-- EXTRA LM_EVAL ARGS]
 #

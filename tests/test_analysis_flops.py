@@ -25,9 +25,9 @@ from retrofit.flops import (
 )
 
 
-TINYLLAMA_LAYER = 44_044_288  # REFERENCE.md §2
+TINYLLAMA_LAYER = 44_044_288  # docs/model.md, Layer choices
 
-# Shapes of the paper's base models (REFERENCE.md §2; Llama-3.2 untied as the authors trained it).
+# Shapes of the paper's base models (docs/model.md, Layer choices; Llama-3.2 untied as the authors trained it).
 FAMILIES = {
     "tinyllama": dict(hidden=2048, mlp=5632, heads=32, kv=4, layers=22, vocab=32000, olmo=False),
     "llama": dict(hidden=2048, mlp=8192, heads=32, kv=8, layers=16, vocab=128256, olmo=False),
@@ -93,7 +93,7 @@ def test_recurrent_counts_tinyllama_484(model_dirs):
     assert counts.adapter == 2 * 2048 * 2048
     assert counts.embeddings == 2 * 32000 * 2048
     assert counts.other == 2048  # final norm, outside N
-    assert counts.non_embedding(1) == 704_708_608  # REFERENCE.md §2
+    assert counts.non_embedding(1) == 704_708_608  # docs/model.md, Layer choices
     assert counts.non_embedding(2) - counts.non_embedding(1) == 352_354_304
     assert counts.non_embedding(16) == 5_990_023_168
     assert counts.total == sum(p.numel() for p in model.parameters())
@@ -134,7 +134,7 @@ def test_param_counter_cli(model_dirs, capsys):
     assert printed == json.loads(json.dumps(report))
     assert printed["effective_params"] == {"1": 704_708_608, "16": 5_990_023_168}
     assert printed["parts"]["recurrent_block"] == 8 * TINYLLAMA_LAYER
-    # REFERENCE.md §4's worked example, to the paper's 10 significant digits.
+    # The worked example of docs/analysis.md (Parameters and FLOPs), to the paper's 10 significant digits.
     assert f"{printed['training']['FLOPs']:.9e}" == "8.811954533e+20"
 
     static = param_counter.main([str(model_dirs[("tinyllama", None)]), "--non_recurrent", "--checkpoint", "1000"])
@@ -152,7 +152,7 @@ def test_param_counter_cli(model_dirs, capsys):
         assert message in capsys.readouterr().err
 
 
-# The paper's runs (REFERENCE.md §3 and the run names): file, legend label -> model and training.
+# The paper's runs (docs/training.md, The paper's runs, and the run names): file, legend label -> model and training.
 # shape None = the static base model (6 N D per step). Every run: 2**20 tokens per step, backprop depth 8.
 def _math(family, shape, label_fmt, warmup, kind):
     return {label_fmt.format(r): dict(family=family, shape=shape, max_steps=50_000, warmup=warmup,

@@ -186,7 +186,7 @@ def test_sampler_mean_and_truncation(mean_rec, depth):
 
 
 def test_sampler_matches_hand_computation():
-    """The rule of REFERENCE §3 written out with torch's generator, for a handful of steps."""
+    """The rule of docs/training.md (Depth sampler) written out with torch's generator, for a handful of steps."""
     import math
 
     for step in (1, 2, 100):

@@ -30,7 +30,7 @@ from conftest import pack_token_rows, tiny_raven_config, write_token_parquet  # 
 # Depth sampler and curricula, as train.py wires them
 # ---------------------------------------------------------------------------------------------
 def test_sampler_matches_hand_computation():
-    """n, k from the REFERENCE §3 recipe written out by hand, for a few data steps."""
+    """n, k from the docs/training.md (Depth sampler) recipe written out by hand, for a few data steps."""
     for mean_rec, s in [(4, 2), (32, 8), (1, 1), (3, 8)]:
         for data_step in (1, 2, 17, 1000):
             s_eff = s
@@ -145,7 +145,7 @@ def test_muon_groups_plain_hf_model(tiny_llama_dir):
 
 
 def _reference_ellis_adam(params, grads_per_step, lr_per_step, init_lr, betas, eps, wd):
-    """AdamW* written out step by step from REFERENCE §3 (all options on)."""
+    """AdamW* written out step by step from docs/training.md (Optimizers) (all options on)."""
     b1, b2 = betas
     p = params.clone()
     m = v = None

@@ -16,7 +16,7 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/../_common.sh"
 
 JOB_PREFIX=models
-EXPERIMENT_INTRO="Download, untie and convert the paper's base models (layer choices in REFERENCE.md section 2)."
+EXPERIMENT_INTRO="Download, untie and convert the paper's base models (layer choices: docs/model.md)."
 
 download() {  # PAPER_MODEL (tinyllama | llama | olmo, see utils/download_to_local.py)
     JOB_CMD=(python utils/download_to_local.py --model_name="$1" --save_dir="${MODELS_DIR:-models}")
