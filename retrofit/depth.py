@@ -1,6 +1,6 @@
 """How deep the recurrent block runs: the per-micro-batch depth sampler and the curricula.
 
-Facts (docs/training.md, Depth sampler and Recurrence curriculum):
+Facts (docs/training.md, Depth sampler; Recurrence curriculum):
 - sampler: with mean recurrence r and backprop depth s, t = max(r - s, 0), sigma = 0.5,
   mu = ln(t + s) - sigma^2 / 2, rate ~ LogNormal(mu, sigma), p = Poisson(rate) + 1,
   n = max(p - s, 0) iterations without grad, k = min(s, p) with grad. Draws come from a CPU

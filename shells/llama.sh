@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The paper's Llama-3.2-1B runs: (2,4,2) = layers 0-1, 10-13, 14-15 for the long pretraining
 # runs and the curriculum study; (4,6,4) = layers 0-3, 6-11, 12-15 for the math runs
-# (shells/preprocess/convert.sh llama-2-4-2 / llama-4-6-4 make them; the authors released
+# (`bash shells/preprocess/models.sh convert-llama-2-4-2` / `convert-llama-4-6-4` make them; the authors released
 # smcleish/Recurrent-Llama-3.2-2-4-2-untrained and smcleish/Recurrent-Llama-3.2-untrained).
 #
 #   bash shells/llama.sh --list

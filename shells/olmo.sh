@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The paper's OLMo-2-0425-1B runs (stage 1, step 1907359): the recurrent model is (4,6,4),
-# layers 0-3, 6-11, 12-15 (shells/preprocess/convert.sh olmo-4-6-4 makes it; the authors released
+# layers 0-3, 6-11, 12-15 (`bash shells/preprocess/models.sh convert-olmo-4-6-4` makes it; the authors released
 # smcleish/Recurrent-OLMo-2-0425-untrained).
 #
 #   bash shells/olmo.sh --list

@@ -20,7 +20,7 @@
 #   report      plot_evals.py (accuracy vs recurrence / step / FLOPs), loss vs recurrence, and
 #               OUT_DIR/summary.md: steps, FLOPs (param_counter.py), losses, accuracies, stage times
 #
-# Knobs (environment; the defaults fit in about 10 minutes on 2 cores):
+# Knobs (environment; the defaults take about 7 minutes on 2 cores, see the README's measured table):
 #   QUICKSTART_NUM_PROBLEMS=20000  training problems       QUICKSTART_HIDDEN=64      base Llama width (8 layers)
 #   QUICKSTART_PRETRAIN_STEPS=300  pretraining steps       QUICKSTART_STEPS=200      recurrent / baseline steps
 #   QUICKSTART_BATCH=16            rows per step           QUICKSTART_MAX_LENGTH=128 tokens per row

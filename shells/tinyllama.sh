@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The paper's TinyLlama-1.1B (3T tokens) runs. The recurrent model is (4,8,4): layers 0-3, 10-17
-# and 18-21 (shells/preprocess/convert.sh tinyllama-4-8-4 makes it; the authors released it as
+# and 18-21 (`bash shells/preprocess/models.sh convert-tinyllama-4-8-4` makes it; the authors released it as
 # smcleish/Recurrent-TinyLlama-3T-untrained).
 #
 #   bash shells/tinyllama.sh --list

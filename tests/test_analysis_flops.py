@@ -27,7 +27,7 @@ from retrofit.flops import (
 
 TINYLLAMA_LAYER = 44_044_288  # docs/model.md, Layer choices
 
-# Shapes of the paper's base models (docs/model.md, Layer choices; Llama-3.2 untied as the authors trained it).
+# Shapes of the paper's base models (docs/model.md, Layer choices), Llama-3.2 untied as the authors trained it.
 FAMILIES = {
     "tinyllama": dict(hidden=2048, mlp=5632, heads=32, kv=4, layers=22, vocab=32000, olmo=False),
     "llama": dict(hidden=2048, mlp=8192, heads=32, kv=8, layers=16, vocab=128256, olmo=False),
@@ -152,7 +152,7 @@ def test_param_counter_cli(model_dirs, capsys):
         assert message in capsys.readouterr().err
 
 
-# The paper's runs (docs/training.md, The paper's runs, and the run names): file, legend label -> model and training.
+# The paper's runs (docs/training.md, The paper's runs) and their run names: file, legend label -> model and training.
 # shape None = the static base model (6 N D per step). Every run: 2**20 tokens per step, backprop depth 8.
 def _math(family, shape, label_fmt, warmup, kind):
     return {label_fmt.format(r): dict(family=family, shape=shape, max_steps=50_000, warmup=warmup,
