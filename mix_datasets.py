@@ -36,8 +36,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from retrofit.packing import (  # noqa: E402
+from retrofit.packing import (
     DEFAULT_ROW_GROUP_SIZE,
     LOSS_MASK_COLUMN,
     DataError,

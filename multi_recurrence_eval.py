@@ -31,9 +31,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from retrofit.evaluation import (  # noqa: E402
+from retrofit.evaluation import (
     ADAPTIVE_CRITERIA,
     DEFAULT_RECURRENCES,
     AdaptiveExit,

@@ -22,10 +22,9 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from retrofit.depth import WARMUP_TYPES  # noqa: E402
-from retrofit.flops import (  # noqa: E402
+from retrofit.depth import WARMUP_TYPES
+from retrofit.flops import (
     DEFAULT_BACKPROP_DEPTH,
     DEFAULT_TOKENS_PER_STEP,
     ParamCounts,

@@ -30,12 +30,11 @@ import logging
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from retrofit import plotting  # noqa: E402
-from retrofit.depth import WARMUP_TYPES  # noqa: E402
-from retrofit.flops import DEFAULT_BACKPROP_DEPTH, DEFAULT_TOKENS_PER_STEP  # noqa: E402
-from retrofit.results import RunSpec, collect_runs, read_jsonl, write_jsonl  # noqa: E402
+from retrofit import plotting
+from retrofit.depth import WARMUP_TYPES
+from retrofit.flops import DEFAULT_BACKPROP_DEPTH, DEFAULT_TOKENS_PER_STEP
+from retrofit.results import RunSpec, collect_runs, read_jsonl, write_jsonl
 
 log = logging.getLogger("plot_evals")
 X_AXES = ("num_rec", "chkpt", "FLOPs")

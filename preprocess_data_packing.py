@@ -28,9 +28,8 @@ from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # parallelism comes from --num_proc
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from retrofit.data import DEFAULT_SYSTEM_PROMPT  # noqa: E402  (the original's system prompt, shared with train.py)
-from retrofit.packing import DataError, PackConfig, PackStats, atomic_output_dir, iter_packed_rows, load_disk_table, special_token_ids  # noqa: E402
+from retrofit.data import DEFAULT_SYSTEM_PROMPT  # the original's system prompt, shared with train.py)
+from retrofit.packing import DataError, PackConfig, PackStats, atomic_output_dir, iter_packed_rows, load_disk_table, special_token_ids
 
 
 def output_dir(save_path: str, tokenizer_name: str, out_path: str, pack: bool, wrapped_packing: bool) -> Path:

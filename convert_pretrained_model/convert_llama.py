@@ -9,11 +9,9 @@ only the chosen layers kept; it exits non-zero above 1e-4.
 """
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from retrofit.conversion import main  # noqa: E402
+from retrofit.conversion import main
 
 if __name__ == "__main__":
     sys.exit(main("llama"))

@@ -27,13 +27,11 @@ import re
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from scheduling_options import plot_schedules  # noqa: E402
+from scheduling_options import plot_schedules
 
-from retrofit import plotting  # noqa: E402
-from retrofit.results import read_jsonl  # noqa: E402
+from retrofit import plotting
+from retrofit.results import read_jsonl
 
 log = logging.getLogger("paper_plots")
 # The authors' published results ship with the repository (see data/README.md for the columns).

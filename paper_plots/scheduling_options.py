@@ -12,11 +12,10 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from retrofit import plotting  # noqa: E402
-from retrofit.depth import WARMUP_TYPES  # noqa: E402
-from retrofit.flops import make_schedule, summed_mean_recurrence  # noqa: E402
+from retrofit import plotting
+from retrofit.depth import WARMUP_TYPES
+from retrofit.flops import make_schedule, summed_mean_recurrence
 
 plt = plotting.plt
 

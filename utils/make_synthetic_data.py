@@ -24,9 +24,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from retrofit.synthetic import arithmetic_problems, problem_text, train_tokenizer  # noqa: E402
+from retrofit.synthetic import arithmetic_problems, problem_text, train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 DONE = "synthetic_data.json"

@@ -24,11 +24,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # The quickstart's lm-eval tasks (utils/make_synthetic_data.py): (headline metric, title, chance),
 # read from the one task table plot_evals.py and paper_plots share.
-from retrofit.results import TASK_CHANCE, TASK_METRICS, TASK_TITLES  # noqa: E402
+from retrofit.results import TASK_CHANCE, TASK_METRICS, TASK_TITLES
 
 QUICKSTART_TASKS = {
     task: (TASK_METRICS[task], TASK_TITLES[task], TASK_CHANCE[task])

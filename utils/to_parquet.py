@@ -15,8 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from retrofit.packing import DEFAULT_ROW_GROUP_SIZE, DataError, load_disk_table, write_parquet_shards  # noqa: E402
+from retrofit.packing import DEFAULT_ROW_GROUP_SIZE, DataError, load_disk_table, write_parquet_shards
 
 
 def main(argv: list[str] | None = None):
