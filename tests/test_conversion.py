@@ -68,7 +68,7 @@ def tinyllama_shaped_dir(tmp_path_factory, tokenizer_dir, tokenizer):
 
 
 def max_diffs(rows):
-    return {name: diff for name, diff in rows}
+    return {row.name: row.max_abs_diff for row in rows}
 
 
 @pytest.mark.parametrize("base_fixture,family,choice", [
@@ -127,8 +127,62 @@ def test_default_adapter_is_pytorch_linear_init_and_seeded(tiny_llama_dir, tmp_p
 
 def test_bfloat16_conversion_verifies(tiny_llama_dir, tmp_path):
     out, rows = convert(tiny_llama_dir, tmp_path / "bf16", CHOICE, dtype="bfloat16")
-    assert max(d for _, d in rows) < 1e-4
+    assert max(row.max_abs_diff for row in rows) < 1e-5
     assert RavenForCausalLM.from_pretrained(out).dtype == torch.bfloat16
+
+
+def massive_activation_base(family: str, width: int, out: Path, vocab: int) -> Path:
+    """A random base of the given width, 4 layers, whose residual stream carries a few dims of
+    magnitude >= 100 (as real LMs' "massive activations"): those embedding columns are set to 150."""
+    make = tiny_llama_config if family == "llama" else tiny_olmo2_config
+    config = make(vocab, hidden_size=width, intermediate_size=width, num_hidden_layers=4,
+                  num_attention_heads=width // 64 if width >= 256 else 4, num_key_value_heads=max(1, width // 256) if width >= 256 else 2)
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(width)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, :3] = 150.0
+    model.save_pretrained(out)
+    return out
+
+
+WIDTH_CHOICE = LayerChoice(prelude=[0], core=[2], coda=[3])  # layer 1 dropped
+
+
+@pytest.mark.parametrize("family", ["llama", "olmo2"])
+@pytest.mark.parametrize("width", [64, 256, 1024, 2048])
+def test_verification_passes_in_every_dtype_at_every_width(tmp_path, family, width, capsys):
+    """The reference rounds only the weights to the saved dtype (not the RoPE buffers), and the
+    tolerance is relative: both matter for bf16/fp16 and for hidden states in the hundreds."""
+    base = massive_activation_base(family, width, tmp_path / "base", vocab=128)
+    for dtype in ("float32", "bfloat16", "float16"):
+        out, rows = convert(base, tmp_path / dtype, WIDTH_CHOICE, family=family, dtype=dtype)
+        hidden = [row for row in rows if row.name != "logits"]
+        assert min(row.max_abs_reference for row in hidden) >= 100  # massive activations everywhere
+        assert all(row.passes() for row in rows)
+        assert max(row.relative_diff for row in rows) < 1e-5, [(r.name, r.relative_diff) for r in rows]
+        assert RavenForCausalLM.from_pretrained(out).dtype == getattr(torch, dtype)
+    table = capsys.readouterr().out
+    assert "max |diff|   max |ref|  relative  ok" in table and "verification passed" in table
+
+
+def test_old_reference_rounding_rope_buffers_would_fail(tiny_olmo2_dir, tmp_path):
+    """Why the reference must not round buffers: with the RoPE inverse frequencies in bf16 the
+    reference itself is off, far beyond the tolerance, so a correct conversion would be refused."""
+    from transformers import AutoModelForCausalLM
+
+    from retrofit.conversion import round_weights_like_saved, verification_input, verification_table
+
+    out, _ = convert(tiny_olmo2_dir, tmp_path / "rec", CHOICE, dtype="bfloat16")
+    ours = RavenForCausalLM.from_pretrained(out, dtype=torch.float32)
+    ids = verification_input(None, ours.config.vocab_size)
+    base = AutoModelForCausalLM.from_pretrained(tiny_olmo2_dir, dtype=torch.float32)
+    everything_rounded = verification_table(ours, base.to(torch.bfloat16).float(), CHOICE, ids)
+    base = AutoModelForCausalLM.from_pretrained(tiny_olmo2_dir, dtype=torch.float32)
+    weights_rounded = verification_table(ours, round_weights_like_saved(base, torch.bfloat16), CHOICE, ids)
+    assert not all(row.passes() for row in everything_rounded)
+    assert all(row.passes() for row in weights_rounded)
 
 
 def test_cli_llama_and_olmo_print_the_table(tiny_llama_dir, tiny_olmo2_dir, tmp_path):
