@@ -112,6 +112,15 @@ class LayerChoice:
                 if i in seen:
                     raise ConversionError(f"layer {i} is used twice ({seen[i]} and {name}); groups must not overlap")
                 seen[i] = name
+        # The model runs prelude, block, coda in that order, so the kept layers must keep the
+        # base's order: otherwise the "base with dropped layers" it is checked against is not one.
+        kept = self.kept
+        for a, b in zip(kept, kept[1:]):
+            if b < a:
+                raise ConversionError(
+                    f"layer {b} comes after layer {a} (prelude {self.prelude}, core {self.core}, coda {self.coda}):"
+                    " each group must list increasing layers, and prelude < core < coda"
+                )
 
 
 def layer_choice(preset: str | None, prelude_idx, core_idx, coda_idx) -> LayerChoice:
@@ -139,13 +148,12 @@ def parse_indices(value) -> list[int]:
         if not part:
             continue
         try:
-            if "-" in part:
-                lo, hi = part.split("-")
-                out.extend(range(int(lo), int(hi) + 1))
-            else:
-                out.append(int(part))
+            lo, hi = (int(v) for v in part.split("-")) if "-" in part else (int(part), int(part))
         except ValueError:
             raise ConversionError(f"bad layer index list {value!r}: expected e.g. '0,1,2' or '10-17'") from None
+        if hi < lo:
+            raise ConversionError(f"reversed range {part!r} in {value!r}: write it low-high, e.g. '{hi}-{lo}'")
+        out.extend(range(lo, hi + 1))
     return out
 
 
@@ -232,13 +240,61 @@ def init_adapter(adapter: nn.Linear, mode: str, seed: int = 0) -> None:
             raise ConversionError(f"unknown adapter_init {mode!r}; choose 'default' or 'identity'")
 
 
+# config.json keys the conversion reads; a missing one would silently take a transformers default
+# (e.g. 32 layers), so random layers would be converted and even pass the check.
+REQUIRED_BASE_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
+
+
+def first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def load_base_config(model_name: str | os.PathLike):
+    import json
+
     from transformers import AutoConfig
 
     local = Path(model_name)
-    if local.exists() and not (local / "config.json").exists():
-        raise ConversionError(f"{model_name} has no config.json: not a HF model directory")
-    return AutoConfig.from_pretrained(model_name)
+    if local.exists():
+        config_file = local / "config.json"
+        if not config_file.exists():
+            raise ConversionError(f"{model_name} has no config.json: not a HF model directory")
+        try:
+            raw = json.loads(config_file.read_text())
+        except (OSError, ValueError) as err:
+            raise ConversionError(f"{config_file} is not valid JSON ({first_line(err)}); re-download the model") from None
+        if not isinstance(raw, dict):
+            raise ConversionError(f"{config_file} is not a JSON object; re-download the model")
+        supported = {t for family in FAMILIES.values() for t in family.hf_model_types}
+        missing = [key for key in REQUIRED_BASE_KEYS if key not in raw]
+        if missing and ("model_type" in missing or raw["model_type"] in supported):  # else: unsupported, said below
+            raise ConversionError(f"{config_file} lacks {', '.join(missing)}: a complete HF config.json is needed (re-download the model)")
+    try:
+        return AutoConfig.from_pretrained(model_name)
+    except (OSError, ValueError, KeyError) as err:
+        raise ConversionError(f"cannot read the config of {model_name}: {first_line(err)}") from None
+
+
+def load_base_model(model_name: str | os.PathLike) -> nn.Module:
+    """The base in float32; unreadable weight files and weights that do not fit its config are
+    ConversionErrors (a missing layer would otherwise be randomly initialised)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        base, info = AutoModelForCausalLM.from_pretrained(model_name, dtype=torch.float32, output_loading_info=True)
+    except Exception as err:  # safetensors / torch raise many types for a truncated or garbage file
+        raise ConversionError(
+            f"cannot load the weights of {model_name} ({type(err).__name__}: {first_line(err)}); re-download them"
+        ) from None
+    problems = []
+    for kind in ("missing_keys", "mismatched_keys"):
+        keys = sorted(str(k) for k in info.get(kind) or [])
+        if keys:
+            problems.append(f"{kind.replace('_', ' ')}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}")
+    if problems:
+        raise ConversionError(f"the weights of {model_name} do not match its config.json ({'; '.join(problems)})")
+    return base.eval()
 
 
 @dataclass(frozen=True)
@@ -358,21 +414,31 @@ def convert(
         raise ConversionError(f"unsupported --dtype {dtype!r}; choose float32, bfloat16 or float16")
     if adapter_init not in ("default", "identity"):
         raise ConversionError(f"unknown --adapter_init {adapter_init!r}; choose 'default' or 'identity'")
+    for flag, value in (("--mean_recurrence", mean_recurrence), ("--mean_backprop_depth", mean_backprop_depth)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConversionError(f"{flag} must be a whole number >= 1, got {value!r}")
     # Everything that can be checked from config.json is checked before loading any weights.
     base_config = load_base_config(model_name)
     fam = FAMILIES[family] if family else detect_family(base_config)
     if family and base_config.model_type not in fam.hf_model_types:
         raise ConversionError(f"{model_name} is model_type={base_config.model_type!r}, not a {family} model; use the matching converter")
     choice.validate(base_config.num_hidden_layers)
-    config = raven_config_from_hf(base_config, choice, fam, mean_recurrence=mean_recurrence, mean_backprop_depth=mean_backprop_depth)
+    try:
+        config = raven_config_from_hf(base_config, choice, fam, mean_recurrence=mean_recurrence, mean_backprop_depth=mean_backprop_depth)
+    except (TypeError, ValueError) as err:
+        if isinstance(err, ConversionError):
+            raise
+        raise ConversionError(f"unsupported base config of {model_name}: {first_line(err)}") from None
 
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(model_name, dtype=torch.float32).eval()
-    model = RavenForCausalLM(config)
-    missing, unexpected = model.load_state_dict(map_state_dict(base, choice, fam), strict=False)
+    base = load_base_model(model_name)
+    # Built on the meta device and given the mapped tensors directly: no random init of a
+    # model-sized set of weights that would be overwritten anyway (time and peak memory).
+    with torch.device("meta"):
+        model = RavenForCausalLM(config)
+    missing, unexpected = model.load_state_dict(map_state_dict(base, choice, fam), strict=False, assign=True)
     if set(missing) != {"transformer.adapter.weight"} or unexpected:
         raise ConversionError(f"weight mapping mismatch: missing {missing}, unexpected {unexpected}")
+    model.transformer.adapter.to_empty(device="cpu")
     init_adapter(model.transformer.adapter, adapter_init, seed)
     model = model.to(getattr(torch, dtype))
 
@@ -414,8 +480,7 @@ def load_tokenizer(model_name):
     try:
         return AutoTokenizer.from_pretrained(model_name)
     except (OSError, ValueError) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        print(f"warning: could not load the tokenizer of {model_name} ({first_line}); saving the model without one")
+        print(f"warning: could not load the tokenizer of {model_name} ({first_line(err)}); saving the model without one")
         return None
 
 

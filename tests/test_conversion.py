@@ -200,6 +200,11 @@ def test_cli_llama_and_olmo_print_the_table(tiny_llama_dir, tiny_olmo2_dir, tmp_
     (["--prelude_idx", "0", "--core_idx", "", "--coda_idx", "3"], "at least one layer"),
     (["--prelude_idx", "0"], "give --preset or all of"),
     (["--prelude_idx", "0", "--core_idx", "a", "--coda_idx", "3"], "bad layer index list"),
+    (["--prelude_idx", "1-0", "--core_idx", "4", "--coda_idx", "5"], "reversed range '1-0'"),
+    (["--prelude_idx", "4", "--core_idx", "1,2", "--coda_idx", "5"], "layer 1 comes after layer 4"),
+    (["--prelude_idx", "0", "--core_idx", "3,2", "--coda_idx", "5"], "layer 2 comes after layer 3"),
+    (["--preset", "llama-2-4-2", "--mean_recurrence", "0"], "--mean_recurrence must be a whole number >= 1, got 0"),
+    (["--preset", "llama-2-4-2", "--mean_backprop_depth", "-2"], "--mean_backprop_depth must be a whole number >= 1, got -2"),
 ])
 def test_cli_rejects_bad_layer_choices(tiny_llama_dir, tmp_path, args, message, capsys):
     save = tmp_path / "out"
@@ -234,6 +239,55 @@ def test_cli_errors_for_wrong_family_missing_files_and_bad_dtype(tiny_llama_dir,
                             *common, "--dtype", "float8")
     assert code == 2 and "float8" in err
     assert not any(p.name in {"w", "m", "d"} for p in tmp_path.iterdir())
+
+
+def broken_copy(base: Path, dest: Path) -> Path:
+    import shutil
+
+    shutil.copytree(base, dest)
+    return dest
+
+
+def test_cli_refuses_broken_base_files_with_one_line(tiny_llama_dir, tmp_path, capsys):
+    """Truncated / garbage weights, a config.json missing model_type or sizes (which transformers
+    would fill with defaults: 32 layers, so --core_idx 10,11 on an 8-layer base converted random
+    layers), a config.json that is not JSON: one line naming the problem, exit 2, nothing written."""
+    import json
+
+    cases = {}
+    truncated = broken_copy(tiny_llama_dir, tmp_path / "truncated")
+    data = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(data[: len(data) // 2])
+    cases[truncated] = ("cannot load the weights of", ["--prelude_idx", "0", "--core_idx", "1", "--coda_idx", "2"])
+    garbage = broken_copy(tiny_llama_dir, tmp_path / "garbage")
+    (garbage / "model.safetensors").write_bytes(b"not a safetensors file at all" * 10)
+    cases[garbage] = ("cannot load the weights of", ["--prelude_idx", "0", "--core_idx", "1", "--coda_idx", "2"])
+    for key in ("model_type", "num_hidden_layers", "hidden_size"):
+        base = broken_copy(tiny_llama_dir, tmp_path / f"no_{key}")
+        config = json.loads((base / "config.json").read_text())
+        del config[key]
+        (base / "config.json").write_text(json.dumps(config))
+        cases[base] = (f"lacks {key}", ["--prelude_idx", "0", "--core_idx", "10,11", "--coda_idx", "12"])
+    not_json = broken_copy(tiny_llama_dir, tmp_path / "not_json")
+    (not_json / "config.json").write_text("{ truncated")
+    cases[not_json] = ("is not valid JSON", ["--prelude_idx", "0", "--core_idx", "1", "--coda_idx", "2"])
+    for base, (message, layers) in cases.items():
+        save = tmp_path / f"out_{base.name}"
+        code, _, err = run_main(capsys, "llama", "--model_name", str(base), "--save_name", str(save), *layers)
+        assert code == 2, (base.name, err)
+        assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1, (base.name, err)
+        assert not save.exists() and not list(tmp_path.glob(f".out_{base.name}.tmp-*"))
+
+
+def test_weights_missing_a_layer_are_refused(tiny_llama_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    base = broken_copy(tiny_llama_dir, tmp_path / "base")
+    weights = load_file(base / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if not k.startswith("model.layers.7.")}, base / "model.safetensors")
+    with pytest.raises(ConversionError, match=r"do not match its config.json \(missing keys: model\.layers\.7\."):
+        convert(base, tmp_path / "out", CHOICE, dtype="float32")
+    assert not (tmp_path / "out").exists()
 
 
 def test_unsupported_architecture(tmp_path, tokenizer_dir):
