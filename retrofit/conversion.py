@@ -446,6 +446,7 @@ def convert(
     tmp = Path(tempfile.mkdtemp(prefix=f".{save_path.name}.tmp-", dir=save_path.parent))
     try:
         model.save_pretrained(tmp)
+        del model  # the check reloads from disk; at 1B scale the saved copy is GBs of peak memory
         tokenizer = load_tokenizer(model_name)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
