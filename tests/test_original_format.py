@@ -214,3 +214,43 @@ def test_loading_with_a_bad_depth_fails(tmp_path, value):
     with pytest.raises(ValueError, match=f"mean_recurrence must be a whole number >= 1, got {value!r}"):
         RavenForCausalLM.from_pretrained(ckpt, mean_recurrence=value)
     assert RavenForCausalLM.from_pretrained(ckpt, mean_recurrence=4.0).config.mean_recurrence == 4
+
+
+@pytest.fixture
+def saved_with_tokenizer(tmp_path, tokenizer_dir):
+    """An original-format checkpoint re-saved by this project (modeling files beside it) + a tokenizer."""
+    from transformers import AutoTokenizer
+
+    ckpt, _, _ = write_original_checkpoint(tmp_path, "tinyllama")
+    out = tmp_path / "saved"
+    RavenForCausalLM.from_pretrained(ckpt).save_pretrained(out)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("value", [0, -3, 2.5, "abc"])
+def test_lm_eval_model_args_with_a_bad_depth_fail_to_load(saved_with_tokenizer, value):
+    """lm-eval's HF backend hands `mean_recurrence` from --model_args (parsed to int/float/str) to
+    from_pretrained: a depth that is not a whole number >= 1 must stop it, not score 0 iterations."""
+    from lm_eval.models.huggingface import HFLM
+
+    with pytest.raises(ValueError, match=f"mean_recurrence must be a whole number >= 1, got {value!r}"):
+        HFLM(pretrained=str(saved_with_tokenizer), trust_remote_code=True, device="cpu", mean_recurrence=value)
+    assert HFLM(pretrained=str(saved_with_tokenizer), trust_remote_code=True, device="cpu",
+                mean_recurrence=3).model.config.mean_recurrence == 3
+
+
+@pytest.mark.slow
+def test_lm_eval_cli_exits_non_zero_naming_the_bad_depth(saved_with_tokenizer, tmp_path):
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
+         f"pretrained={saved_with_tokenizer},mean_recurrence=2.5,trust_remote_code=True", "--tasks", "arc_easy",
+         "--device", "cpu", "--limit", "1", "--output_path", str(tmp_path / "out")],
+        capture_output=True, text=True, cwd=tmp_path, timeout=600,
+    )
+    assert result.returncode != 0
+    assert "mean_recurrence must be a whole number >= 1, got 2.5" in result.stderr
+    assert not (tmp_path / "out").exists()
