@@ -1,8 +1,9 @@
 """Parameter counts by part, effective parameters and training FLOPs of a model directory.
 
 Reads only config.json and builds the model on the meta device, so a 1B model costs no memory.
-Prints JSON. Formulas: docs/analysis.md (Parameters and FLOPs); the curriculum is retrofit.depth.RecurrenceSchedule, the
-same code train.py steps.
+Prints JSON. Formulas: docs/analysis.md (Parameters and FLOPs); the curriculum is
+retrofit.depth.RecurrenceSchedule.at (the paper counter's convention; training applies the same
+schedule one step late via `applied_at`, as the original's scheduler does).
 
     # counts, and effective parameters at test recurrence 16
     python param_counter.py path/to/recurrent_model --num_rec 16

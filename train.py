@@ -9,8 +9,9 @@ Flag names and defaults are the original train.py's, so the paper's shell comman
 Launch one process per GPU with `torchrun --nproc_per_node N train.py ...` or `srun python train.py ...`.
 
 Per optimizer step u (counting from 1): the curriculum gives (mean recurrence, backprop depth) =
-RecurrenceSchedule.at(u); every micro-batch draws its own (n, k) from the depth sampler seeded by
-its index `data_step` (counting from 1, the same on every rank); gradients are accumulated over
+RecurrenceSchedule.applied_at(u) (the original's scheduler values); every micro-batch draws its own
+(n, k) from the depth sampler seeded by its index `data_step` (counting from 1, the same on every
+rank; plus 1 with parquet data, the original's numbering); gradients are accumulated over
 batch_size / micro_batch_size micro-batches, averaged over ranks by DDP, clipped, and applied
 with the warmup-stable-decay learning rate. See docs/training.md for outputs and resuming.
 """
@@ -331,6 +332,11 @@ def compute_max_steps(cfg: TrainConfig, env, max_length: int, micro_steps_per_ep
     return steps
 
 
+def depth_seed_offset(cfg: TrainConfig) -> int:
+    """data_step + this seeds a micro-batch's depth draw: 1 with parquet data, as in the original."""
+    return 1 if cfg.is_parquet_dataset else 0
+
+
 def build_schedule(cfg: TrainConfig, model_config, max_steps: int) -> RecurrenceSchedule:
     rec, bp = cfg.mean_recurrence_schedule, cfg.mean_backprop_depth_schedule
     return RecurrenceSchedule(
@@ -500,7 +506,10 @@ class Trainer:
             return None
         if self.cfg.fix_num_steps:
             return (0, 1)
-        return sample_num_steps(mean_rec, backprop, data_step)
+        # The original numbers parquet micro-batches from 2 (its loop enumerates from
+        # data_start_step + 1 with data_start_step = 1), other data from 1; seeding the same way
+        # gives the same (n, k) sequence as the original for the same flags.
+        return sample_num_steps(mean_rec, backprop, data_step + depth_seed_offset(self.cfg))
 
     def forward_backward(self, batch, num_steps, sync: bool):
         input_ids, labels = inputs_and_labels(batch)
@@ -543,7 +552,7 @@ class Trainer:
             if max_token >= self.vocab_rows:
                 raise DataError(f"token id {max_token} in the data is >= the model's vocabulary size {self.vocab_rows}")
 
-            mean_rec, backprop = self.schedule.at(step) if self.recurrent else (None, None)
+            mean_rec, backprop = self.schedule.applied_at(step) if self.recurrent else (None, None)
             depths = [self.depth_for(self.data_step + i + 1, mean_rec, backprop) for i in range(accumulation)]
             lr_factor = wsd_lr_factor(
                 self.optimizer_step - self.lr_step_offset,

@@ -1,6 +1,6 @@
 """Mean recurrence vs training step for the linear and 1-sqrt curricula (the paper's schedule figure).
 
-The curves come from retrofit.depth.RecurrenceSchedule, the code train.py steps; the legend gives
+The curves come from retrofit.depth.RecurrenceSchedule.at (the paper's counting convention); the legend gives
 each curriculum's summed mean recurrence over the run (its cost in recurrent-block iterations).
 
     python paper_plots/scheduling_options.py --out_dir figs [--max_steps 6125 --warmup 0.5 --max_mean_rec 32]

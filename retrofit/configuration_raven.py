@@ -1,10 +1,23 @@
 """Configuration of the depth-recurrent ("Raven" / Huginn layout) causal LM.
 
 Key names follow the authors' released `Recurrent-*` checkpoints so their config.json files load
-unchanged. Two switches select the layer family of the base model:
+unchanged, with the meaning the authors' modeling code gives them (see docs/model.md, "Checkpoints in the
+original release's format"):
 
-- `norm_placement`: "pre" (Llama: x + attn(norm_1(x))) or "post" (OLMo-2: x + norm_1(attn(x))).
-- `qk_norm`: RMSNorm on the full projected q and k before splitting into heads (OLMo-2).
+- RoPE comes from `rope_theta` + `rope_scaling` (transformers 4.51 layout) or `rope_parameters`
+  (transformers 5). `rope_base` is a Huginn-0125 leftover the retrofitted models never read; it is
+  used only when a config has no `rope_theta`.
+- Huginn-only keys (`block_size`, `effective_expected_depth`, `sampling_scheme`, ...) are accepted
+  and ignored; the few that would change the computation are checked (`HUGINN_SUPPORTED_VALUES`).
+- Two switches select the layer family of the base model:
+  `norm_placement`: "pre" (Llama: x + attn(norm_1(x))) or "post" (OLMo-2: x + norm_1(attn(x)));
+  `qk_norm`: RMSNorm on the full projected q and k before splitting into heads (OLMo-2).
+  The authors' OLMo configs carry neither (they ship a different modeling file instead); a config
+  without both is marked `layout_from_weights` and `RavenForCausalLM.from_pretrained` picks the
+  OLMo-2 layout when the checkpoint holds q/k norm weights.
+
+Saved configs carry `rope_theta` and `rope_scaling` (the 4.51 layout, read by the authors' code and
+Huginn's tools) beside `rope_parameters`.
 
 This file must stay self-contained (only torch/transformers imports): it is copied next to saved
 weights so a checkpoint loads with `trust_remote_code=True` on a machine without this repo.
@@ -13,6 +26,29 @@ weights so a checkpoint loads with `trust_remote_code=True` on a machine without
 from transformers import PretrainedConfig
 
 DEFAULT_STATE_STD = 0.008703882797784892  # Huginn's sqrt(2 / (5 * 5280))
+DEFAULT_ROPE_THETA = 50000.0
+# Huginn keys whose other values this model does not compute; any other Huginn key is ignored.
+HUGINN_SUPPORTED_VALUES = {
+    "injection_type": ("linear",),
+    "nonlin_name": ("SiLU",),
+    "mlp_class_name": ("GatedMLP",),
+}
+
+
+def whole_number(value, name: str, minimum: int = 1) -> int:
+    """`value` as an int >= minimum; 4, 4.0 and "4" are accepted, 2.5, "abc", True and 0 are not."""
+    number = None
+    if isinstance(value, bool):
+        number = None
+    elif isinstance(value, int):
+        number = value
+    elif isinstance(value, float) and value.is_integer():
+        number = int(value)
+    elif isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+        number = int(value.strip())
+    if number is None or number < minimum:
+        raise ValueError(f"{name} must be a whole number >= {minimum}, got {value!r}")
+    return number
 
 
 class RavenConfig(PretrainedConfig):
@@ -38,14 +74,14 @@ class RavenConfig(PretrainedConfig):
         norm_eps: float = 1e-6,
         vocab_size: int = 65536,
         padded_vocab_size: int | None = None,
-        rope_theta: float = 50000.0,
+        rope_theta: float | None = None,
         rope_scaling: dict | None = None,
         max_position_embeddings: int = 4096,
         tie_embeddings: bool = False,
         bias: bool = False,
         qk_bias: bool = False,
-        norm_placement: str = "pre",
-        qk_norm: bool = False,
+        norm_placement: str | None = None,
+        qk_norm: bool | None = None,
         mean_recurrence: int = 32,
         mean_backprop_depth: int = 8,
         init_values: dict | None = None,
@@ -55,9 +91,20 @@ class RavenConfig(PretrainedConfig):
         pad_token_id: int | None = None,
         **kwargs,
     ):
-        # Huginn's configs carry `rope_base`; ours carry `rope_theta`. Accept both.
-        rope_theta = kwargs.pop("rope_base", rope_theta)
+        # `rope_theta` is what the retrofitted models read; Huginn-0125's own `rope_base` only counts
+        # when there is no `rope_theta` (the authors' configs carry both, rope_base always 500000).
+        rope_base = kwargs.pop("rope_base", None)
+        if rope_theta is None:
+            rope_theta = rope_base if rope_base is not None else DEFAULT_ROPE_THETA
         kwargs.pop("tie_word_embeddings", None)  # `tie_embeddings` is the authoritative key
+        # Values derived from other keys (e.g. Huginn's `effective_expected_depth`) are properties here.
+        for key in [k for k in kwargs if isinstance(getattr(type(self), k, None), property)]:
+            if getattr(type(self), key).fset is None:
+                kwargs.pop(key)
+        # The authors' OLMo configs carry no layout switch: the weights decide (see from_pretrained).
+        self.layout_from_weights = norm_placement is None and qk_norm is None
+        norm_placement = "pre" if norm_placement is None else norm_placement
+        qk_norm = False if qk_norm is None else qk_norm
         self.n_embd = n_embd
         self.n_heads = n_heads
         self.num_key_value_heads = num_key_value_heads if num_key_value_heads is not None else n_heads
@@ -72,7 +119,11 @@ class RavenConfig(PretrainedConfig):
         self.rope_theta = float(rope_theta)
         # transformers 5 keeps RoPE settings in `rope_parameters`; the authors' configs use
         # `rope_theta` + `rope_scaling`. Store the merged form, accept either on load.
-        rope_parameters = kwargs.pop("rope_parameters", None) or rope_scaling or {}
+        # A saved config carries both forms (equal); `rope_parameters` wins if they ever differ.
+        rope_parameters = dict(kwargs.pop("rope_parameters", None) or rope_scaling or {})
+        if "type" in rope_parameters and "rope_type" not in rope_parameters:  # transformers < 4.45 spelling
+            rope_parameters["rope_type"] = rope_parameters.pop("type")
+        rope_parameters.pop("rope_theta", None)  # `rope_theta` above is the one value
         self.rope_parameters = {"rope_type": "default", **rope_parameters, "rope_theta": self.rope_theta}
         self.max_position_embeddings = max_position_embeddings
         self.tie_embeddings = tie_embeddings
@@ -94,7 +145,18 @@ class RavenConfig(PretrainedConfig):
         self.validate()
 
     def validate(self):
-        """Fail early with a message naming the bad value."""
+        """Fail early with a message naming the bad value (also run when a model is built, after
+        from_pretrained has applied overrides such as lm-eval's `mean_recurrence=R`)."""
+        self.mean_recurrence = whole_number(self.mean_recurrence, "mean_recurrence")
+        self.mean_backprop_depth = whole_number(self.mean_backprop_depth, "mean_backprop_depth")
+        for key, supported in HUGINN_SUPPORTED_VALUES.items():
+            value = getattr(self, key, None)
+            if value is not None and value not in supported:
+                raise ValueError(f"{key}={value!r} is not supported by this model (supported: {', '.join(supported)})")
+        for key in ("n_embd", "n_heads", "intermediate_size", "vocab_size", "head_dim"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{key} must be a positive integer, got {value!r}")
         if self.norm_placement not in ("pre", "post"):
             raise ValueError(f"norm_placement must be 'pre' or 'post', got {self.norm_placement!r}")
         if self.n_heads % self.num_key_value_heads:
@@ -107,8 +169,15 @@ class RavenConfig(PretrainedConfig):
             raise ValueError("qk_bias=True (Huginn-0125's extra q/k bias) is not supported by this model")
         if self.tie_embeddings:
             raise ValueError("tie_embeddings=True is not supported: recurrent models keep an untied lm_head")
-        if int(self.mean_recurrence) < 1:
-            raise ValueError(f"mean_recurrence must be >= 1, got {self.mean_recurrence}")
+
+    def to_dict(self) -> dict:
+        out = super().to_dict()
+        out.pop("layout_from_weights", None)  # a load-time fact, never saved: saved configs state the layout
+        # The 4.51 layout beside `rope_parameters`: `rope_scaling` without the base (null for plain RoPE).
+        scaling = {k: v for k, v in (self.rope_parameters or {}).items() if k != "rope_theta"}
+        out["rope_scaling"] = None if scaling.get("rope_type", "default") == "default" else scaling
+        out["rope_theta"] = self.rope_theta
+        return out
 
     @property
     def num_hidden_layers(self) -> int:

@@ -10,7 +10,9 @@ Facts (docs/analysis.md, Parameters and FLOPs):
   n = r - k iterations without grad cost a forward only (2 N D).
 - A static (non-recurrent) model costs 6 * N * D per step, N = all non-embedding parameters.
 - A run's FLOPs sum the step cost over optimizer steps 1..checkpoint with the scheduled integer mean
-  recurrence of `retrofit.depth.RecurrenceSchedule`, the same object train.py steps.
+  recurrence `retrofit.depth.RecurrenceSchedule.at(step)`, the paper's own counter's convention
+  (it reproduces the paper's FLOPs columns exactly). Training runs the same schedule through
+  `applied_at`, one step later for the mean recurrence, as the original's scheduler did.
 
 Models are built on the meta device from config.json alone, so counting a 1B model costs no memory.
 """

@@ -17,7 +17,10 @@ changed between releases and broke the original code twice.
 
 from __future__ import annotations
 
+import copy
+import json
 import math
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -277,10 +280,118 @@ class RavenPreTrainedModel(PreTrainedModel):
             nn.init.ones_(module.weight)
 
 
+# ----------------------------------------------------------------------------------------------
+# Reading a checkpoint directory before loading it (the authors' OLMo checkpoints state their layout
+# only through their weights)
+# ----------------------------------------------------------------------------------------------
+
+HUB_KWARGS = ("cache_dir", "force_download", "proxies", "token", "revision", "local_files_only", "subfolder")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+QK_NORM_SUFFIXES = ("attn.q_norm.weight", "attn.k_norm.weight")
+
+
+def locate_checkpoint_file(path, name: str, load_kwargs: dict) -> str | None:
+    """Local path of `name` in a checkpoint dir or Hub repo, or None when it has no such file."""
+    subfolder = load_kwargs.get("subfolder") or ""
+    if os.path.isdir(path):
+        candidate = os.path.join(path, subfolder, name)
+        return candidate if os.path.isfile(candidate) else None
+    try:
+        from transformers.utils import cached_file
+
+        hub = {k: load_kwargs[k] for k in HUB_KWARGS if k in load_kwargs}
+        return cached_file(path, name, _raise_exceptions_for_missing_entries=False, **hub)
+    except Exception:  # no network, no such repo: from_pretrained will report it properly
+        return None
+
+
+def checkpoint_weight_names(path, load_kwargs: dict) -> set[str] | None:
+    """Names of the tensors a checkpoint stores, read from file headers / index files only;
+    None when there is no readable weight file (from_pretrained then gives its own error)."""
+    for name in WEIGHT_FILES:
+        found = locate_checkpoint_file(path, name, load_kwargs)
+        if found is None:
+            continue
+        try:
+            if name.endswith(".index.json"):
+                with open(found) as f:
+                    return set(json.load(f)["weight_map"])
+            if name.endswith(".safetensors"):
+                with open(found, "rb") as f:  # 8-byte little-endian header size, then a JSON header
+                    header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+                return {k for k in header if k != "__metadata__"}
+            return set(torch.load(found, map_location="meta", weights_only=True, mmap=True))
+        except Exception:
+            return None
+    return None
+
+
+def config_states_layout(path, load_kwargs: dict) -> bool:
+    """Whether the checkpoint's config.json sets `norm_placement` or `qk_norm` itself."""
+    found = locate_checkpoint_file(path, "config.json", load_kwargs)
+    if found is None:
+        return True
+    try:
+        with open(found) as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        return True  # from_pretrained reports the broken file
+    return "norm_placement" in saved or "qk_norm" in saved
+
+
+def describe_keys(keys) -> str:
+    keys = sorted(keys)
+    shown = ", ".join(keys[:6])
+    return shown + (f" and {len(keys) - 6} more" if len(keys) > 6 else "")
+
+
 class RavenForCausalLM(RavenPreTrainedModel):
     _tied_weights_keys = {}
+    # RoPE tables are recomputed from the config; checkpoints that also stored them load fine.
+    _keys_to_ignore_on_load_unexpected = [r"freqs_cis$", r"rotary_emb\.inv_freq$"]
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """`PreTrainedModel.from_pretrained` with two additions.
+
+        - A config.json without `norm_placement` / `qk_norm` (the authors' OLMo release) gets the
+          OLMo-2 layout when the weights hold q/k norm tensors, the Llama layout otherwise.
+        - Strict weights: a checkpoint tensor the model would not use, or a model weight the
+          checkpoint lacks, is a ValueError naming the keys (never a silent drop or random init).
+        """
+        config = kwargs.get("config")
+        if config is None or isinstance(config, RavenConfig):
+            unstated = config.layout_from_weights if config is not None else not config_states_layout(
+                pretrained_model_name_or_path, kwargs
+            )
+            names = checkpoint_weight_names(pretrained_model_name_or_path, kwargs) if unstated else None
+            if names is not None and any(n.endswith(QK_NORM_SUFFIXES) for n in names):
+                layout = {"norm_placement": "post", "qk_norm": True}
+                if config is not None:
+                    config = copy.deepcopy(config)
+                    for key, value in layout.items():
+                        setattr(config, key, value)
+                    config.layout_from_weights = False
+                    kwargs["config"] = config
+                else:
+                    kwargs.update(layout)  # applied to the loaded config like any config override
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs)
+        problems = []
+        if info.get("unexpected_keys"):
+            problems.append(f"weights the model does not use: {describe_keys(info['unexpected_keys'])}")
+        if info.get("missing_keys"):
+            problems.append(f"weights the checkpoint lacks: {describe_keys(info['missing_keys'])}")
+        if problems:
+            raise ValueError(
+                f"checkpoint {pretrained_model_name_or_path} does not match its config "
+                f"(norm_placement={model.config.norm_placement!r}, qk_norm={model.config.qk_norm}): "
+                + "; ".join(problems)
+            )
+        return (model, info) if want_info else model
 
     def __init__(self, config: RavenConfig):
+        config.validate()  # again: from_pretrained applies overrides (e.g. mean_recurrence=R) after __init__
         super().__init__(config)
         h = config.n_embd
         self.transformer = nn.ModuleDict(

@@ -68,7 +68,7 @@ def tinyllama_shaped_dir(tmp_path_factory, tokenizer_dir, tokenizer):
 
 
 def max_diffs(rows):
-    return {name: diff for name, diff in rows}
+    return {row.name: row.max_abs_diff for row in rows}
 
 
 @pytest.mark.parametrize("base_fixture,family,choice", [
@@ -127,8 +127,62 @@ def test_default_adapter_is_pytorch_linear_init_and_seeded(tiny_llama_dir, tmp_p
 
 def test_bfloat16_conversion_verifies(tiny_llama_dir, tmp_path):
     out, rows = convert(tiny_llama_dir, tmp_path / "bf16", CHOICE, dtype="bfloat16")
-    assert max(d for _, d in rows) < 1e-4
+    assert max(row.max_abs_diff for row in rows) < 1e-5
     assert RavenForCausalLM.from_pretrained(out).dtype == torch.bfloat16
+
+
+def massive_activation_base(family: str, width: int, out: Path, vocab: int) -> Path:
+    """A random base of the given width, 4 layers, whose residual stream carries a few dims of
+    magnitude >= 100 (as real LMs' "massive activations"): those embedding columns are set to 150."""
+    make = tiny_llama_config if family == "llama" else tiny_olmo2_config
+    config = make(vocab, hidden_size=width, intermediate_size=width, num_hidden_layers=4,
+                  num_attention_heads=width // 64 if width >= 256 else 4, num_key_value_heads=max(1, width // 256) if width >= 256 else 2)
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(width)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, :3] = 150.0
+    model.save_pretrained(out)
+    return out
+
+
+WIDTH_CHOICE = LayerChoice(prelude=[0], core=[2], coda=[3])  # layer 1 dropped
+
+
+@pytest.mark.parametrize("family", ["llama", "olmo2"])
+@pytest.mark.parametrize("width", [64, 256, 1024, 2048])
+def test_verification_passes_in_every_dtype_at_every_width(tmp_path, family, width, capsys):
+    """The reference rounds only the weights to the saved dtype (not the RoPE buffers), and the
+    tolerance is relative: both matter for bf16/fp16 and for hidden states in the hundreds."""
+    base = massive_activation_base(family, width, tmp_path / "base", vocab=128)
+    for dtype in ("float32", "bfloat16", "float16"):
+        out, rows = convert(base, tmp_path / dtype, WIDTH_CHOICE, family=family, dtype=dtype)
+        hidden = [row for row in rows if row.name != "logits"]
+        assert min(row.max_abs_reference for row in hidden) >= 100  # massive activations everywhere
+        assert all(row.passes() for row in rows)
+        assert max(row.relative_diff for row in rows) < 1e-5, [(r.name, r.relative_diff) for r in rows]
+        assert RavenForCausalLM.from_pretrained(out).dtype == getattr(torch, dtype)
+    table = capsys.readouterr().out
+    assert "max |diff|   max |ref|  relative  ok" in table and "verification passed" in table
+
+
+def test_old_reference_rounding_rope_buffers_would_fail(tiny_olmo2_dir, tmp_path):
+    """Why the reference must not round buffers: with the RoPE inverse frequencies in bf16 the
+    reference itself is off, far beyond the tolerance, so a correct conversion would be refused."""
+    from transformers import AutoModelForCausalLM
+
+    from retrofit.conversion import round_weights_like_saved, verification_input, verification_table
+
+    out, _ = convert(tiny_olmo2_dir, tmp_path / "rec", CHOICE, dtype="bfloat16")
+    ours = RavenForCausalLM.from_pretrained(out, dtype=torch.float32)
+    ids = verification_input(None, ours.config.vocab_size)
+    base = AutoModelForCausalLM.from_pretrained(tiny_olmo2_dir, dtype=torch.float32)
+    everything_rounded = verification_table(ours, base.to(torch.bfloat16).float(), CHOICE, ids)
+    base = AutoModelForCausalLM.from_pretrained(tiny_olmo2_dir, dtype=torch.float32)
+    weights_rounded = verification_table(ours, round_weights_like_saved(base, torch.bfloat16), CHOICE, ids)
+    assert not all(row.passes() for row in everything_rounded)
+    assert all(row.passes() for row in weights_rounded)
 
 
 def test_cli_llama_and_olmo_print_the_table(tiny_llama_dir, tiny_olmo2_dir, tmp_path):
@@ -146,6 +200,11 @@ def test_cli_llama_and_olmo_print_the_table(tiny_llama_dir, tiny_olmo2_dir, tmp_
     (["--prelude_idx", "0", "--core_idx", "", "--coda_idx", "3"], "at least one layer"),
     (["--prelude_idx", "0"], "give --preset or all of"),
     (["--prelude_idx", "0", "--core_idx", "a", "--coda_idx", "3"], "bad layer index list"),
+    (["--prelude_idx", "1-0", "--core_idx", "4", "--coda_idx", "5"], "reversed range '1-0'"),
+    (["--prelude_idx", "4", "--core_idx", "1,2", "--coda_idx", "5"], "layer 1 comes after layer 4"),
+    (["--prelude_idx", "0", "--core_idx", "3,2", "--coda_idx", "5"], "layer 2 comes after layer 3"),
+    (["--preset", "llama-2-4-2", "--mean_recurrence", "0"], "--mean_recurrence must be a whole number >= 1, got 0"),
+    (["--preset", "llama-2-4-2", "--mean_backprop_depth", "-2"], "--mean_backprop_depth must be a whole number >= 1, got -2"),
 ])
 def test_cli_rejects_bad_layer_choices(tiny_llama_dir, tmp_path, args, message, capsys):
     save = tmp_path / "out"
@@ -180,6 +239,55 @@ def test_cli_errors_for_wrong_family_missing_files_and_bad_dtype(tiny_llama_dir,
                             *common, "--dtype", "float8")
     assert code == 2 and "float8" in err
     assert not any(p.name in {"w", "m", "d"} for p in tmp_path.iterdir())
+
+
+def broken_copy(base: Path, dest: Path) -> Path:
+    import shutil
+
+    shutil.copytree(base, dest)
+    return dest
+
+
+def test_cli_refuses_broken_base_files_with_one_line(tiny_llama_dir, tmp_path, capsys):
+    """Truncated / garbage weights, a config.json missing model_type or sizes (which transformers
+    would fill with defaults: 32 layers, so --core_idx 10,11 on an 8-layer base converted random
+    layers), a config.json that is not JSON: one line naming the problem, exit 2, nothing written."""
+    import json
+
+    cases = {}
+    truncated = broken_copy(tiny_llama_dir, tmp_path / "truncated")
+    data = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(data[: len(data) // 2])
+    cases[truncated] = ("cannot load the weights of", ["--prelude_idx", "0", "--core_idx", "1", "--coda_idx", "2"])
+    garbage = broken_copy(tiny_llama_dir, tmp_path / "garbage")
+    (garbage / "model.safetensors").write_bytes(b"not a safetensors file at all" * 10)
+    cases[garbage] = ("cannot load the weights of", ["--prelude_idx", "0", "--core_idx", "1", "--coda_idx", "2"])
+    for key in ("model_type", "num_hidden_layers", "hidden_size"):
+        base = broken_copy(tiny_llama_dir, tmp_path / f"no_{key}")
+        config = json.loads((base / "config.json").read_text())
+        del config[key]
+        (base / "config.json").write_text(json.dumps(config))
+        cases[base] = (f"lacks {key}", ["--prelude_idx", "0", "--core_idx", "10,11", "--coda_idx", "12"])
+    not_json = broken_copy(tiny_llama_dir, tmp_path / "not_json")
+    (not_json / "config.json").write_text("{ truncated")
+    cases[not_json] = ("is not valid JSON", ["--prelude_idx", "0", "--core_idx", "1", "--coda_idx", "2"])
+    for base, (message, layers) in cases.items():
+        save = tmp_path / f"out_{base.name}"
+        code, _, err = run_main(capsys, "llama", "--model_name", str(base), "--save_name", str(save), *layers)
+        assert code == 2, (base.name, err)
+        assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1, (base.name, err)
+        assert not save.exists() and not list(tmp_path.glob(f".out_{base.name}.tmp-*"))
+
+
+def test_weights_missing_a_layer_are_refused(tiny_llama_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    base = broken_copy(tiny_llama_dir, tmp_path / "base")
+    weights = load_file(base / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if not k.startswith("model.layers.7.")}, base / "model.safetensors")
+    with pytest.raises(ConversionError, match=r"do not match its config.json \(missing keys: model\.layers\.7\."):
+        convert(base, tmp_path / "out", CHOICE, dtype="float32")
+    assert not (tmp_path / "out").exists()
 
 
 def test_unsupported_architecture(tmp_path, tokenizer_dir):

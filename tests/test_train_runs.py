@@ -68,12 +68,14 @@ def test_curriculum_run_stopped_twice_and_resumed_matches_uninterrupted(tmp_path
     train(full)
     reference = read_metrics(tmp_path / "full")
     assert [r["step"] for r in reference] == list(range(1, 9))
-    # linear curriculum over 4 steps to 4, backprop depth (model's 2) capped by it
-    assert [r["mean_recurrence"] for r in reference] == [1, 2, 3, 4, 4, 4, 4, 4]
-    assert [r["mean_backprop_depth"] for r in reference] == [1, 2, 2, 2, 2, 2, 2, 2]
+    # linear curriculum over 4 steps to 4, applied one step late as the original's scheduler does;
+    # backprop depth (model's 2) capped by it
+    assert [r["mean_recurrence"] for r in reference] == [1, 1, 2, 3, 4, 4, 4, 4]
+    assert [r["mean_backprop_depth"] for r in reference] == [1, 1, 2, 2, 2, 2, 2, 2]
     for r in reference:  # the (n, k) logged is the draw for the step's last micro-batch
         assert r["data_step"] == 2 * r["step"]
-        drawn = sample_num_steps(r["mean_recurrence"], r["mean_backprop_depth"], r["data_step"])
+        # parquet micro-batch i draws with seed index i + 1 (the original's numbering)
+        drawn = sample_num_steps(r["mean_recurrence"], r["mean_backprop_depth"], r["data_step"] + 1)
         assert (r["num_steps_no_grad"], r["num_steps_with_grad"]) == drawn
     assert reference[-1]["loss"] < reference[0]["loss"]
 
