@@ -470,6 +470,8 @@ class Trainer:
             raise ConfigError(text)
         if text:
             self.print(text)
+        if cfg.resume_path not in (None, "auto"):
+            ckpt.check_training_state_dir(cfg.resume_path)  # a wrong path fails before any work
 
         # Data first: bad data fails in seconds, before the model is loaded.
         self.tokenizer = load_tokenizer(cfg)

@@ -186,8 +186,8 @@ class CheckpointError(ValueError):
         super().__init__(f"{path}: {reason}")
 
 
-def load_training_state(checkpoint_dir: str | Path, map_location="cpu", verify: bool = True) -> dict:
-    """Verify the checksums, then load with `weights_only=True` (tensors and plain types only)."""
+def check_training_state_dir(checkpoint_dir: str | Path) -> None:
+    """CheckpointError unless `checkpoint_dir` is a folder with a training state (cheap: no hashing)."""
     checkpoint_dir = Path(checkpoint_dir)
     if not checkpoint_dir.is_dir():
         raise CheckpointError(checkpoint_dir, "does not exist; pass a checkpoint_{step} folder or --resume_path=auto")
@@ -199,6 +199,12 @@ def load_training_state(checkpoint_dir: str | Path, map_location="cpu", verify: 
                 " folder, or pass this folder as --model_name to start a new run from these weights",
             )
         raise CheckpointError(checkpoint_dir, f"is not a full checkpoint (no {STATE_FILE}); pass a checkpoint_{{step}} folder")
+
+
+def load_training_state(checkpoint_dir: str | Path, map_location="cpu", verify: bool = True) -> dict:
+    """Verify the checksums, then load with `weights_only=True` (tensors and plain types only)."""
+    checkpoint_dir = Path(checkpoint_dir)
+    check_training_state_dir(checkpoint_dir)
     if verify and (problem := verify_checkpoint(checkpoint_dir)) is not None:
         raise CheckpointError(checkpoint_dir, f"does not verify: {problem}")
     try:
@@ -247,3 +253,27 @@ def restore_rng_state(state: dict) -> None:
         cuda_states = [s.cpu() for s in state["cuda"]]
         if len(cuda_states) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(cuda_states)
+
+
+def load_saved_model(model_dir: str | Path, dtype: torch.dtype | None = None, checkpoint_code: bool = False):
+    """A saved model folder (`model_only_chkpt_*`, `final_checkpoint`, a conversion, a plain HF model).
+
+    By default a recurrent checkpoint runs this repository's `RavenForCausalLM`, never the
+    modeling file copied beside its weights (that copy is for machines without this repo, and
+    a checkpoint from someone else could put any code there). `checkpoint_code=True` runs the
+    checkpoint's own code (`trust_remote_code=True`) instead.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kwargs = {} if dtype is None else {"dtype": dtype}
+    if checkpoint_code:
+        return AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True, **kwargs)
+    config_file = Path(model_dir) / "config.json"
+    model_type = json.loads(config_file.read_text()).get("model_type") if config_file.is_file() else None
+    from retrofit.configuration_raven import RavenConfig
+    from retrofit.modeling_raven import RavenForCausalLM
+
+    if model_type == RavenConfig.model_type:
+        return RavenForCausalLM.from_pretrained(model_dir, **kwargs)
+    AutoConfig.from_pretrained(model_dir, trust_remote_code=False)  # a clear error for custom code
+    return AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=False, **kwargs)
