@@ -266,10 +266,18 @@ def load_saved_model(model_dir: str | Path, dtype: torch.dtype | None = None, ch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     kwargs = {} if dtype is None else {"dtype": dtype}
-    if checkpoint_code:
-        return AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True, **kwargs)
     config_file = Path(model_dir) / "config.json"
-    model_type = json.loads(config_file.read_text()).get("model_type") if config_file.is_file() else None
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    if checkpoint_code:
+        remote_class = (config.get("auto_map") or {}).get("AutoModelForCausalLM")
+        if remote_class is None:
+            return AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True, **kwargs)
+        # Named explicitly: once this repo's classes are registered with the Auto classes,
+        # transformers prefers them even with trust_remote_code=True.
+        from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+        return get_class_from_dynamic_module(remote_class, str(model_dir)).from_pretrained(model_dir, **kwargs)
+    model_type = config.get("model_type")
     from retrofit.configuration_raven import RavenConfig
     from retrofit.modeling_raven import RavenForCausalLM
 
