@@ -2,7 +2,7 @@
 # Run one command as a multi-node job: N nodes x G GPUs, one task per GPU, on SLURM or flux,
 # or right here with torchrun. Training commands (anything running train.py) get
 # --resume_path=auto appended and are requeued after preemption or near the time limit, so a
-# long run is a chain of jobs that each resume from the newest complete checkpoint.
+# long run is a chain of jobs that each resume from the newest checkpoint that verifies.
 set -euo pipefail
 
 # shellcheck source=shells/_common.sh
