@@ -131,6 +131,7 @@ class RunsCode:
         return (Path.touch, (Path(self.marker),))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # the hostile file is a plain pickle
 def test_training_state_from_someone_else_cannot_run_code(tmp_path):
     marker = tmp_path / "code_ran"
     folder = tmp_path / "checkpoint_2"
