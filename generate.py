@@ -32,6 +32,8 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="auto (cuda if present), cpu or cuda")
     parser.add_argument("--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16")
+    parser.add_argument("--trust_remote_code", action="store_true",
+                        help="run the modeling code saved in the checkpoint instead of this repo's (only for checkpoints you trust)")
     args = parser.parse_args(argv)
     if not (Path(args.model_dir) / "config.json").is_file():
         parser.error(f"{args.model_dir} has no config.json: not a model directory")
@@ -45,16 +47,16 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer
+    from transformers import AutoTokenizer, TextStreamer
 
-    import retrofit.modeling_raven  # noqa: F401  (registers the recurrent model with the Auto classes)
+    from retrofit.checkpoint import load_saved_model
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     dtype = (torch.bfloat16 if device.type == "cuda" else torch.float32) if args.dtype == "auto" else getattr(torch, args.dtype)
     torch.manual_seed(args.seed)
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
-    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=dtype, trust_remote_code=True).to(device).eval()
+    model = load_saved_model(args.model_dir, dtype, checkpoint_code=args.trust_remote_code).to(device).eval()
     recurrent = getattr(model.config, "model_type", "") == "huginn_raven"
     if not recurrent and (args.num_steps is not None or args.adaptive is not None):
         print("error: --num_steps/--adaptive need a recurrent checkpoint", file=sys.stderr)

@@ -68,14 +68,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--adaptive_criterion", default="kl", help=f"exit criterion: {' or '.join(ADAPTIVE_CRITERIA)}")
     parser.add_argument("--output_dir", default="loss_over_rec_eval", help="results go to OUTPUT_DIR/{run name}/")
     parser.add_argument("--overwrite", action="store_true", help="recompute checkpoints whose output exists")
+    parser.add_argument("--trust_remote_code", action="store_true",
+                        help="run the modeling code saved in each checkpoint instead of this repo's (only for checkpoints you trust)")
     return parser.parse_args(argv)
 
 
-def load_model(path: Path, device: str, dtype: str):
+def load_model(path: Path, device: str, dtype: str, checkpoint_code: bool = False):
     import torch
-    from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=getattr(torch, dtype))
+    from retrofit.checkpoint import load_saved_model
+
+    model = load_saved_model(path, getattr(torch, dtype), checkpoint_code=checkpoint_code)
     if not hasattr(model, "recur"):
         raise EvalError(f"{path} is not a recurrent model (model_type {model.config.model_type!r}); nothing to sweep")
     return model.to(device).eval()
@@ -106,7 +109,7 @@ def main(argv=None) -> int:
             return 0
         input_ids, attention_mask = load_eval_rows(args.eval_file_path, args.num_sequences)
         for label, path in todo:
-            model = load_model(path, device, args.dtype)
+            model = load_model(path, device, args.dtype, checkpoint_code=args.trust_remote_code)
             start = time.perf_counter()
             result = loss_over_depth(
                 model, input_ids, attention_mask, recurrences, batch_size=args.batch_size, seed=args.seed,

@@ -20,6 +20,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import re
+import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -111,6 +114,7 @@ class TrainConfig:
     run_name: str = "default-run"
     out_path: str = "huginn_llama"
     resume_path: str | None = None  # a checkpoint_{step} dir, or "auto" for the run's newest
+    overwrite: bool = False  # train into a run folder that holds a previous run: delete that run first
     save_n_mins_before_timeout: float | None = None
     # data
     preprocessed_data_path: str | None = None
@@ -174,6 +178,17 @@ class TrainConfig:
             raise ConfigError(f"epochs must be >= 1, got {self.epochs}")
         if self.save_interval == 0 or self.save_interval < -1:
             raise ConfigError(f"save_interval must be a positive number of steps or -1 (never), got {self.save_interval}")
+        if self.overwrite and self.resume_path is not None:
+            raise ConfigError(
+                f"--overwrite=true deletes the run that --resume_path={self.resume_path} would continue; pass only one"
+            )
+        for name, value in (
+            ("mean_recurrence_schedule.max_mean_rec", self.mean_recurrence_schedule.max_mean_rec),
+            ("mean_backprop_depth_schedule.max_backprop", self.mean_backprop_depth_schedule.max_backprop),
+            ("mean_backprop_depth_schedule.start", self.mean_backprop_depth_schedule.start),
+        ):
+            if value < 1:
+                raise ConfigError(f"--{name}={value} must be >= 1 (a number of recurrent iterations)")
         if self.muon.use_muon and self.use_ellis_adam.use_ellis_adam:
             raise ConfigError("--muon.use_muon and --use_ellis_adam.use_ellis_adam are exclusive")
         for name, schedule in (
@@ -227,10 +242,84 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
 # ------------------------------------------------------------------------------------------------
 # Setup pieces
 # ------------------------------------------------------------------------------------------------
+RUN_OUTPUT_RE = re.compile(r"^(checkpoint_\d+|model_only_chkpt_\d+|final_checkpoint|metrics\.jsonl)$")
+
+
+def previous_run_outputs(run_dir: Path) -> list[Path]:
+    """What an earlier run left in `run_dir` (checkpoints, model-only saves, metrics)."""
+    if not run_dir.is_dir():
+        return []
+    return sorted(p for p in run_dir.iterdir() if RUN_OUTPUT_RE.match(p.name))
+
+
+def _is_within(path: str | Path, folder: Path) -> bool:
+    path, folder = Path(path).resolve(), folder.resolve()
+    return path == folder or folder in path.parents
+
+
+def prepare_run_dir(cfg: TrainConfig) -> str | None:
+    """Main rank: refuse to train over a previous run unless asked, clear it for --overwrite=true,
+    and check that the folder is writable. Returns a message for the log, or raises ConfigError."""
+    run_dir = cfg.run_dir
+    outputs = previous_run_outputs(run_dir)
+    message = None
+    if outputs and cfg.resume_path is None:
+        names = ", ".join(p.name for p in outputs[:4]) + (", ..." if len(outputs) > 4 else "")
+        if not cfg.overwrite:
+            raise ConfigError(
+                f"{run_dir} already holds a run ({names}); continue it with --resume_path=auto, or pass"
+                " --overwrite=true to delete it and start again (or choose another --run_name)"
+            )
+        for value, flag in ((cfg.model_name, "--model_name"), (cfg.preprocessed_data_path, "--preprocessed_data_path")):
+            if value is not None and any(_is_within(value, p) for p in outputs):
+                raise ConfigError(f"--overwrite=true would delete {flag}={value}; copy it out of {run_dir} first")
+        for path in outputs:
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        message = f"--overwrite=true: deleted the previous run in {run_dir} ({names})"
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot write to --out_path={cfg.out_path} ({exc.strerror or exc}): choose a writable folder"
+        ) from None
+    ckpt.remove_stale_temporaries(run_dir)
+    return message
+
+
+def check_model_name(name: str) -> None:
+    """A local folder with config.json, or something that can be a Hub repo id."""
+    local = Path(name).expanduser()
+    if local.exists():
+        if not (local / "config.json").is_file():
+            raise ConfigError(f"--model_name={name} has no config.json: pass a model folder (save_pretrained output)")
+        return
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+        is_repo_id = not name.startswith((".", "/", "~"))
+    except HFValidationError:
+        is_repo_id = False
+    if not is_repo_id:
+        raise ConfigError(f"--model_name={name} does not exist (neither a local folder nor a Hub repo id)")
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise ConfigError(f"--model_name={name} is not a local folder and HF_HUB_OFFLINE=1 forbids downloading it")
+
+
 def load_tokenizer(cfg: TrainConfig):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model_name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model_name)
+    except OSError as exc:
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ConfigError(f"cannot load the tokenizer of --model_name={cfg.model_name}: {first_line}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -253,9 +342,21 @@ def build_data(cfg: TrainConfig, env: dist_utils.DistEnv, tokenizer):
     if cfg.preprocessed_data_path is not None:
         import datasets
 
-        if not Path(cfg.preprocessed_data_path).exists():
+        folder = Path(cfg.preprocessed_data_path)
+        if not folder.exists():
             raise DataError(f"preprocessed_data_path {cfg.preprocessed_data_path!r} does not exist")
-        dataset = datasets.load_from_disk(cfg.preprocessed_data_path)
+        saved_by_datasets = any((folder / name).is_file() for name in ("dataset_info.json", "dataset_dict.json"))
+        if not saved_by_datasets and folder.is_dir() and any(folder.glob("*.parquet")):
+            raise DataError(
+                f"{cfg.preprocessed_data_path} holds parquet shards: pass --is_parquet_dataset=true to read them"
+            )
+        try:
+            dataset = datasets.load_from_disk(cfg.preprocessed_data_path)
+        except FileNotFoundError as exc:
+            raise DataError(
+                f"{cfg.preprocessed_data_path} is not a save_to_disk dataset ({exc}); for parquet shards pass"
+                " --is_parquet_dataset=true"
+            ) from None
         if isinstance(dataset, datasets.DatasetDict):
             dataset = dataset["train"]
         if cfg.max_samples is not None:
@@ -361,9 +462,22 @@ class Trainer:
         self.cfg, self.env = cfg, env
         cfg.validate()
         seed_everything(cfg.seed)
+        check_model_name(cfg.model_name)
+        # The main rank inspects (and for --overwrite clears) the run folder; every rank gets its
+        # verdict, so all of them stop with the same error.
+        verdict = None
         if env.is_main:
-            cfg.run_dir.mkdir(parents=True, exist_ok=True)
-            ckpt.remove_stale_temporaries(cfg.run_dir)
+            try:
+                verdict = ("ok", prepare_run_dir(cfg))
+            except ConfigError as exc:
+                verdict = ("error", str(exc))
+        kind, text = dist_utils.broadcast_object(verdict)
+        if kind == "error":
+            raise ConfigError(text)
+        if text:
+            self.print(text)
+        if cfg.resume_path not in (None, "auto"):
+            ckpt.check_training_state_dir(cfg.resume_path)  # a wrong path fails before any work
 
         # Data first: bad data fails in seconds, before the model is loaded.
         self.tokenizer = load_tokenizer(cfg)
@@ -426,24 +540,86 @@ class Trainer:
             if cfg.wandb_disabled
             else dict(project=Path(cfg.out_path).name, name=cfg.run_name, dir=cfg.out_path, config=dataclasses.asdict(cfg)),
         )
-        if self.resumed_from is not None:
-            self.metrics.truncate_after(self.optimizer_step)
+        # A fresh start empties metrics.jsonl (records of a run killed before its first checkpoint);
+        # a resume drops the records past the resumed step.
+        try:
+            dropped = self.metrics.truncate_after(self.optimizer_step)
+        except ValueError as exc:  # a damaged line in the middle of metrics.jsonl
+            raise ConfigError(str(exc)) from None
+        if dropped:
+            self.print(f"metrics.jsonl: dropped {dropped} record(s) after step {self.optimizer_step}")
 
     # ---- checkpoints -----------------------------------------------------------------------
     def _maybe_resume(self) -> Path | None:
+        """Load the checkpoint named by --resume_path; for "auto", the newest one of the run that
+        verifies and loads, saying which newer ones were skipped and why."""
         cfg = self.cfg
         if cfg.resume_path is None:
             return None
-        if cfg.resume_path == "auto":
-            path = ckpt.find_latest_checkpoint(cfg.run_dir)
-            if path is None:
-                self.print(f"--resume_path=auto: no complete checkpoint in {cfg.run_dir}, starting from scratch")
-                return None
-        else:
+        if cfg.resume_path != "auto":
             path = Path(cfg.resume_path)
-        state = ckpt.load_training_state(path)
-        self.model.load_state_dict(state["model"], strict=True)
-        self.optimizer.load_state_dict(state["optimizer"])
+            self._load_checkpoint(path, ckpt.load_training_state(path))
+            return path
+        candidates = ckpt.list_checkpoints(cfg.run_dir)
+        if not candidates:
+            if (cfg.run_dir / "final_checkpoint").exists():
+                raise ConfigError(
+                    f"{cfg.run_dir} holds a finished run (final_checkpoint) without a full checkpoint to resume"
+                    " from; pass --overwrite=true (without --resume_path) to train it again, or choose another --run_name"
+                )
+            self.print(f"--resume_path=auto: no checkpoint in {cfg.run_dir} yet, starting from scratch")
+            return None
+        skipped = []
+        for path in candidates:
+            try:
+                state = ckpt.load_training_state(path)
+                self._load_checkpoint(path, state)
+            except ckpt.CheckpointError as exc:
+                skipped.append(f"{path.name} ({exc.reason})")
+                self.print(f"--resume_path=auto: skipping {path.name}: {exc.reason}")
+                continue
+            return path
+        raise ConfigError(
+            f"--resume_path=auto: no checkpoint in {cfg.run_dir} verifies and loads: {'; '.join(skipped)}; pass a"
+            " checkpoint you trust as --resume_path, or --overwrite=true (without --resume_path) to start again"
+        )
+
+    def _changed_settings(self, state: dict) -> list[str]:
+        """Settings that define the run and differ from the checkpoint's, as 'name old -> new'."""
+        cfg, old = self.cfg, state.get("config") or {}
+        checks = []
+        if not cfg.ignore_past_parquet_dataset:  # restarting the data allows a new batch layout and seed
+            checks += [(name, old.get(name), getattr(cfg, name)) for name in ("batch_size", "micro_batch_size", "seed")]
+        if not cfg.ignore_past_scheduler:  # restarting the schedules allows a new length and curriculum
+            checks.append(("max_steps", state.get("max_steps"), self.max_steps))
+            old_curriculum = state.get("curriculum") or {}
+            new_curriculum = dataclasses.asdict(self.schedule) if self.schedule else {}
+            for key in sorted(set(old_curriculum) & set(new_curriculum) - {"max_steps"}):
+                checks.append((f"curriculum {key}", old_curriculum[key], new_curriculum[key]))
+        return [f"{name} {a} -> {b}" for name, a, b in checks if a is not None and a != b]
+
+    def _load_checkpoint(self, path: Path, state: dict) -> None:
+        """Put a loaded training state into the model, optimizer, counters, data and RNGs.
+
+        CheckpointError: this checkpoint cannot be used (auto-resume tries the next one);
+        ConfigError / DataError: it does not fit this run's flags or data (no fallback helps)."""
+        cfg = self.cfg
+        changed = self._changed_settings(state)
+        if changed:
+            raise ConfigError(
+                f"{path} was written with other settings: {', '.join(changed)}; resume with the original flags"
+                " (--ignore_past_scheduler=true allows a new max_steps/curriculum, --ignore_past_parquet_dataset=true"
+                " a new batch_size/micro_batch_size/seed) or start a new run"
+            )
+        bad = ckpt.non_finite_entries({"model": state["model"], "optimizer": state["optimizer"]})
+        if bad:
+            raise ckpt.CheckpointError(path, f"holds non-finite values ({', '.join(bad)})")
+        try:
+            self.model.load_state_dict(state["model"], strict=True)
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ckpt.CheckpointError(path, f"does not fit this model/optimizer: {first_line[:300]}") from None
         self.optimizer_step = state["optimizer_step"]
         self.data_step = state["data_step"]
         self.total_tokens = state["total_tokens"]
@@ -461,13 +637,25 @@ class Trainer:
         rng_states = state["rng"]
         ckpt.restore_rng_state(rng_states[self.env.rank % len(rng_states)])
         self.print(f"resumed from {path} at optimizer step {self.optimizer_step} (data step {self.data_step})")
-        return path
+
+    def _refuse_non_finite(self, what: str, include_optimizer: bool) -> None:
+        """Every rank holds the same weights and optimizer state, so every rank raises alike."""
+        tree = {"model": self.model.state_dict()}
+        if include_optimizer:
+            tree["optimizer"] = self.optimizer.state_dict()
+        bad = ckpt.non_finite_entries(tree)
+        if bad:
+            raise TrainingError(
+                f"not saving {what} at optimizer step {self.optimizer_step}: non-finite values in {', '.join(bad)};"
+                " resume from the last checkpoint with a lower learning rate"
+            )
 
     def save_full_checkpoint(self) -> Path:
         """Collective: every rank contributes its data position and RNG state; rank 0 writes."""
+        out_dir = self.cfg.run_dir / f"checkpoint_{self.optimizer_step}"
+        self._refuse_non_finite(out_dir.name, include_optimizer=True)
         data_states = dist_utils.all_gather_object(self.stream.state_dict())
         rng_states = dist_utils.all_gather_object(ckpt.capture_rng_state())
-        out_dir = self.cfg.run_dir / f"checkpoint_{self.optimizer_step}"
         if self.env.is_main:
             state = dict(
                 model=self.model.state_dict(),
@@ -491,6 +679,7 @@ class Trainer:
         return out_dir
 
     def save_model_only(self, name: str) -> None:
+        self._refuse_non_finite(name, include_optimizer=False)
         if self.env.is_main:
             ckpt.save_model_only(self.model, self.tokenizer, self.cfg.run_dir / name)
             self.print(f"saved {self.cfg.run_dir / name}")
@@ -587,12 +776,16 @@ class Trainer:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
             if not (math.isfinite(mean_loss) and math.isfinite(grad_norm)):
                 self.optimizer.zero_grad(set_to_none=True)
-                path = self.save_full_checkpoint()
-                raise TrainingError(
+                problem = (
                     f"non-finite {'loss' if not math.isfinite(mean_loss) else 'grad norm'} at optimizer step {step}"
                     f" (data steps {self.data_step - accumulation + 1}..{self.data_step}): loss={mean_loss},"
-                    f" grad_norm={grad_norm}; the weights before this step are in {path}"
+                    f" grad_norm={grad_norm}"
                 )
+                try:
+                    path = self.save_full_checkpoint()
+                except TrainingError as exc:  # the weights themselves are already non-finite
+                    raise TrainingError(f"{problem}; {exc}") from None
+                raise TrainingError(f"{problem}; the weights before this step are in {path}")
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.optimizer_step = step
@@ -655,7 +848,7 @@ def main(argv: list[str] | None = None) -> int:
             trainer.watcher.close()
         trainer.print(message)
         return 0
-    except (ConfigError, DataError) as exc:
+    except (ConfigError, DataError, ckpt.CheckpointError, dist_utils.LaunchError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except TrainingError as exc:

@@ -408,6 +408,7 @@ def convert(
     unless everything passed.
     """
     save_path = Path(save_name)
+    check_output_path(model_name, save_path)
     if save_path.exists() and not overwrite:
         raise ConversionError(f"--save_name {save_path} already exists (pass --overwrite to replace it)")
     if dtype not in ("float32", "bfloat16", "float16"):
@@ -458,13 +459,47 @@ def convert(
             rows = verification_table(reloaded, reference, choice, verification_input(tokenizer, config.vocab_size))
             if not print_table(rows, tolerance):
                 raise ConversionError(f"verification failed: a relative difference is above {tolerance:g} (table above)")
-        if save_path.exists():
-            shutil.rmtree(save_path)
-        os.replace(tmp, save_path)
+        replace_directory(tmp, save_path)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return save_path, rows
+
+
+def check_output_path(model_name, save_path: Path) -> None:
+    """The output must not be the base model, lie inside it, or contain it: writing (and with
+    --overwrite, replacing) it would destroy the model being converted."""
+    base = Path(model_name)
+    if not base.exists():
+        return  # a Hub id: nothing local to protect
+    base, out = base.resolve(), save_path.resolve()
+    if out == base or base in out.parents:
+        raise ConversionError(
+            f"--save_name {save_path} is {'the base model' if out == base else 'inside the base model folder'}"
+            f" --model_name {model_name}; choose a folder outside it"
+        )
+    if out in base.parents:
+        raise ConversionError(
+            f"--save_name {save_path} contains the base model --model_name {model_name}; replacing it would delete"
+            " the base model: choose another folder"
+        )
+
+
+def replace_directory(new_dir: Path, target: Path) -> None:
+    """Move `new_dir` to `target`; an existing `target` is renamed aside first and deleted only
+    after the new one is in place, so there is never a moment without a complete copy."""
+    if not target.exists():
+        os.replace(new_dir, target)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    old.rmdir()  # only the unique name is needed
+    os.replace(target, old)
+    try:
+        os.replace(new_dir, target)
+    except BaseException:
+        os.replace(old, target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")

@@ -44,6 +44,28 @@ def list_parquet_files(folder: str | Path) -> list[Path]:
     return files
 
 
+def open_parquet(path: Path):
+    """pq.ParquetFile, with a damaged or non-parquet file reported by name."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as exc:
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise DataError(f"{path}: not a readable parquet file ({first_line}); re-create or remove it") from None
+
+
+def read_row_group(parquet, path: Path, index: int, columns: list[str]):
+    import pyarrow as pa
+
+    try:
+        return parquet.read_row_group(index, columns=columns)
+    except (pa.ArrowException, OSError) as exc:
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise DataError(f"{path}: row group {index} cannot be read ({first_line}); re-create or remove the file") from None
+
+
 def _rows_from_list_column(column, expected_len: int | None, where: str) -> np.ndarray:
     """A pyarrow list column of equal-length rows -> (rows, length) int64 array, checking lengths."""
     import pyarrow as pa
@@ -70,25 +92,23 @@ def inspect_parquet_files(files: list[Path], max_length: int | None) -> int:
 
     Runs before any training work so bad data fails in seconds, not after model loading.
     """
-    import pyarrow.parquet as pq
-
     row_len = None if max_length is None else max_length + 1
     total_rows = 0
     for path in files:
-        pf = pq.ParquetFile(path)
+        pf = open_parquet(path)
         names = pf.schema_arrow.names
         missing = [c for c in REQUIRED_COLUMNS if c not in names]
         if missing:
             raise DataError(f"{path}: missing column(s) {missing}; found {names}")
         total_rows += pf.metadata.num_rows
         if row_len is None and pf.metadata.num_rows:
-            first = pf.read_row_group(0, columns=["input_ids"]).column("input_ids")
+            first = read_row_group(pf, path, 0, ["input_ids"]).column("input_ids")
             row_len = len(first[0])
     if total_rows == 0:
         raise DataError(f"the parquet files in {str(files[0].parent)!r} hold no rows")
-    first = pq.ParquetFile(files[0])
+    first = open_parquet(files[0])
     if first.num_row_groups:
-        table = first.read_row_group(0, columns=list(REQUIRED_COLUMNS))
+        table = read_row_group(first, files[0], 0, list(REQUIRED_COLUMNS))
         for column in REQUIRED_COLUMNS:
             _rows_from_list_column(table.column(column), row_len, f"{files[0]} column {column}")
     return row_len - 1
@@ -140,15 +160,13 @@ class ParquetStream:
         Reads `input_ids`, `attention_mask` and, where the shards carry one (chat SFT data from
         preprocess_data_packing.py), `loss_mask`.
         """
-        import pyarrow.parquet as pq
-
         key = (epoch, file_idx, row_group_idx)
         if self._cache_key == key:
             return self._cache
         path = self.files_for_epoch(epoch)[file_idx]
-        parquet = pq.ParquetFile(path)
+        parquet = open_parquet(path)
         columns = list(REQUIRED_COLUMNS) + [c for c in OPTIONAL_COLUMNS if c in parquet.schema_arrow.names]
-        table = parquet.read_row_group(row_group_idx, columns=columns)
+        table = read_row_group(parquet, path, row_group_idx, columns)
         where = f"{path} row group {row_group_idx}"
         arrays = {c: _rows_from_list_column(table.column(c), self.row_len, f"{where} {c}") for c in columns}
         if self.shuffle:
@@ -159,9 +177,7 @@ class ParquetStream:
         return arrays
 
     def _num_row_groups(self, epoch: int, file_idx: int) -> int:
-        import pyarrow.parquet as pq
-
-        return pq.ParquetFile(self.files_for_epoch(epoch)[file_idx]).num_row_groups
+        return open_parquet(self.files_for_epoch(epoch)[file_idx]).num_row_groups
 
     def next_batch(self) -> dict[str, torch.Tensor] | None:
         """The next micro-batch of this rank, or None when this rank's data is exhausted."""

@@ -32,6 +32,10 @@ LAUNCH_ENV_VARIABLES = (
 )
 
 
+class LaunchError(ValueError):
+    """A launch setting the user can fix (device, rank variables)."""
+
+
 @dataclass
 class DistEnv:
     rank: int = 0
@@ -59,7 +63,7 @@ def read_launch_env(environ=None) -> tuple[int, int, int]:
             rank, world = int(environ[rank_key]), int(environ[world_key])
             local = int(environ.get(local_key, rank))
             if not 0 <= rank < world:
-                raise ValueError(f"{rank_key}={rank} is outside [0, {world_key}={world})")
+                raise LaunchError(f"{rank_key}={rank} is outside [0, {world_key}={world})")
             return rank, world, local
     return 0, 1, 0
 
@@ -68,11 +72,15 @@ def resolve_device(device: str, local_rank: int = 0) -> torch.device:
     """'auto' -> cuda (the local rank's GPU) if present, else cpu; or an explicit 'cpu' / 'cuda[:i]'."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise LaunchError(f"--device={device} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise LaunchError(f"--device={device} but no CUDA device is visible; use --device=cpu (or auto)")
     if device == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("--device=cuda but no CUDA device is visible")
         return torch.device("cuda", local_rank % torch.cuda.device_count())
-    return torch.device(device)
+    return parsed
 
 
 def _default_master_addr(environ) -> str:

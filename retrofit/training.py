@@ -147,14 +147,30 @@ class MetricsLogger:
                 except Exception as exc:  # a wandb login/network problem must not stop training
                     print(f"wandb.init failed ({exc}); logging to metrics.jsonl only", file=sys.stderr)
 
-    def truncate_after(self, step: int) -> None:
-        """Drop records past `step` (written by a run that died after its last checkpoint)."""
+    def truncate_after(self, step: int) -> int:
+        """Keep only the records up to `step` (0: none) and return how many were dropped: records
+        of a run that died after its last checkpoint (or before its first), and a last line cut
+        short by a kill mid-write."""
         if not self.enabled or not self.path.exists():
-            return
-        kept = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+            return 0
+        lines = [line for line in self.path.read_text().splitlines() if line.strip()]
+        kept, dropped = [], 0
+        for number, line in enumerate(lines, start=1):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                if number == len(lines):  # the write a kill interrupted
+                    dropped += 1
+                    continue
+                raise ValueError(f"{self.path} line {number} is not JSON; repair or delete that line") from None
+            if record["step"] <= step:
+                kept.append(line)
+            else:
+                dropped += 1
         tmp = self.path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         os.replace(tmp, self.path)
+        return dropped
 
     def log(self, record: dict) -> None:
         if not self.enabled:

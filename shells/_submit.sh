@@ -2,7 +2,7 @@
 # Run one command as a multi-node job: N nodes x G GPUs, one task per GPU, on SLURM or flux,
 # or right here with torchrun. Training commands (anything running train.py) get
 # --resume_path=auto appended and are requeued after preemption or near the time limit, so a
-# long run is a chain of jobs that each resume from the newest complete checkpoint.
+# long run is a chain of jobs that each resume from the newest checkpoint that verifies.
 set -euo pipefail
 
 # shellcheck source=shells/_common.sh
@@ -157,6 +157,11 @@ job_name=${job_name//[^A-Za-z0-9._-]/_}
 
 log_dir=${LOG_DIR:-$REPO_ROOT/logs}
 [[ "$log_dir" == /* ]] || log_dir="$REPO_ROOT/$log_dir"
+# The log path goes into #SBATCH / #flux: lines inside double quotes (both parsers strip them, so
+# spaces are fine); a double quote, backslash or newline in it could not be written there.
+case "$log_dir" in
+    *'"'* | *'\'* | *$'\n'*) die "LOG_DIR '$log_dir' contains a double quote, backslash or newline; choose another folder" ;;
+esac
 ext=$([[ "$scheduler" == slurm ]] && echo sbatch || echo flux)
 script_path="$log_dir/$job_name-$(date +%Y%m%d-%H%M%S)-$$.$ext"
 
@@ -185,7 +190,7 @@ slurm_header() {
     echo "#SBATCH --time=$time_limit"
     [[ -z "${SLURM_ACCOUNT:-}" ]] || echo "#SBATCH --account=$SLURM_ACCOUNT"
     [[ -z "${SLURM_QOS:-}" ]] || echo "#SBATCH --qos=$SLURM_QOS"
-    echo "#SBATCH --output=$log_dir/%x-%j.out"
+    echo "#SBATCH --output=\"$log_dir/%x-%j.out\""
     echo "#SBATCH --open-mode=append"
     if $requeue; then
         echo "#SBATCH --requeue"
@@ -209,7 +214,7 @@ flux_header() {
         [[ -z "${FLUX_QUEUE:-}" ]] || echo "#flux: --queue=$FLUX_QUEUE"
     fi
     [[ -z "${FLUX_BANK:-}" ]] || echo "#flux: --bank=$FLUX_BANK"
-    echo "#flux: --output=$log_dir/$job_name-{{id}}.out"
+    echo "#flux: --output=\"$log_dir/$job_name-{{id}}.out\""
     local extra
     # shellcheck disable=SC2086
     for extra in ${FLUX_EXTRA:-}; do echo "#flux: $extra"; done

@@ -196,3 +196,17 @@ def test_parse_recurrences():
     assert parse_recurrences([16, "32"]) == [16, 32]
     with pytest.raises(EvalError, match="'x' is not an integer"):
         parse_recurrences("1,x")
+
+
+def test_cli_runs_this_repos_model_code_unless_asked(eval_run_dir, shard, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(eval_run_dir / "model_only_chkpt_10", run / "model_only_chkpt_10")
+    marker = tmp_path / "checkpoint_code_ran"
+    with open(run / "model_only_chkpt_10" / "modeling_raven.py", "a") as handle:
+        handle.write(f"\nimport pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n")
+    monkeypatch.chdir(tmp_path)
+    common = ["--eval_file_path", shard, "--recurrences", "1,2", "--num_sequences", 2, "--device", "cpu", "--overwrite"]
+    assert run_cli(run, "10", *common) == 0 and not marker.exists()
+    assert run_cli(run, "10", *common, "--trust_remote_code") == 0 and marker.read_text() == "ran"

@@ -54,3 +54,20 @@ def test_generate_shell_wrapper(recurrent_dir):
                              "--max_new_tokens", "4", "--num_steps", "2"], capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr
     assert "mean depth 2.00" in result.stderr
+
+
+def test_generate_runs_this_repos_model_code_unless_asked(recurrent_dir, tmp_path, capsys):
+    """The modeling file copied beside the weights is not executed by default (a checkpoint from
+    someone else could put anything there); --trust_remote_code runs it."""
+    import shutil
+
+    tampered = tmp_path / "tampered"
+    shutil.copytree(recurrent_dir, tampered)
+    marker = tmp_path / "checkpoint_code_ran"
+    with open(tampered / "modeling_raven.py", "a") as handle:
+        handle.write(f"\nimport pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n")
+    gen = load_generate()
+    args = [str(tampered), "--prompt", "Ava", "--max_new_tokens", "2", "--num_steps", "2", "--no_chat"]
+    assert gen.main(args) == 0 and not marker.exists()
+    assert "mean depth 2.00" in capsys.readouterr().err
+    assert gen.main(args + ["--trust_remote_code"]) == 0 and marker.read_text() == "ran"

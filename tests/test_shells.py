@@ -196,7 +196,7 @@ def test_slurm_submission_nodes_gpus_time_requeue_and_resume(cluster):
         "--account=myaccount",
         "--requeue",
         "--signal=B:USR1@120",
-        f"--output={cluster.log_dir}/%x-%j.out",
+        f'--output="{cluster.log_dir}/%x-%j.out"',
     ):
         assert expected in d, (expected, d)
     assert not any(x.startswith("--qos") for x in d)  # empty config values are left out
@@ -356,7 +356,7 @@ def test_local_two_process_training_run(cluster, tmp_path, train_raven_dir, trai
         extra_env={"HF_HUB_OFFLINE": "1"},
     )  # fmt: skip
     assert "torchrun" in proc.stderr or "torch.distributed.run" in proc.stderr
-    assert "--resume_path=auto: no complete checkpoint" in proc.stdout  # appended by _submit.sh
+    assert "--resume_path=auto: no checkpoint in" in proc.stdout  # appended by _submit.sh
     assert "2 process(es) on cpu" in proc.stdout and "finished at step 2" in proc.stdout
     run_dir = tmp_path / "local2"
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -376,6 +376,7 @@ def test_local_two_process_training_run(cluster, tmp_path, train_raven_dir, trai
         (["--", "python", "train.py"], {"SCHEDULER": ""}, "SCHEDULER is not set"),
         (["--", "python", "train.py"], {"GPUS_PER_NODE": ""}, "GPUS_PER_NODE is not set"),
         (["--", "python", "train.py"], {"MACHINE_CONFIG": "/nonexistent/config.sh"}, "MACHINE_CONFIG=/nonexistent/config.sh does not exist"),
+        (["--", "python", "train.py"], {"LOG_DIR": '/tmp/say "hi"'}, "contains a double quote"),
     ],
 )
 def test_submit_errors_are_one_line(cluster, args, env, message):
@@ -383,6 +384,18 @@ def test_submit_errors_are_one_line(cluster, args, env, message):
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: ") and message in proc.stderr, proc.stderr
     assert cluster.calls() == []
+
+
+@pytest.mark.parametrize("scheduler,prefix,log_name", [("slurm", "#SBATCH", "%x-%j.out"), ("flux", "#flux:", "demo-{{id}}.out")])
+def test_log_folder_with_spaces_is_quoted_in_the_directives(cluster, tmp_path, scheduler, prefix, log_name):
+    log_dir = tmp_path / "my logs"
+    cluster.run(SUBMIT, "--scheduler", scheduler, "--", "python", "train.py", "--run_name=demo",
+                extra_env={"LOG_DIR": str(log_dir)})
+    (output,) = [d for d in directives(cluster.submitted_script("sbatch" if scheduler == "slurm" else "flux"), prefix)
+                 if d.startswith("--output=")]
+    # both schedulers split directive lines shell-style (flux: shlex; sbatch strips double quotes)
+    assert shlex.split(output) == [f"--output={log_dir}/{log_name}"]
+    assert log_dir.is_dir()
 
 
 def test_submit_without_command_prints_usage(cluster):

@@ -248,23 +248,6 @@ def test_error_cases_exit_2_with_a_clear_message(tmp_path, capsys, train_raven_d
     expect([f"--preprocessed_data_path={train_parquet_dir}", "--non_recurrent_model=true"], "is a recurrent model")
 
 
-def test_nan_loss_stops_with_step_and_checkpoint(tmp_path, capsys, tokenizer, tokenizer_dir, train_parquet_dir):
-    from retrofit.checkpoint import find_latest_checkpoint, load_training_state
-    from retrofit.modeling_raven import RavenForCausalLM
-
-    model_dir = save_raven_model(tiny_raven_config(len(tokenizer)), tmp_path / "model", tokenizer_dir)
-    model = RavenForCausalLM.from_pretrained(model_dir)
-    with torch.no_grad():
-        model.lm_head.weight[3, 0] = float("nan")
-    model.save_pretrained(model_dir)
-    code = main_in_process([f"--model_name={model_dir}", f"--preprocessed_data_path={train_parquet_dir}",
-                            "--is_parquet_dataset=true", "--max_steps=3", f"--out_path={tmp_path}", "--run_name=nan"])
-    assert code == 1
-    err = capsys.readouterr().err
-    assert "non-finite loss at optimizer step 1" in err and "checkpoint_0" in err
-    assert load_training_state(find_latest_checkpoint(tmp_path / "nan"))["optimizer_step"] == 0
-
-
 def test_init_from_scratch_ellis_adam_fixed_steps(tmp_path, train_raven_dir, train_parquet_dir):
     from retrofit.checkpoint import load_training_state
     from retrofit.modeling_raven import RavenForCausalLM

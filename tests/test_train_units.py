@@ -331,7 +331,7 @@ def test_latest_checkpoint_ignores_incomplete_and_temporary(tmp_path):
     (tmp_path / "checkpoint_6").mkdir()  # a folder without the COMPLETE marker
     (tmp_path / ".checkpoint_8.tmp-abcd").mkdir()  # a save killed before its rename
     assert ckpt.find_latest_checkpoint(tmp_path) == tmp_path / "checkpoint_4"
-    with pytest.raises(FileNotFoundError, match="not a complete full checkpoint"):
+    with pytest.raises(ckpt.CheckpointError, match="is not a full checkpoint"):
         ckpt.load_training_state(tmp_path / "checkpoint_6")
     # a failed save leaves the previous copy in place
     with pytest.raises(RuntimeError):

@@ -1,0 +1,440 @@
+"""Runs never lose work: train.py refuses to overwrite a run, checkpoints are checksummed and
+verified, auto-resume falls back past damaged ones, non-finite states are never saved,
+metrics.jsonl survives kills, changed settings are refused on resume, and user mistakes end in
+one `error:` line. Real tiny runs (in-process where possible), real files damaged on disk."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import random
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, save_raven_model, tiny_raven_config  # noqa: E402
+from retrofit import checkpoint as ckpt
+from retrofit.training import MetricsLogger
+
+TRAIN = str(ROOT / "train.py")
+
+
+def run_train(args: list[str]) -> int:
+    import train as train_module
+
+    return train_module.main(args + ["--wandb_disabled=true"])
+
+
+def error_lines(capsys) -> tuple[list[str], str]:
+    captured = capsys.readouterr()
+    return [line for line in captured.err.splitlines() if line.startswith("error: ")], captured.out + captured.err
+
+
+def read_steps(run_dir: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def stable_metrics(run_dir: Path) -> list[dict]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "tokens_per_second"} for r in records]
+
+
+def final_weights(run_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(run_dir / "final_checkpoint" / "model.safetensors")
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def base_args(train_raven_dir, train_parquet_dir):
+    return [f"--model_name={train_raven_dir}", f"--preprocessed_data_path={train_parquet_dir}",
+            "--is_parquet_dataset=true", "--max_length=32", "--micro_batch_size=2", "--batch_size=2",
+            "--max_steps=4", "--save_interval=1", "--optim_config.lr=1e-3", "--mean_recurrence_schedule.turn_on=true",
+            "--mean_recurrence_schedule.max_mean_rec=3", "--mean_recurrence_schedule.warmup=0.5"]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, base_args):
+    """A 4-step run with checkpoint_2, checkpoint_4, model_only_chkpt_1..4 and final_checkpoint."""
+    out = tmp_path_factory.mktemp("finished")
+    assert run_train(base_args + [f"--out_path={out}", "--run_name=ref"]) == 0
+    return out / "ref"
+
+
+def copy_run(finished_run: Path, tmp_path: Path, name: str) -> Path:
+    target = tmp_path / name
+    shutil.copytree(finished_run, target)
+    return target
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint files: checksums, weights_only, RNG state, non-finite values
+# ---------------------------------------------------------------------------------------------
+def damage(path: Path, kind: str) -> None:
+    data = bytearray(path.read_bytes())
+    if kind == "truncated":
+        data = data[: len(data) // 2]
+    elif kind == "4 bytes overwritten":
+        middle = len(data) // 2
+        data[middle : middle + 4] = bytes(4 - i for i in range(4)) if data[middle : middle + 4] != bytes([4, 3, 2, 1]) else b"abcd"
+    elif kind == "one bit flipped":
+        data[len(data) // 3] ^= 0x01
+    else:
+        raise ValueError(kind)
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("kind", ["truncated", "4 bytes overwritten", "one bit flipped"])
+def test_checksums_catch_damage(tmp_path, kind):
+    state = {"optimizer_step": 2, "model": {"w": torch.arange(1000, dtype=torch.float32)}}
+    ckpt.save_training_state(tmp_path / "checkpoint_2", state)
+    marker = json.loads((tmp_path / "checkpoint_2" / ckpt.COMPLETE_MARKER).read_text())
+    assert set(marker["files"]) == {ckpt.STATE_FILE} and len(marker["files"][ckpt.STATE_FILE]["sha256"]) == 64
+    assert ckpt.verify_checkpoint(tmp_path / "checkpoint_2") is None
+    damage(tmp_path / "checkpoint_2" / ckpt.STATE_FILE, kind)
+    problem = ckpt.verify_checkpoint(tmp_path / "checkpoint_2")
+    assert problem is not None and ckpt.STATE_FILE in problem
+    with pytest.raises(ckpt.CheckpointError, match="does not verify"):
+        ckpt.load_training_state(tmp_path / "checkpoint_2")
+
+
+def test_latest_checkpoint_is_the_newest_that_verifies(tmp_path):
+    for step in (2, 4, 6):
+        ckpt.save_training_state(tmp_path / f"checkpoint_{step}", {"optimizer_step": step})
+    damage(tmp_path / "checkpoint_6" / ckpt.STATE_FILE, "one bit flipped")
+    (tmp_path / "checkpoint_8").mkdir()  # a copy cut short: no COMPLETE marker
+    assert ckpt.list_checkpoints(tmp_path) == [tmp_path / f"checkpoint_{s}" for s in (8, 6, 4, 2)]
+    assert ckpt.find_latest_checkpoint(tmp_path) == tmp_path / "checkpoint_4"
+    assert "no COMPLETE marker" in ckpt.verify_checkpoint(tmp_path / "checkpoint_8")
+    (tmp_path / "checkpoint_4" / ckpt.COMPLETE_MARKER).write_text('{"optimizer_step": 4}\n')  # the old format
+    assert "lists no checksums" in ckpt.verify_checkpoint(tmp_path / "checkpoint_4")
+
+
+class RunsCode:
+    """A pickle that would create a file when unpickled without weights_only."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # the hostile file is a plain pickle
+def test_training_state_from_someone_else_cannot_run_code(tmp_path):
+    marker = tmp_path / "code_ran"
+    folder = tmp_path / "checkpoint_2"
+    folder.mkdir()
+    with open(folder / ckpt.STATE_FILE, "wb") as handle:
+        pickle.dump({"optimizer_step": 2, "payload": RunsCode(str(marker))}, handle)
+    ckpt.write_complete_marker(folder, optimizer_step=2)  # checksums match: only loading can refuse it
+    with pytest.raises(ckpt.CheckpointError, match="does not load"):
+        ckpt.load_training_state(folder)
+    assert not marker.exists()
+
+
+def test_rng_state_round_trips_through_a_weights_only_load(tmp_path):
+    random.seed(3), np.random.seed(4), torch.manual_seed(5)
+    np.random.normal()  # leaves a cached gaussian in numpy's state
+    ckpt.save_training_state(tmp_path / "checkpoint_1", {"optimizer_step": 1, "rng": [ckpt.capture_rng_state()]})
+    expected = (random.random(), float(np.random.normal()), torch.rand(3))
+    random.seed(0), np.random.seed(0), torch.manual_seed(0)
+    ckpt.restore_rng_state(ckpt.load_training_state(tmp_path / "checkpoint_1")["rng"][0])
+    again = (random.random(), float(np.random.normal()), torch.rand(3))
+    assert again[:2] == expected[:2] and torch.equal(again[2], expected[2])
+
+
+def test_non_finite_entries_names_the_tensors():
+    state = {"model": {"a": torch.ones(3), "b": torch.tensor([1.0, float("nan")])},
+             "optimizer": {"state": {0: {"exp_avg_sq": torch.tensor([float("inf")]), "step": torch.tensor(3)}}},
+             "lr": float("nan"), "ids": torch.tensor([1, 2])}
+    assert ckpt.non_finite_entries(state) == ["model.b", "optimizer.state.0.exp_avg_sq", "lr"]
+    assert ckpt.non_finite_entries({"model": {"a": torch.ones(2)}, "step": 3}) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# metrics.jsonl
+# ---------------------------------------------------------------------------------------------
+def test_metrics_truncation_drops_a_partial_last_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "lo')  # killed mid-write
+    logger = MetricsLogger(path, wandb_kwargs=None)
+    assert logger.truncate_after(2) == 1
+    assert path.read_text() == '{"step": 1}\n{"step": 2}\n'
+    assert logger.truncate_after(0) == 2 and path.read_text() == ""
+    path.write_text('{"step": 1}\ngarbage\n{"step": 2}\n')
+    with pytest.raises(ValueError, match="line 2 is not JSON"):
+        logger.truncate_after(2)
+
+
+# ---------------------------------------------------------------------------------------------
+# A run folder that holds a run is never overwritten by accident
+# ---------------------------------------------------------------------------------------------
+def test_refuses_to_train_over_a_run_unless_asked(tmp_path, capsys, base_args, finished_run):
+    run = copy_run(finished_run, tmp_path, "ref")
+    before = snapshot(run)
+    assert run_train(base_args + [f"--out_path={tmp_path}", "--run_name=ref"]) == 2
+    errors, _ = error_lines(capsys)
+    assert len(errors) == 1 and "already holds a run" in errors[0]
+    assert "--resume_path=auto" in errors[0] and "--overwrite=true" in errors[0]
+    assert snapshot(run) == before
+
+    # --overwrite=true must not delete the model it is about to train
+    inside = ["--model_name=" + str(run / "final_checkpoint")]
+    assert run_train(base_args + inside + [f"--out_path={tmp_path}", "--run_name=ref", "--overwrite=true"]) == 2
+    errors, _ = error_lines(capsys)
+    assert len(errors) == 1 and "would delete --model_name" in errors[0]
+    assert snapshot(run) == before
+    assert run_train(base_args + [f"--out_path={tmp_path}", "--run_name=ref", "--overwrite=true",
+                                  "--resume_path=auto"]) == 2
+    assert "pass only one" in error_lines(capsys)[0][0]
+
+    # asked: the old run is deleted first, then a fresh run; metrics hold one run, not two
+    (run / "checkpoint_6").mkdir()  # something only the old run had
+    assert run_train(base_args + [f"--out_path={tmp_path}", "--run_name=ref", "--overwrite=true"]) == 0
+    _, printed = error_lines(capsys)
+    assert "--overwrite=true: deleted the previous run" in printed
+    assert read_steps(run) == [1, 2, 3, 4] and not (run / "checkpoint_6").exists()
+    assert stable_metrics(run) == stable_metrics(finished_run)
+
+
+def test_auto_resume_of_a_finished_run_without_full_checkpoint_is_refused(tmp_path, capsys, base_args, finished_run):
+    run = copy_run(finished_run, tmp_path, "ref")
+    for path in run.glob("checkpoint_*"):
+        shutil.rmtree(path)
+    before = snapshot(run)
+    assert run_train(base_args + [f"--out_path={tmp_path}", "--run_name=ref", "--resume_path=auto"]) == 2
+    errors, _ = error_lines(capsys)
+    assert len(errors) == 1 and "finished run" in errors[0]
+    assert snapshot(run) == before
+
+
+# ---------------------------------------------------------------------------------------------
+# Auto-resume verifies, falls back, never restarts silently
+# ---------------------------------------------------------------------------------------------
+def _verified_but_unloadable(path: Path) -> None:
+    path.write_bytes(b"not a torch file at all")
+    ckpt.write_complete_marker(path.parent, optimizer_step=4)
+
+
+def _verified_but_nan(path: Path) -> None:
+    state = torch.load(path, weights_only=True)
+    next(iter(state["model"].values())).view(-1)[0] = float("nan")
+    torch.save(state, path)
+    ckpt.write_complete_marker(path.parent, optimizer_step=4)
+
+
+DAMAGE = {
+    "truncated": ("does not verify", lambda p: damage(p, "truncated")),
+    "4 bytes overwritten": ("does not verify", lambda p: damage(p, "4 bytes overwritten")),
+    "one bit flipped": ("does not match its checksum", lambda p: damage(p, "one bit flipped")),
+    "COMPLETE deleted": ("no COMPLETE marker", lambda p: (p.parent / ckpt.COMPLETE_MARKER).unlink()),
+    "verifies but does not load": ("does not load", _verified_but_unloadable),
+    "verifies but holds NaN": ("holds non-finite values", _verified_but_nan),
+}
+
+
+@pytest.mark.parametrize("kind", list(DAMAGE))
+def test_auto_resume_skips_a_damaged_newest_checkpoint(tmp_path, capsys, base_args, finished_run, kind):
+    reason, apply_damage = DAMAGE[kind]
+    run = copy_run(finished_run, tmp_path, "ref")
+    shutil.rmtree(run / "final_checkpoint")
+    apply_damage(run / "checkpoint_4" / ckpt.STATE_FILE)
+    assert run_train(base_args + [f"--out_path={tmp_path}", "--run_name=ref", "--resume_path=auto"]) == 0
+    _, printed = error_lines(capsys)
+    skip_line = next(line for line in printed.splitlines() if "skipping checkpoint_4" in line)
+    assert reason in skip_line
+    assert f"resumed from {run / 'checkpoint_2'} at optimizer step 2" in printed
+    # steps 3 and 4 are redone exactly: same metrics, same final weights, a good checkpoint_4 again
+    assert stable_metrics(run) == stable_metrics(finished_run)
+    reference, resumed = final_weights(finished_run), final_weights(run)
+    assert all(torch.equal(reference[k], resumed[k]) for k in reference)
+    assert ckpt.verify_checkpoint(run / "checkpoint_4") is None
+
+
+def test_no_verified_checkpoint_is_an_error_not_a_fresh_start(tmp_path, capsys, base_args, finished_run):
+    run = copy_run(finished_run, tmp_path, "ref")
+    shutil.rmtree(run / "final_checkpoint")
+    damage(run / "checkpoint_4" / ckpt.STATE_FILE, "truncated")
+    damage(run / "checkpoint_2" / ckpt.STATE_FILE, "one bit flipped")
+    before = snapshot(run)
+    assert run_train(base_args + [f"--out_path={tmp_path}", "--run_name=ref", "--resume_path=auto"]) == 2
+    errors, _ = error_lines(capsys)
+    assert len(errors) == 1 and "no checkpoint" in errors[0] and "verifies" in errors[0]
+    assert "checkpoint_4 (" in errors[0] and "checkpoint_2 (" in errors[0]
+    assert snapshot(run) == before
+    # an explicit --resume_path to a damaged checkpoint is an error too (no fallback)
+    assert run_train(base_args + [f"--out_path={tmp_path}", "--run_name=ref",
+                                  f"--resume_path={run / 'checkpoint_4'}"]) == 2
+    errors, _ = error_lines(capsys)
+    assert len(errors) == 1 and "checkpoint_4: does not verify" in errors[0]
+
+
+def test_resume_with_changed_settings_is_refused(tmp_path, capsys, base_args, finished_run):
+    run = copy_run(finished_run, tmp_path, "ref")
+    shutil.rmtree(run / "final_checkpoint")
+    shutil.rmtree(run / "checkpoint_4")
+    before = snapshot(run)
+    changed = ["--batch_size=4", "--seed=5", "--max_steps=6", "--mean_recurrence_schedule.max_mean_rec=4"]
+    assert run_train(base_args + [f"--out_path={tmp_path}", "--run_name=ref", "--resume_path=auto"] + changed) == 2
+    errors, _ = error_lines(capsys)
+    assert len(errors) == 1, errors
+    for expected in ("batch_size 2 -> 4", "seed 74 -> 5", "max_steps 4 -> 6", "curriculum max_mean_rec 3 -> 4"):
+        assert expected in errors[0], expected
+    assert "micro_batch_size 2 ->" not in errors[0]
+    assert snapshot(run) == before
+    # --ignore_past_scheduler=true keeps its meaning (restart the LR schedule) and so allows a longer run
+    assert run_train(base_args + [f"--out_path={tmp_path}", "--run_name=ref", "--resume_path=auto", "--max_steps=5",
+                                  "--ignore_past_scheduler=true"]) == 0
+    assert read_steps(run) == [1, 2, 3, 4, 5]
+
+
+# ---------------------------------------------------------------------------------------------
+# Non-finite values are never saved
+# ---------------------------------------------------------------------------------------------
+def test_nan_weights_are_never_saved(tmp_path, capsys, tokenizer, tokenizer_dir, train_parquet_dir):
+    from retrofit.modeling_raven import RavenForCausalLM
+
+    model_dir = save_raven_model(tiny_raven_config(len(tokenizer)), tmp_path / "model", tokenizer_dir)
+    model = RavenForCausalLM.from_pretrained(model_dir)
+    with torch.no_grad():
+        model.lm_head.weight[3, 0] = float("nan")
+    model.save_pretrained(model_dir)
+    code = run_train([f"--model_name={model_dir}", f"--preprocessed_data_path={train_parquet_dir}",
+                      "--is_parquet_dataset=true", "--max_steps=3", f"--out_path={tmp_path}", "--run_name=nan"])
+    assert code == 1
+    errors, _ = error_lines(capsys)
+    assert len(errors) == 1 and "non-finite loss at optimizer step 1" in errors[0]
+    assert "not saving checkpoint_0" in errors[0] and "lm_head.weight" in errors[0]
+    assert not list((tmp_path / "nan").glob("checkpoint_*"))
+
+    # finite but huge weights overflow the logits: the loss is not finite, the weights are, so the
+    # weights from before the step are saved (and verify)
+    with torch.no_grad():
+        model.lm_head.weight[3] = 3e38
+    model.save_pretrained(model_dir)
+    code = run_train([f"--model_name={model_dir}", f"--preprocessed_data_path={train_parquet_dir}",
+                      "--is_parquet_dataset=true", "--max_steps=3", f"--out_path={tmp_path}", "--run_name=overflow"])
+    assert code == 1
+    errors, _ = error_lines(capsys)
+    assert len(errors) == 1 and "non-finite loss at optimizer step 1" in errors[0]
+    assert "the weights before this step are in" in errors[0]
+    assert ckpt.load_training_state(tmp_path / "overflow" / "checkpoint_0")["optimizer_step"] == 0
+
+
+def test_non_finite_optimizer_state_is_never_saved(tmp_path, base_args):
+    import train as train_module
+    from retrofit import distributed as dist_utils
+
+    cfg = train_module.parse_config(base_args + ["--max_steps=1", f"--out_path={tmp_path}", "--run_name=inf",
+                                                 "--wandb_disabled=true"])
+    trainer = train_module.Trainer(cfg, dist_utils.setup("cpu"))
+    try:
+        assert trainer.train().startswith("finished at step 1")
+    finally:
+        trainer.metrics.close()
+        trainer.watcher.close()
+    # an overflowed second moment (finite weights): the full checkpoint is refused, nothing written
+    state = next(iter(trainer.optimizer.state.values()))
+    state["exp_avg_sq"].view(-1)[0] = float("inf")
+    with pytest.raises(train_module.TrainingError, match=r"not saving checkpoint_1 .*optimizer\.state\.\d+\.exp_avg_sq"):
+        trainer.save_full_checkpoint()
+    assert not list((tmp_path / "inf").glob("checkpoint_*")) and not list((tmp_path / "inf").glob(".checkpoint_*"))
+
+
+# ---------------------------------------------------------------------------------------------
+# User mistakes: one `error:` line, exit status 2, nothing written
+# ---------------------------------------------------------------------------------------------
+def _garbage_parquet(tmp_path):
+    folder = tmp_path / "garbage"
+    folder.mkdir()
+    (folder / "shard-00000.parquet").write_bytes(b"PAR1 this is not parquet" * 10)
+    return folder
+
+
+def _read_only_out(tmp_path):
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    if _can_mkdir(str(folder / "probe")):  # root ignores permissions: sysfs refuses new folders even to root
+        if Path("/sys").is_dir() and not _can_mkdir("/sys/retrofit-out"):
+            return Path("/sys/retrofit-out")
+        pytest.skip("no read-only folder available")
+    return folder
+
+
+def _can_mkdir(path: str) -> bool:
+    try:
+        os.mkdir(path)
+    except OSError:
+        return False
+    os.rmdir(path)
+    return True
+
+
+MISTAKES = {
+    "model path does not exist": (lambda t, a: ["--model_name=/no/such/model"], "--model_name=/no/such/model does not exist"),
+    "garbage parquet file": (lambda t, a: [f"--preprocessed_data_path={_garbage_parquet(t)}"],
+                             "shard-00000.parquet: not a readable parquet file"),
+    "parquet without the flag": (lambda t, a: ["--is_parquet_dataset=false"], "pass --is_parquet_dataset=true"),
+    "max_mean_rec 0": (lambda t, a: ["--mean_recurrence_schedule.max_mean_rec=0"], "max_mean_rec=0 must be >= 1"),
+    "missing resume path": (lambda t, a: [f"--resume_path={t / 'nope'}"], "nope: does not exist"),
+    "resume from a model-only folder": (lambda t, a: [f"--resume_path={a}"], "holds model weights only"),
+    "cuda without a GPU": (lambda t, a: ["--device=cuda"], "--device=cuda but no CUDA device is visible"),
+    "unknown device": (lambda t, a: ["--device=gpu"], "--device=gpu is not a device"),
+    "read-only out_path": (lambda t, a: [f"--out_path={_read_only_out(t)}"], "cannot write to --out_path"),
+}
+
+
+@pytest.mark.parametrize("mistake", list(MISTAKES))
+def test_user_mistakes_are_one_line_errors(tmp_path, capsys, base_args, train_raven_dir, mistake):
+    if mistake == "cuda without a GPU" and torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    make_args, message = MISTAKES[mistake]
+    out = tmp_path / "out"
+    args = base_args + [f"--out_path={out}", "--run_name=r"] + make_args(tmp_path, train_raven_dir)
+    assert run_train(args) == 2
+    errors, _ = error_lines(capsys)
+    assert len(errors) == 1 and message in errors[0], errors
+    written = [p for p in out.rglob("*")] if out.exists() else []
+    assert not [p for p in written if p.is_file()]
+
+
+# ---------------------------------------------------------------------------------------------
+# kill -9 before the first checkpoint, in a real process
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_kill_before_first_checkpoint_then_auto_resume_has_each_step_once(tmp_path, base_args):
+    args = [a for a in base_args if not a.startswith(("--save_interval", "--max_steps"))]
+    args += ["--max_steps=6", "--save_interval=-1", f"--out_path={tmp_path}", "--run_name=k", "--resume_path=auto",
+             "--wandb_disabled=true"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, TRAIN, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=env, cwd=ROOT)
+    for line in proc.stdout:
+        if line.startswith("step 2/6"):
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait(timeout=60)
+    proc.stdout.close()
+    metrics = tmp_path / "k" / "metrics.jsonl"
+    logged = read_steps(tmp_path / "k")  # steps 1, 2 and maybe more before the kill landed
+    assert logged == list(range(1, len(logged) + 1)) and len(logged) >= 2
+    assert not list((tmp_path / "k").glob("checkpoint_*"))
+    with metrics.open("a") as handle:  # as if the kill had hit the next write half-way
+        handle.write(f'{{"step": {len(logged) + 1}, "data_st')
+    done = subprocess.run([sys.executable, TRAIN, *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "no checkpoint in" in done.stdout and f"dropped {len(logged) + 1} record(s) after step 0" in done.stdout
+    assert read_steps(tmp_path / "k") == [1, 2, 3, 4, 5, 6]
