@@ -61,6 +61,7 @@ def test_run_json_records_the_run_in_every_checkpoint(curriculum_run):
     import torch
 
     from retrofit import checkpoint as ckpt
+    from retrofit.configuration_raven import RavenConfig
     from retrofit.depth import MeanBackpropDepthSchedule, MeanRecurrenceSchedule, RecurrenceSchedule
     from retrofit.train_config import parse_config
 
@@ -70,7 +71,7 @@ def test_run_json_records_the_run_in_every_checkpoint(curriculum_run):
     assert record["settings"] == json.loads(json.dumps(dataclasses.asdict(parse_config(args))))
     assert (record["max_steps"], record["max_length"], record["world_size"]) == (MAX_STEPS, 32, 1)
     assert (record["tokens_per_step"], record["micro_batches_per_step"]) == (TOKENS_PER_STEP, 2)
-    assert record["recurrent"] and record["model_type"] == "huginn_raven"
+    assert record["recurrent"] and record["model_type"] == RavenConfig.model_type
     assert record["versions"]["torch"] == torch.__version__
     assert record["lr_schedule"] == {"warmup_steps": 1, "decay_steps": 1, "min_lr_ratio": 0.001, "lr_step_offset": 0}
     # the resolved schedule: both curricula as the flags gave them
