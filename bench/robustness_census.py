@@ -14,7 +14,8 @@ from conftest import (pack_token_rows, save_raven_model, tiny_raven_config, writ
                       tiny_llama_config)
 from retrofit.synthetic import arithmetic_problems, problem_text, train_tokenizer
 from transformers import AutoTokenizer
-import train as T
+from retrofit.train_config import parse_config
+from retrofit.trainer import run as run_training
 from retrofit import checkpoint as ckpt
 
 import tempfile; W = Path(tempfile.mkdtemp(prefix="census-"))
@@ -35,7 +36,7 @@ def run(args, watch=None):
     err, out = io.StringIO(), io.StringIO()
     try:
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
-            code = T.main(args)
+            code = run_training(parse_config(args))
     except SystemExit as e:
         code = e.code
     except Exception:
@@ -50,7 +51,7 @@ def run(args, watch=None):
 
 # a finished reference run
 ref = W / "runs" / "ref"
-assert T.main(base + [f"--out_path={W/'runs'}", "--run_name=ref"]) == 0
+assert run_training(parse_config(base + [f"--out_path={W/'runs'}", "--run_name=ref"])) == 0
 def fresh_copy(name, drop=()):
     d = W / "runs" / name; shutil.rmtree(d, ignore_errors=True); shutil.copytree(ref, d)
     for x in drop: shutil.rmtree(d / x)

@@ -6,6 +6,7 @@ Layout under `{out_path}/{run_name}/`:
 - `checkpoint_{step}/training_state.pt`: everything needed to continue exactly (model,
   optimizer, counters, data positions and RNG states of every rank, config), plus `COMPLETE`,
   a JSON file with the size and SHA-256 of every other file in the folder.
+- every one of them holds the run's `run.json` (retrofit/run_record.py), saved with it.
 
 Every directory is written under a hidden temporary name and renamed into place, so a job killed
 mid-save leaves at worst a `.tmp` folder that nothing picks up. What renames cannot catch (a disk
@@ -74,11 +75,15 @@ def remove_stale_temporaries(run_dir: str | Path) -> list[Path]:
     return removed
 
 
-def save_model_only(model, tokenizer, out_dir: str | Path) -> Path:
+def save_model_only(model, tokenizer, out_dir: str | Path, add_files=None) -> Path:
+    """`save_pretrained` model + tokenizer; `add_files(folder)` writes more files (run.json) into the
+    folder before it is renamed into place."""
     with atomic_directory(out_dir) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        if add_files is not None:
+            add_files(tmp)
     return Path(out_dir)
 
 
@@ -153,9 +158,13 @@ def non_finite_entries(tree, prefix: str = "", limit: int = 3) -> list[str]:
     return found
 
 
-def save_training_state(out_dir: str | Path, state: dict) -> Path:
+def save_training_state(out_dir: str | Path, state: dict, add_files=None) -> Path:
+    """The training state and its COMPLETE marker; `add_files(folder)` writes more files (run.json)
+    first, so the marker checksums them too."""
     with atomic_directory(out_dir) as tmp:
         torch.save(state, tmp / STATE_FILE)
+        if add_files is not None:
+            add_files(tmp)
         write_complete_marker(tmp, optimizer_step=state.get("optimizer_step"))
     return Path(out_dir)
 

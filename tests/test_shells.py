@@ -524,14 +524,13 @@ def dry_run_command(cluster, script: Path, name: str) -> list[str]:
 @pytest.mark.skipif(not (ROOT / "train.py").exists(), reason="train.py not written yet")
 def test_every_experiment_parses_and_validates_with_train_py(cluster):
     """train.py's own parser accepts every experiment's flags (names, types, consistency)."""
-    sys.path.insert(0, str(ROOT))
-    import train
+    from retrofit.train_config import parse_config
 
     for script in EXPERIMENT_SCRIPTS:
         for name in list_names(SHELLS / script):
             command = dry_run_command(cluster, SHELLS / script, name)
             assert command[:2] == ["python", "train.py"]
-            cfg = train.parse_config(command[2:])
+            cfg = parse_config(command[2:])
             cfg.validate()
             assert cfg.resume_path == "auto" and cfg.run_name and cfg.is_parquet_dataset
             assert cfg.batch_size % cfg.micro_batch_size == 0

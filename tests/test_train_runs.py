@@ -167,7 +167,7 @@ SEED_COMMANDS = [
 
 
 def test_seed_shell_commands_parse_and_one_runs(tmp_path, tokenizer, tokenizer_dir, corpus, tiny_llama_dir):
-    import train as train_module
+    from retrofit.train_config import parse_config
 
     data = write_token_parquet(pack_token_rows(tokenizer, corpus, 1025), tmp_path / "data", num_shards=2)
     model = save_raven_model(tiny_raven_config(len(tokenizer)), tmp_path / "model", tokenizer_dir)
@@ -176,7 +176,7 @@ def test_seed_shell_commands_parse_and_one_runs(tmp_path, tokenizer, tokenizer_d
         .replace("DATA", str(data)).replace("OUT", str(tmp_path / "out")).split()
         for c in SEED_COMMANDS
     ]
-    parsed = [train_module.parse_config(argv) for argv in commands]
+    parsed = [parse_config(argv) for argv in commands]
     assert parsed[0].muon.use_muon and parsed[0].muon.lr == 0.001 and parsed[0].optim_config.lr == 5e-5
     assert parsed[1].use_ellis_adam.use_ellis_adam and parsed[3].non_recurrent_model
     assert parsed[2].mean_recurrence_schedule.warmup_type == "1-sqrt"

@@ -43,9 +43,10 @@ def test_sampler_matches_hand_computation():
 
 
 def _schedule(**overrides):
-    import train
+    from retrofit.train_config import TrainConfig
+    from retrofit.trainer import build_schedule
 
-    cfg = train.TrainConfig()
+    cfg = TrainConfig()
     for key, value in overrides.items():  # "group.name": value
         group, name = key.split(".")
         setattr(getattr(cfg, group), name, value)
@@ -53,7 +54,7 @@ def _schedule(**overrides):
     class ModelConfig:
         mean_recurrence, mean_backprop_depth = 32, 8
 
-    return train.build_schedule(cfg, ModelConfig, max_steps=8)
+    return build_schedule(cfg, ModelConfig, max_steps=8)
 
 
 def test_curricula_hand_values():
@@ -111,7 +112,7 @@ def test_muon_groups_recurrent_model(tokenizer):
 
     model = RavenForCausalLM(tiny_raven_config(len(tokenizer)))
     opt = build_optimizer(model, lr=5e-5, weight_decay=1e-4, betas=(0.9, 0.95), eps=1e-8,
-                          use_muon=True, muon_lr=1e-3, muon_weight_decay=1e-4)
+                          kind="muon", muon_lr=1e-3, muon_weight_decay=1e-4)
     muon, adamw = opt.optimizers
     assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
     names = {id(p): n for n, p in model.named_parameters()}
@@ -366,18 +367,18 @@ def test_job_time_left_from_slurm_and_signals(monkeypatch):
 # Flags and the plain-HF loss
 # ---------------------------------------------------------------------------------------------
 def test_yaml_config_and_dotted_flags(tmp_path):
-    import train
+    from retrofit.train_config import parse_config
 
     (tmp_path / "run.yaml").write_text(
         "run_name: from-yaml\nmax_steps: 7\nmuon:\n  use_muon: true\n  lr: 0.002\n"
         "mean_recurrence_schedule:\n  turn_on: true\n  warmup_type: 1-sqrt\n"
     )
-    cfg = train.parse_config(["--config", str(tmp_path / "run.yaml"), "--muon.lr=0.003", "--device=cpu"])
+    cfg = parse_config(["--config", str(tmp_path / "run.yaml"), "--muon.lr=0.003", "--device=cpu"])
     assert (cfg.run_name, cfg.max_steps, cfg.muon.use_muon, cfg.muon.lr) == ("from-yaml", 7, True, 0.003)
     assert cfg.mean_recurrence_schedule.warmup_type == "1-sqrt" and cfg.mean_recurrence_schedule.max_mean_rec == 32
     assert cfg.seed == 74 and cfg.optim_config.betas == (0.9, 0.95) and cfg.device == "cpu"
     with pytest.raises(SystemExit):
-        train.parse_config(["--muon.not_a_flag=1"])
+        parse_config(["--muon.not_a_flag=1"])
 
 
 def test_plain_hf_model_loss_uses_aligned_labels(tiny_llama_dir):
