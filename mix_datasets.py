@@ -36,18 +36,15 @@ import sys
 import tempfile
 from pathlib import Path
 
-from retrofit.packing import (
+from retrofit.mixing import MixRequest, gather_rows, mix_order, parse_mix_spec, plan_mix
+from retrofit.rows import LOSS_MASK_COLUMN, DataError
+from retrofit.shards import (
     DEFAULT_ROW_GROUP_SIZE,
-    LOSS_MASK_COLUMN,
-    DataError,
-    MixRequest,
-    gather_rows,
+    check_output_folder,
     load_disk_table,
-    mix_order,
     normalize_packed_table,
-    open_packed_parquet,
-    parse_mix_spec,
-    plan_mix,
+    open_parquet,
+    read_row_group,
     write_parquet_shards,
 )
 
@@ -57,16 +54,12 @@ def parquet_to_arrow(files: list[Path], arrow_path: Path):
     source bigger than memory is fine); every file is checked first."""
     import pyarrow as pa
 
-    parquet_files = [open_packed_parquet(f) for f in files]
+    parquet_files = [open_parquet(f) for f in files]
     writer, schema = None, None
     with pa.OSFile(str(arrow_path), "wb") as sink:
         for path, pf in zip(files, parquet_files):
             for index in range(pf.num_row_groups):
-                try:
-                    table = pf.read_row_group(index)
-                except (pa.ArrowInvalid, OSError) as err:
-                    raise DataError(f"{path} row group {index} cannot be read ({str(err).splitlines()[0]})") from None
-                table = normalize_packed_table(table, f"{path} row group {index}")
+                table = normalize_packed_table(read_row_group(pf, path, index), f"{path} row group {index}")
                 if writer is None:
                     writer, schema = pa.ipc.new_stream(sink, table.schema), table.schema
                 elif not table.schema.equals(schema):
@@ -161,8 +154,8 @@ def main(argv: list[str] | None = None):
         if not cfg["sources"]:
             raise DataError("no mix sources (pass --sources or a config with sources)")
         out_dir = Path(cfg["out_dir"]) if cfg.get("out_dir") else None
-        if out_dir is not None and out_dir.exists() and not args.overwrite and not args.dry_run:
-            raise DataError(f"output folder {str(out_dir)!r} already exists (pass --overwrite to replace it)")
+        if out_dir is not None and not args.dry_run:
+            check_output_folder(out_dir, args.overwrite)
         base = Path(cfg.get("cache_path") or (out_dir.parent if out_dir else Path.cwd()))
         base.mkdir(parents=True, exist_ok=True)
         cache_root = Path(tempfile.mkdtemp(prefix=".mix-cache-", dir=base))

@@ -29,7 +29,10 @@ from pathlib import Path
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # parallelism comes from --num_proc
 
 from retrofit.data import DEFAULT_SYSTEM_PROMPT  # the original's system prompt, shared with train.py)
-from retrofit.packing import DataError, PackConfig, PackStats, atomic_output_dir, iter_packed_rows, load_disk_table, special_token_ids
+from retrofit.atomic import atomic_directory
+from retrofit.packing import PackConfig, PackStats, iter_packed_rows, special_token_ids
+from retrofit.rows import DataError
+from retrofit.shards import check_output_folder, load_disk_table
 
 
 def output_dir(save_path: str, tokenizer_name: str, out_path: str, pack: bool, wrapped_packing: bool) -> Path:
@@ -108,8 +111,7 @@ def process_data(
         raise DataError("--dataset_location is required (a folder written by save_to_disk)")
     out_path = out_path or Path(dataset_location.rstrip("/")).name
     target = output_dir(save_path, tokenizer_name, out_path, pack, wrapped_packing)
-    if target.exists() and not overwrite:
-        raise DataError(f"output folder {str(target)!r} already exists (pass --overwrite=true to replace it)")
+    check_output_folder(target, overwrite, "--overwrite=true")
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_name)
@@ -187,7 +189,8 @@ def save_packed_dataset(arrow_file: Path, target: Path, overwrite: bool, num_pro
 
     dataset = datasets.Dataset.from_file(str(arrow_file))
     num_shards = max(1, -(-dataset.data.nbytes // (2 * 1024**3)))  # the original's max_shard_size="2GB"
-    with atomic_output_dir(target, overwrite) as tmp:
+    check_output_folder(target, overwrite, "--overwrite=true")  # again: packing takes a while
+    with atomic_directory(target) as tmp:
         dataset.save_to_disk(
             str(tmp), num_shards=num_shards, num_proc=min(num_proc, num_shards) if num_shards > 1 else None
         )

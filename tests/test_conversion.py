@@ -241,21 +241,6 @@ def test_cli_refuses_an_output_that_is_or_holds_the_base_model(tiny_llama_dir, t
         assert {p.name: p.read_bytes() for p in base.iterdir()} == before
 
 
-def test_replacing_an_output_keeps_the_old_copy_until_the_new_one_is_in_place(tmp_path):
-    from retrofit.conversion import replace_directory
-
-    target, new = tmp_path / "out", tmp_path / ".out.tmp-1"
-    target.mkdir()
-    (target / "old.txt").write_text("old")
-    with pytest.raises(FileNotFoundError):  # the new copy vanished: the old one is put back
-        replace_directory(new, target)
-    assert (target / "old.txt").read_text() == "old"
-    new.mkdir()
-    (new / "new.txt").write_text("new")
-    replace_directory(new, target)
-    assert [p.name for p in target.iterdir()] == ["new.txt"] and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
-
-
 def test_cli_errors_for_wrong_family_missing_files_and_bad_dtype(tiny_llama_dir, tiny_olmo2_dir, tmp_path, capsys):
     common = ["--prelude_idx", "0", "--core_idx", "1", "--coda_idx", "2"]
     code, _, err = run_main(capsys, "llama", "--model_name", str(tiny_olmo2_dir), "--save_name", str(tmp_path / "w"), *common)

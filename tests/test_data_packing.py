@@ -12,7 +12,6 @@ import pyarrow as pa
 import pytest
 
 from retrofit.packing import (
-    DataError,
     Docs,
     PackConfig,
     Rows,
@@ -26,6 +25,7 @@ from retrofit.packing import (
     tokenize_chats,
     tokenize_texts,
 )
+from retrofit.rows import DataError, inputs_and_labels
 from retrofit.synthetic import arithmetic_problems
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,6 +71,25 @@ def test_wrapped_packer_streaming_equals_one_shot(docs):
     streamed, one_shot = Rows.concat(parts), pack_wrapped(docs, SEQ_LEN, pad_id=2)
     np.testing.assert_array_equal(streamed.input_ids, one_shot.input_ids)
     np.testing.assert_array_equal(streamed.attention_mask, one_shot.attention_mask)
+
+
+def test_labels_of_packed_rows_score_every_real_target(docs):
+    """inputs_and_labels scores a target only when it and the token before it are real; rows from
+    every packing mode pad only after their real tokens, so that is "every target that is not
+    padding", the rule training used before it was shared with evaluation: same labels, bit for bit."""
+    import torch
+
+    packed = [pack_wrapped(docs, SEQ_LEN, 2), pack_best_fit(docs, SEQ_LEN, 2)[0], pad_or_truncate(docs, SEQ_LEN, 2)[0]]
+    assert all((rows.attention_mask == 0).any() for rows in packed[1:])  # padded rows to check
+    for rows in packed:
+        ids, mask = torch.from_numpy(rows.input_ids).long(), torch.from_numpy(rows.attention_mask).long()
+        target_is_real = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+        inputs, inputs_mask, labels = inputs_and_labels(ids, mask)
+        assert torch.equal(labels, target_is_real)
+        assert torch.equal(inputs, ids[:, :-1]) and torch.equal(inputs_mask, mask[:, :-1])
+    # Padding before real tokens (left padding): the first real token is not predicted from a pad.
+    ids, mask = torch.tensor([[2, 2, 5, 6, 7]]), torch.tensor([[0, 0, 1, 1, 1]])
+    assert inputs_and_labels(ids, mask)[2].tolist() == [[-100, -100, 6, 7]]
 
 
 def unique_token_docs(lengths) -> Docs:
@@ -245,10 +264,10 @@ def test_cli_best_fit_and_chat(tmp_path, tokenizer_dir, tokenizer):
     assert all(p["answer"] in answer_text for p in problems)
     assert not (tmp_path / "out" / "posttrain_huginn").exists()  # cache cleaned up
     # train.py's reader of save_to_disk data trains on the answer tokens only.
-    from retrofit.data import PackedDatasetStream, inputs_and_labels
+    from retrofit.data import PackedDatasetStream
 
     batch = PackedDatasetStream(packed, micro_batch_size=4, shuffle=False).next_batch()
-    _, labels = inputs_and_labels(batch)
+    _, _, labels = inputs_and_labels(**batch)
     assert int((labels != -100).sum()) == int(batch["loss_mask"][:, 1:].sum()) > 0
 
 

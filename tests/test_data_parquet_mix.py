@@ -13,7 +13,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from retrofit.packing import DataError, MixRequest, Rows, mix_order, parse_mix_spec, plan_mix, write_parquet_shards
+from retrofit.mixing import MixRequest, mix_order, parse_mix_spec, plan_mix
+from retrofit.packing import Rows
+from retrofit.rows import DataError
+from retrofit.shards import write_parquet_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_LENGTH = 32
@@ -136,7 +139,7 @@ def test_to_parquet_rejects_unpacked_rows(tmp_path, capsys):
                 "0",
             ]
         )
-    assert "rows of 'input_ids' have lengths 2..3" in capsys.readouterr().err
+    assert "row 1 of 'input_ids' has 2 tokens, expected 3" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()  # nothing half-written
     with pytest.raises(DataError, match="only 2 rows for num_shards=3"):
         write_parquet_shards(2, lambda a, b: None, tmp_path / "o", num_shards=3)
@@ -232,14 +235,14 @@ def test_corrupt_and_foreign_parquet_fail_with_one_line(tmp_path):
 
 
 def test_foreign_parquet_message(tmp_path):
-    from retrofit.packing import open_packed_parquet
+    from retrofit.shards import open_parquet
 
     path = tmp_path / "x.parquet"
     pq.write_table(pa.table({"text": ["a"]}), path)
     with pytest.raises(
         DataError, match=rf"{path} is not packed training rows: no column 'input_ids' \(columns: text\)"
     ):
-        open_packed_parquet(path)
+        open_parquet(path)
 
 
 def test_download_list_dry_run_and_resume(tmp_path):
@@ -264,9 +267,9 @@ def test_download_list_dry_run_and_resume(tmp_path):
         return datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": ["a", "b"]})})
 
     target = tmp_path / "datasets" / DATASETS["sft-math"].folder
-    (target.parent / f".{target.name}.partial").mkdir(parents=True)  # leftover of an interrupted run
+    (target.parent / f".{target.name}.tmp-abcd").mkdir(parents=True)  # leftover of an interrupted run
     assert download("sft-math", tmp_path, loader=local_loader) == "saved"
     assert is_complete(target) and calls == [("nvidia/Nemotron-Pretraining-SFT-v1", "Nemotron-SFT-MATH", None)]
     assert download("sft-math", tmp_path, loader=local_loader) == "skipped" and len(calls) == 1
-    assert not (target.parent / f".{target.name}.partial").exists()
+    assert not (target.parent / f".{target.name}.tmp-abcd").exists()
     assert datasets.load_from_disk(str(target))["train"]["text"] == ["a", "b"]

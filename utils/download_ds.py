@@ -14,10 +14,11 @@ Nvidia datasets are gated: accept their licence on the Hub and log in (`hf auth 
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+from retrofit.atomic import atomic_directory, remove_leftovers
 
 
 @dataclass(frozen=True)
@@ -90,12 +91,9 @@ def download(name: str, root: Path, num_proc: int | None = None, cache_dir: str 
             return datasets.load_dataset(repo, config, split=split, num_proc=num_proc, cache_dir=cache_dir)
 
     dataset = loader(spec.repo, spec.config, spec.split)
-    tmp = target.parent / f".{target.name}.partial"
-    if tmp.exists():
-        shutil.rmtree(tmp)  # our own leftover from an interrupted save
-    target.parent.mkdir(parents=True, exist_ok=True)
-    dataset.save_to_disk(str(tmp), num_proc=num_proc)
-    tmp.rename(target)
+    remove_leftovers(target.parent, target.name)  # our own leftovers of an interrupted save
+    with atomic_directory(target) as tmp:
+        dataset.save_to_disk(str(tmp), num_proc=num_proc)
     return "saved"
 
 
