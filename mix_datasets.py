@@ -129,7 +129,7 @@ def read_config(args) -> dict:
     return cfg
 
 
-def main(argv: list[str] | None = None):
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML file with out_dir, seed, num_shards, val_shards, sources")
     parser.add_argument(
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None):
             print(f"  {share:8.3%}  {n:>12,} of {req.available:>12,} rows  ({req.describe()})  {req.path}")
             report.append(dict(path=req.path, requested=req.describe(), available=req.available, rows=n, share=share))
         if args.dry_run:
-            return
+            return 0
         with_loss_mask = any(LOSS_MASK_COLUMN in t.schema.names for t in tables)
         source, row = mix_order(counts, [t.num_rows for t in tables], seed=cfg["seed"])
         write_parquet_shards(
@@ -196,11 +196,12 @@ def main(argv: list[str] | None = None):
         )
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        return 2
     finally:
         if cache_root is not None:
             shutil.rmtree(cache_root, ignore_errors=True)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

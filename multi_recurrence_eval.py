@@ -32,7 +32,6 @@ import time
 from pathlib import Path
 
 from retrofit.atomic import write_json_atomic
-from retrofit.rows import DataError
 from retrofit.evaluation import (
     ADAPTIVE_CRITERIA,
     DEFAULT_RECURRENCES,
@@ -46,6 +45,7 @@ from retrofit.evaluation import (
     result_json,
     summary_lines,
 )
+from retrofit.rows import DataError
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -383,7 +383,9 @@ def load_model(cfg: TrainConfig, device: torch.device):
 
     dtype = torch.bfloat16 if cfg.bf16_true else torch.float32
     model_config = AutoConfig.from_pretrained(cfg.model_name, trust_remote_code=True)
-    is_raven = getattr(model_config, "model_type", None) == "huginn_raven"
+    from retrofit.configuration_raven import RavenConfig
+
+    is_raven = getattr(model_config, "model_type", None) == RavenConfig.model_type
     if cfg.non_recurrent_model:
         if is_raven:
             raise ConfigError(f"{cfg.model_name} is a recurrent model; drop --non_recurrent_model=true to train it")
@@ -397,7 +399,6 @@ def load_model(cfg: TrainConfig, device: torch.device):
                 f"{cfg.model_name} is a plain {getattr(model_config, 'model_type', '?')!r} model: convert it with"
                 " convert_pretrained_model/convert_*.py first, or pass --non_recurrent_model=true for the baseline"
             )
-        from retrofit.configuration_raven import RavenConfig
         from retrofit.modeling_raven import RavenForCausalLM
 
         if cfg.init_from_scratch:

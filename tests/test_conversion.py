@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, save_hf_model, tiny_llama_config
+from conftest import ROOT
 
 from retrofit.conversion import ConversionError, LayerChoice, convert, layer_choice, parse_indices
 from retrofit.modeling_raven import RavenForCausalLM
+from retrofit.testing import save_hf_model, tiny_hf_config, tiny_llama_config
 
 LLAMA3_ROPE = {
     "rope_type": "llama3",
@@ -134,8 +135,7 @@ def test_bfloat16_conversion_verifies(tiny_llama_dir, tmp_path):
 def massive_activation_base(family: str, width: int, out: Path, vocab: int) -> Path:
     """A random base of the given width, 4 layers, whose residual stream carries a few dims of
     magnitude >= 100 (as real LMs' "massive activations"): those embedding columns are set to 150."""
-    make = tiny_llama_config if family == "llama" else tiny_olmo2_config
-    config = make(vocab, hidden_size=width, intermediate_size=width, num_hidden_layers=4,
+    config = tiny_hf_config(family, vocab, hidden_size=width, intermediate_size=width, num_hidden_layers=4,
                   num_attention_heads=width // 64 if width >= 256 else 4, num_key_value_heads=max(1, width // 256) if width >= 256 else 2)
     from transformers import AutoModelForCausalLM
 

@@ -197,7 +197,7 @@ def test_two_workers_equal_one_worker(tokenizer, corpus, mode):
 def test_tokenizer_without_eos_is_an_error(tmp_path, tokenizer_dir, raw_text_dir):
     from transformers import AutoTokenizer
 
-    from preprocess_data_packing import process_data
+    from retrofit.preprocess import process_data
 
     no_eos = AutoTokenizer.from_pretrained(tokenizer_dir)
     no_eos.eos_token = None
@@ -233,7 +233,7 @@ def raw_text_dir(tmp_path_factory, corpus):
 def test_cli_best_fit_and_chat(tmp_path, tokenizer_dir, tokenizer):
     import datasets
 
-    from preprocess_data_packing import process_data
+    from retrofit.preprocess import process_data
 
     problems = arithmetic_problems(40, seed=5)
     qa_dir = tmp_path / "qa"
@@ -285,19 +285,17 @@ def test_cli_errors_are_one_line(tmp_path, tokenizer_dir, raw_text_dir, capsys):
 
     from preprocess_data_packing import main
 
-    main([*common, f"--dataset_location={raw_text_dir}", "--max_length=32", "--max_samples=50"])
-    with pytest.raises(SystemExit) as exit_info:
-        main([*common, f"--dataset_location={raw_text_dir}", "--max_length=32"])
-    assert exit_info.value.code == 2
+    assert main([*common, f"--dataset_location={raw_text_dir}", "--max_length=32", "--max_samples=50"]) == 0
+    assert main([*common, f"--dataset_location={raw_text_dir}", "--max_length=32"]) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("error: output folder") and last.endswith(
         "already exists (pass --overwrite=true to replace it)"
     )
-    main([*common, f"--dataset_location={raw_text_dir}", "--max_length=32", "--overwrite=true"])  # replaced
+    assert main([*common, f"--dataset_location={raw_text_dir}", "--max_length=32", "--overwrite=true"]) == 0  # replaced
 
 
 def test_process_data_input_errors(tmp_path, tokenizer_dir, raw_text_dir):
-    from preprocess_data_packing import process_data
+    from retrofit.preprocess import process_data
 
     kw = dict(tokenizer_name=str(tokenizer_dir), save_path=str(tmp_path), num_proc=1, progress=False)
     with pytest.raises(DataError, match="max_length=1 is too small"):

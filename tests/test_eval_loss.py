@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from conftest import ROOT, pack_token_rows, write_token_parquet
+from conftest import ROOT
 
 from retrofit.configuration_raven import DEFAULT_STATE_STD
 from retrofit.evaluation import (
@@ -24,6 +24,7 @@ from retrofit.evaluation import (
     loss_over_depth,
     parse_recurrences,
 )
+from retrofit.testing import pack_token_rows, write_token_parquet
 
 RECURRENCES = [1, 2, 3, 6]
 ROW = 33  # max_length 32

@@ -18,9 +18,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT  # noqa: E402
 
-from conftest import ROOT, save_raven_model, tiny_raven_config  # noqa: E402
 from retrofit import checkpoint as ckpt
+from retrofit.testing import save_raven_model, tiny_raven_config  # noqa: E402
 from retrofit.training import MetricsLogger
 
 TRAIN = str(ROOT / "train.py")

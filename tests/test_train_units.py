@@ -13,12 +13,11 @@ from retrofit import checkpoint as ckpt
 from retrofit.atomic import atomic_directory
 from retrofit.data import PackedDatasetStream, ParquetStream, build_sft_dataset, inspect_parquet_files
 from retrofit.depth import sample_num_steps
+from retrofit.optim import ELLISAdam, build_optimizer, set_learning_rates, split_params, wsd_lr_factor
 from retrofit.rows import DataError, inputs_and_labels
 from retrofit.shards import list_parquet_files
-from retrofit.optim import ELLISAdam, build_optimizer, set_learning_rates, split_params, wsd_lr_factor
+from retrofit.testing import pack_token_rows, tiny_raven_config, write_token_parquet  # noqa: E402
 from retrofit.training import PreemptionWatcher, job_seconds_left
-
-from conftest import pack_token_rows, tiny_raven_config, write_token_parquet  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,7 +244,6 @@ def test_parquet_stream_carries_the_sft_loss_mask(tmp_path):
 
 def test_packed_stream_ranks_split_the_global_batch(train_parquet_dir):
     import datasets
-
     import pyarrow.parquet as pq
 
     table = pq.read_table(list_parquet_files(train_parquet_dir)[0])

@@ -21,7 +21,6 @@ import random
 import sys
 from pathlib import Path
 
-
 from retrofit.atomic import atomic_directory
 from retrofit.synthetic import arithmetic_problems, problem_text, train_tokenizer
 
