@@ -151,7 +151,8 @@ WIDTH_CHOICE = LayerChoice(prelude=[0], core=[2], coda=[3])  # layer 1 dropped
 
 
 @pytest.mark.parametrize("family", ["llama", "olmo2"])
-@pytest.mark.parametrize("width", [64, 256, 1024, 2048])
+# 1024 and 2048 are real model widths (TinyLlama 2048): about a minute on 2 cores, so slow.
+@pytest.mark.parametrize("width", [64, 256, *(pytest.param(w, marks=pytest.mark.slow) for w in (1024, 2048))])
 def test_verification_passes_in_every_dtype_at_every_width(tmp_path, family, width, capsys):
     """The reference rounds only the weights to the saved dtype (not the RoPE buffers), and the
     tolerance is relative: both matter for bf16/fp16 and for hidden states in the hundreds."""
@@ -185,6 +186,7 @@ def test_old_reference_rounding_rope_buffers_would_fail(tiny_olmo2_dir, tmp_path
     assert all(row.passes() for row in weights_rounded)
 
 
+@pytest.mark.slow
 def test_cli_llama_and_olmo_print_the_table(tiny_llama_dir, tiny_olmo2_dir, tmp_path):
     for script, base in (("convert_llama.py", tiny_llama_dir), ("convert_olmo.py", tiny_olmo2_dir)):
         result = run_cli(script, "--model_name", str(base), "--save_name", str(tmp_path / script),

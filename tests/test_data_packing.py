@@ -276,6 +276,7 @@ def run_cli(*args):
     return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_cli_errors_are_one_line(tmp_path, tokenizer_dir, raw_text_dir, capsys):
     script = ROOT / "preprocess_data_packing.py"
     common = [f"--tokenizer_name={tokenizer_dir}", f"--save_path={tmp_path}", "--num_proc=1", "--progress=false"]

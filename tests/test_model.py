@@ -255,6 +255,7 @@ def test_bounded_cache_keeps_one_entry_per_core_layer():
     assert bounded.memory_bytes() < full.memory_bytes() / 4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_save_copy_elsewhere_and_load_with_trust_remote_code(tmp_path, family):
     model = tiny_model(**family)
