@@ -110,7 +110,8 @@ def checkpoint_dirs(model_dir: str | os.PathLike, ckpts) -> list[tuple[str, Path
 
 
 def load_eval_rows(path: str | os.PathLike, num_sequences: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first `num_sequences` rows of a parquet shard (or a folder of shards, in name order).
+    """The first `num_sequences` rows of a parquet shard (or a folder of shards, in natural
+    name order: shard-2 before shard-10).
 
     Returns `input_ids` (N, max_length + 1) and `attention_mask` (1 = real token; all ones when
     the shard has no such column), both int64. Rows are checked as `retrofit.rows` says.
@@ -133,11 +134,15 @@ def load_eval_rows(path: str | os.PathLike, num_sequences: int) -> tuple[torch.T
             if have >= num_sequences:
                 break
             table = read_row_group(parquet, file, index, columns).slice(0, num_sequences - have)
+            if table.num_rows == 0:
+                continue
             where = f"{file} row group {index}"
             ids.append(row_matrix(table.column("input_ids"), where, "input_ids", row_len))
-            row_len = ids[-1].shape[1] if len(ids[-1]) else row_len
-            has_mask = "attention_mask" in columns
-            masks.append(row_matrix(table.column("attention_mask"), where, "attention_mask", row_len) if has_mask else np.ones_like(ids[-1]))
+            row_len = ids[-1].shape[1]
+            if "attention_mask" in columns:
+                masks.append(row_matrix(table.column("attention_mask"), where, "attention_mask", row_len))
+            else:
+                masks.append(np.ones_like(ids[-1]))
             have += table.num_rows
     if not have:
         raise EvalError(f"{path} holds no rows")
