@@ -23,56 +23,23 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import random
 import re
-import shutil
-import uuid
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from retrofit.atomic import atomic_directory, remove_leftovers
+
 STATE_FILE = "training_state.pt"
 COMPLETE_MARKER = "COMPLETE"
 FULL_CHECKPOINT_RE = re.compile(r"^checkpoint_(\d+)$")
-TMP_TAG = ".tmp-"
-
-
-@contextmanager
-def atomic_directory(final_dir: str | Path):
-    """Yield a temporary sibling directory; on success it replaces `final_dir` by renames."""
-    final_dir = Path(final_dir)
-    final_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = final_dir.parent / f".{final_dir.name}{TMP_TAG}{uuid.uuid4().hex[:8]}"
-    tmp_dir.mkdir()
-    try:
-        yield tmp_dir
-        if final_dir.exists():
-            # Replacing (e.g. re-saving a step after a resume): move the old copy aside first so
-            # there is never a moment with no complete copy at all.
-            old_dir = final_dir.parent / f".{final_dir.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(final_dir, old_dir)
-            os.replace(tmp_dir, final_dir)
-            shutil.rmtree(old_dir, ignore_errors=True)
-        else:
-            os.replace(tmp_dir, final_dir)
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
 
 
 def remove_stale_temporaries(run_dir: str | Path) -> list[Path]:
     """Delete temporary folders left by a job killed mid-save (call on the main rank at start)."""
-    run_dir = Path(run_dir)
-    removed = []
-    if run_dir.is_dir():
-        for path in run_dir.iterdir():
-            if path.name.startswith(".") and (TMP_TAG in path.name or ".old-" in path.name):
-                shutil.rmtree(path, ignore_errors=True)
-                removed.append(path)
-    return removed
+    return remove_leftovers(run_dir)
 
 
 def save_model_only(model, tokenizer, out_dir: str | Path, add_files=None) -> Path:

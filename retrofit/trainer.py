@@ -27,19 +27,18 @@ from retrofit import checkpoint as ckpt
 from retrofit import distributed as dist_utils
 from retrofit.configuration_raven import RavenConfig
 from retrofit.data import (
-    DataError,
     PackedDatasetStream,
     ParquetStream,
     build_sft_dataset,
     check_packed_dataset,
-    inputs_and_labels,
     inspect_parquet_files,
-    list_parquet_files,
     load_raw_dataset,
 )
 from retrofit.depth import RecurrenceSchedule, sample_num_steps
 from retrofit.optim import build_optimizer, set_learning_rates, wsd_lr_factor
+from retrofit.rows import DataError, inputs_and_labels
 from retrofit.run_record import build_run_record, write_run_record
+from retrofit.shards import list_parquet_files
 from retrofit.train_config import ConfigError, TrainConfig
 from retrofit.training import MetricsLogger, PreemptionWatcher, format_step_line, seed_everything
 
@@ -546,7 +545,7 @@ class Trainer:
         return sample_num_steps(mean_rec, backprop, data_step + self.cfg.depth_seed_offset)
 
     def forward_backward(self, batch, num_steps, sync: bool):
-        input_ids, labels = inputs_and_labels(batch)
+        input_ids, _, labels = inputs_and_labels(**batch)
         input_ids = input_ids.to(self.env.device, non_blocking=True)
         labels = labels.to(self.env.device, non_blocking=True)
         # No attention_mask: rows are right-padded at most, so with causal attention real tokens

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # runs the whole pipeline through bash
+
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ["data", "pack", "parquet", "pretrain", "convert", "train_recurrent", "train_baseline",
           "val_loss_recurrent", "val_loss_static", "lm_eval_rec_2", "lm_eval_baseline", "report"]

@@ -344,6 +344,7 @@ def test_local_dry_run_uses_torchrun_standalone(cluster):
     assert cluster.calls() == []
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (ROOT / "train.py").exists(), reason="train.py not written yet")
 def test_local_two_process_training_run(cluster, tmp_path, train_raven_dir, train_parquet_dir):
     """A real 2-rank gloo run of train.py through `_submit.sh --local` (torchrun --standalone)."""
@@ -521,6 +522,7 @@ def dry_run_command(cluster, script: Path, name: str) -> list[str]:
     return script_command(cluster.run(script, name, "--dry-run").stdout)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (ROOT / "train.py").exists(), reason="train.py not written yet")
 def test_every_experiment_parses_and_validates_with_train_py(cluster):
     """train.py's own parser accepts every experiment's flags (names, types, consistency)."""

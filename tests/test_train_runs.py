@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import pack_token_rows, save_raven_model, tiny_raven_config, write_token_parquet  # noqa: E402
+from retrofit.testing import pack_token_rows, save_raven_model, tiny_raven_config, write_token_parquet  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = str(ROOT / "train.py")
@@ -59,6 +59,7 @@ def curriculum_args(model_dir, data_dir, out, run_name) -> list[str]:
     ]
 
 
+@pytest.mark.slow
 def test_curriculum_run_stopped_twice_and_resumed_matches_uninterrupted(tmp_path, train_raven_dir, train_parquet_dir):
     from retrofit.checkpoint import load_training_state
     from retrofit.depth import sample_num_steps
@@ -116,6 +117,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_process_ddp_matches_one_process(tmp_path, tokenizer, tokenizer_dir, corpus):
     import datasets
 
@@ -166,6 +168,7 @@ SEED_COMMANDS = [
 ]
 
 
+@pytest.mark.slow
 def test_seed_shell_commands_parse_and_one_runs(tmp_path, tokenizer, tokenizer_dir, corpus, tiny_llama_dir):
     from retrofit.train_config import parse_config
 
@@ -239,7 +242,7 @@ def test_error_cases_exit_2_with_a_clear_message(tmp_path, capsys, train_raven_d
     expect([f"--preprocessed_data_path={train_parquet_dir}", "--max_length=64"], "has 33 tokens, expected 65")
     (tmp_path / "nomask").mkdir()
     pq.write_table(pa.table({"input_ids": [[1] * 33]}), tmp_path / "nomask" / "shard-00000.parquet")
-    expect([f"--preprocessed_data_path={tmp_path / 'nomask'}"], "missing column(s) ['attention_mask']")
+    expect([f"--preprocessed_data_path={tmp_path / 'nomask'}"], "no column 'attention_mask'")
     (tmp_path / "empty").mkdir()
     expect([f"--preprocessed_data_path={tmp_path / 'empty'}"], "no *.parquet files")
     small_vocab = save_raven_model(tiny_raven_config(100), tmp_path / "small_vocab", tokenizer_dir)

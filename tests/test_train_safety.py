@@ -18,9 +18,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT  # noqa: E402
 
-from conftest import ROOT, save_raven_model, tiny_raven_config  # noqa: E402
 from retrofit import checkpoint as ckpt
+from retrofit.testing import save_raven_model, tiny_raven_config  # noqa: E402
 from retrofit.training import MetricsLogger
 
 TRAIN = str(ROOT / "train.py")
@@ -387,7 +388,7 @@ def _can_mkdir(path: str) -> bool:
 MISTAKES = {
     "model path does not exist": (lambda t, a: ["--model_name=/no/such/model"], "--model_name=/no/such/model does not exist"),
     "garbage parquet file": (lambda t, a: [f"--preprocessed_data_path={_garbage_parquet(t)}"],
-                             "shard-00000.parquet: not a readable parquet file"),
+                             "shard-00000.parquet is not a readable parquet file"),
     "parquet without the flag": (lambda t, a: ["--is_parquet_dataset=false"], "pass --is_parquet_dataset=true"),
     "max_mean_rec 0": (lambda t, a: ["--mean_recurrence_schedule.max_mean_rec=0"], "max_mean_rec=0 must be >= 1"),
     "missing resume path": (lambda t, a: [f"--resume_path={t / 'nope'}"], "nope: does not exist"),
