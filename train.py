@@ -41,6 +41,7 @@ from retrofit.data import (
     load_raw_dataset,
 )
 from retrofit.depth import WARMUP_TYPES, RecurrenceSchedule, sample_num_steps
+from retrofit.flops import count_parameters, micro_batch_flops, model_flops_utilization, peak_tflops_of
 from retrofit.optim import build_optimizer, set_learning_rates, wsd_lr_factor
 from retrofit.training import MetricsLogger, PreemptionWatcher, format_step_line, seed_everything
 
@@ -122,6 +123,9 @@ class TrainConfig:
     micro_batch_size: int = 2
     compile: bool = False
     device: str = "auto"
+    # Peak TFLOP/s of one device for the `mfu` metric; default: looked up from the GPU's name
+    # (retrofit.flops.PEAK_BF16_TFLOPS); on a CPU or an unknown GPU `mfu` is logged as null.
+    peak_tflops: float | None = None
     # training
     max_steps: int = 0
     epochs: int = 1
@@ -167,6 +171,8 @@ class TrainConfig:
             )
         if self.max_length is not None and self.max_length < 1:
             raise ConfigError(f"max_length must be >= 1, got {self.max_length}")
+        if self.peak_tflops is not None and not self.peak_tflops > 0:
+            raise ConfigError(f"peak_tflops must be > 0 (TFLOP/s of one device), got {self.peak_tflops}")
         if self.max_steps < 0:
             raise ConfigError(f"max_steps must be >= 0 (0 = derive it from the data), got {self.max_steps}")
         if self.epochs < 1:
@@ -368,6 +374,12 @@ class Trainer:
         self.recurrent = not cfg.non_recurrent_model
         self.max_steps = compute_max_steps(cfg, env, self.max_length, micro_steps_per_epoch)
         self.schedule = build_schedule(cfg, self.model.config, self.max_steps) if self.recurrent else None
+        # Model FLOPs per micro-batch are counted as param_counter.py counts them (non-embedding
+        # parameters, recurrent iterations at the drawn (n, k)); mfu divides by the devices' peak.
+        self.param_counts = count_parameters(self.model)
+        self.peak_tflops = cfg.peak_tflops
+        if self.peak_tflops is None and env.device.type == "cuda":
+            self.peak_tflops = peak_tflops_of(torch.cuda.get_device_name(env.device))
 
         self.optimizer = build_optimizer(
             self.model,
@@ -559,14 +571,15 @@ class Trainer:
             set_learning_rates(self.optimizer, lr_factor, recurrent_divisor=divisor)
 
             local_loss = torch.zeros((), device=env.device)  # summed on device: one sync per step
-            tokens, tokens_with_loss = 0, 0
+            tokens, tokens_with_loss, flops = 0, 0, 0
             for i, batch in enumerate(batches):
                 self.data_step += 1
                 loss, n_tokens, n_with_loss = self.forward_backward(batch, depths[i], sync=(i == accumulation - 1))
                 local_loss += loss
                 tokens, tokens_with_loss = tokens + n_tokens, tokens_with_loss + n_with_loss
-            loss_sum, count, tokens, tokens_with_loss = dist_utils.all_reduce_sum(
-                [local_loss.item(), len(batches), tokens, tokens_with_loss], env.device
+                flops += micro_batch_flops(self.param_counts, depths[i], n_tokens)
+            loss_sum, count, tokens, tokens_with_loss, flops = dist_utils.all_reduce_sum(
+                [local_loss.item(), len(batches), tokens, tokens_with_loss, float(flops)], env.device
             )
             # The step's loss is the mean of the micro-batch losses (what the gradient averages) and
             # log_ppl its exp; with packed rows (equal label counts) neither depends on how the
@@ -605,6 +618,7 @@ class Trainer:
                 num_steps_no_grad=last_depth[0],
                 num_steps_with_grad=last_depth[1],
                 tokens_per_second=tokens / step_time,
+                mfu=model_flops_utilization(flops, step_time, self.peak_tflops, env.world_size),
                 total_tokens=self.total_tokens,
                 total_tokens_with_loss=self.total_tokens_with_loss,
                 lr_recurrent=next((g["lr"] for g in self.optimizer.param_groups if g.get("recurrent")), None),
