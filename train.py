@@ -417,7 +417,17 @@ class Trainer:
             self.ddp_model = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=device_ids, find_unused_parameters=False, gradient_as_bucket_view=True
             )
-        self.forward_model = torch.compile(self.ddp_model) if cfg.compile else self.ddp_model
+        self.forward_model = self.ddp_model
+        if cfg.compile and self.recurrent:
+            # Compile each layer, not the whole model: the unrolled recurrence would be traced
+            # (and recompiled) anew for every (n, k) the depth sampler draws.
+            from retrofit.modeling_raven import Block
+
+            for module in self.model.modules():
+                if isinstance(module, Block):
+                    module.compile()
+        elif cfg.compile:
+            self.forward_model = torch.compile(self.ddp_model)
         self.autocast = (
             torch.autocast(device_type="cuda", dtype=torch.bfloat16)
             if env.device.type == "cuda" and not cfg.no_amp

@@ -8,7 +8,7 @@ import pytest
 import torch
 from test_model import FAMILIES, VOCAB, tiny_model
 
-from retrofit.modeling_raven import KVCache
+from retrofit.modeling_raven import Block, KVCache
 
 
 @torch.no_grad()
@@ -109,15 +109,39 @@ def test_bf16_weights_generate():
 
 
 @pytest.mark.slow  # inductor compiles forward and backward: one to two minutes
-def test_compiled_training_step_matches_eager():
+def test_compiled_layers_training_step_matches_eager():
+    """train.py --compile compiles each layer, so the depths the sampler draws reuse one graph."""
     model = tiny_model(n_layers_in_recurrent_block=1).train()
     ids = torch.randint(3, VOCAB, (2, 8))
-    eager = model(ids, labels=ids, num_steps=(1, 1)).loss
-    eager.backward()
-    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad(set_to_none=True)
-    loss = torch.compile(model)(ids, labels=ids, num_steps=(1, 1)).loss
-    loss.backward()
-    torch.testing.assert_close(loss, eager, rtol=1e-4, atol=1e-5)
-    for name, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, expected[name], rtol=1e-3, atol=1e-5, msg=name)
+    expected = {}
+    for num_steps in ((1, 1), (0, 3)):
+        loss = model(ids, labels=ids, num_steps=num_steps).loss
+        loss.backward()
+        expected[num_steps] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
+        model.zero_grad(set_to_none=True)
+    for module in model.modules():
+        if isinstance(module, Block):
+            module.compile()
+    for num_steps, (eager_loss, grads) in expected.items():
+        loss = model(ids, labels=ids, num_steps=num_steps).loss
+        loss.backward()
+        torch.testing.assert_close(loss, eager_loss, rtol=1e-4, atol=1e-5)
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(p.grad, grads[name], rtol=1e-3, atol=1e-5, msg=name)
+        model.zero_grad(set_to_none=True)
+
+
+@pytest.mark.slow  # runs the GPU check script end to end at tiny shapes
+def test_gpu_check_script_smoke_run_on_cpu(capsys):
+    import importlib.util
+
+    from conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "bench" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    assert gpu_check.main(["--tiny", "--device", "cpu", "--skip_compile", "--peak_tflops", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "MFU against 1.0 TFLOP/s (--peak_tflops)" in out
+    assert "  False   (2, 2)" in out  # the training row at (n, k) = (mean - backprop, backprop)
+    assert [line.split()[:2] for line in out.splitlines() if line.strip().endswith("x")] == [["1", "10"], ["4", "10"]]
