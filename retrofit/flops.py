@@ -164,6 +164,46 @@ def step_flops(counts: ParamCounts, mean_rec: int, backprop_depth: int, tokens: 
     )
 
 
+def micro_batch_flops(counts: ParamCounts, num_steps: tuple[int, int] | None, tokens: int) -> int:
+    """FLOPs of one forward + backward over `tokens` tokens at the depth it drew: `step_flops` with
+    mean recurrence n + k and backprop depth k, i.e. 6 D (N_prelude + N_coda + k N_rec) + 2 D n N_rec
+    (6 N D for a static model, `num_steps` None)."""
+    if num_steps is None:
+        return step_flops(counts, 1, 1, tokens)
+    n, k = num_steps
+    return step_flops(counts, n + k, k, tokens)
+
+
+# Dense BF16 tensor-core peak (TFLOP/s, no sparsity) from NVIDIA's datasheets, matched against
+# torch.cuda.get_device_name(); longest name first so "H100 PCIe" wins over "H100".
+PEAK_BF16_TFLOPS = {
+    "H100 PCIe": 756.0,
+    "H100 NVL": 835.0,
+    "GH200": 989.0,
+    "H200": 989.0,
+    "H100": 989.0,
+    "A100": 312.0,
+    "L40S": 362.0,
+    "L4": 121.0,
+    "A10": 125.0,
+}
+
+
+def peak_tflops_of(device_name: str) -> float | None:
+    """The table's peak for a GPU name such as 'NVIDIA H100 80GB HBM3', or None if unknown."""
+    for key in sorted(PEAK_BF16_TFLOPS, key=len, reverse=True):
+        if key.lower() in device_name.lower():
+            return PEAK_BF16_TFLOPS[key]
+    return None
+
+
+def model_flops_utilization(flops: float, seconds: float, peak_tflops_per_device: float | None, devices: int = 1) -> float | None:
+    """Achieved model FLOPs over the devices' peak; None when no peak is known (e.g. a CPU run)."""
+    if not peak_tflops_per_device or seconds <= 0:
+        return None
+    return flops / seconds / (peak_tflops_per_device * 1e12 * devices)
+
+
 def training_flops(
     counts: ParamCounts,
     checkpoints: int | Iterable[int],
