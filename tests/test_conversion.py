@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, save_hf_model, tiny_llama_config
+from conftest import ROOT, save_hf_model, tiny_llama_config, tiny_olmo2_config
 
 from retrofit.conversion import ConversionError, LayerChoice, convert, layer_choice, parse_indices
 from retrofit.modeling_raven import RavenForCausalLM
