@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
         dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
         if dtype not in ("float32", "bfloat16", "float16"):
@@ -79,15 +79,15 @@ def main(argv: list[str] | None = None) -> int:
         shape = parse_shape(args.shape) if args.shape else paper_shape(args.keep)
         if not (Path(args.model_name) / "config.json").is_file():
             raise SplitError(f"--model_name {args.model_name} has no config.json: not a HF model directory")
+        num_layers = AutoConfig.from_pretrained(args.model_name).num_hidden_layers
+        if sum(shape) > num_layers:
+            raise SplitError(f"shape {shape} keeps {sum(shape)} layers but {args.model_name} has only {num_layers}")
         try:
             tokenizer = AutoTokenizer.from_pretrained(args.model_name)
         except (OSError, ValueError):
             tokenizer = None
         ids, mask = load_sample_rows(args.data, tokenizer, args.num_sequences, args.max_length)
         model = AutoModelForCausalLM.from_pretrained(args.model_name, dtype=getattr(torch, dtype)).to(args.device).eval()
-        num_layers = model.config.num_hidden_layers
-        if sum(shape) > num_layers:
-            raise SplitError(f"shape {shape} keeps {sum(shape)} layers but {args.model_name} has only {num_layers}")
         print(f"{args.model_name}: {num_layers} layers; {ids.shape[0]} sequences, {int(mask.sum())} tokens from {args.data}",
               file=sys.stderr)
         stats = measure(model, ids, mask, args.batch_size, progress=not args.no_progress)
