@@ -12,6 +12,9 @@ schedule one step late via `applied_at`, as the original's scheduler does).
         --max_mean_rec 16 --warmup 0.25 --warmup_type linear
     # a static baseline: 6 N D per step
     python param_counter.py path/to/hf_model --non_recurrent --checkpoint 25000
+    # a conversion preset, from its stored base sizes (no download): base and converted counts
+    python param_counter.py --preset qwen2.5-0.5b-4-8-4 --num_rec 1 32
+    python param_counter.py --preset all
 
 Importable: `from param_counter import count, flops_report`.
 """
@@ -30,6 +33,7 @@ from retrofit.flops import (
     DEFAULT_TOKENS_PER_STEP,
     ParamCounts,
     count_model_dir,
+    count_preset,
     make_schedule,
     read_config,
     summed_mean_recurrence,
@@ -43,6 +47,20 @@ def count(model_dir: str | Path, num_rec: list[int] | None = None) -> dict:
     report = {"model_dir": str(model_dir), **parts_report(counts)}
     if num_rec:
         report["effective_params"] = {str(r): counts.non_embedding(r) for r in num_rec}
+    return report
+
+
+def preset_report(name: str, num_rec: list[int] | None = None) -> dict:
+    """Counts of a conversion preset: the base (static) and the converted model, by part."""
+    from retrofit.conversion import PRESET_DEFINITIONS
+
+    base, converted = count_preset(name)
+    preset = PRESET_DEFINITIONS[name]
+    report = {"preset": name, "base": preset.base, "family": preset.family,
+              "layers": {"prelude": list(preset.groups[0]), "recurrent_block": list(preset.groups[1]), "coda": list(preset.groups[2])},
+              "base_model": parts_report(base), "converted": parts_report(converted)}
+    if num_rec:
+        report["converted"]["effective_params"] = {str(r): converted.non_embedding(r) for r in num_rec}
     return report
 
 
@@ -103,7 +121,8 @@ def flops_report(
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model_dir", help="recurrent (model_type huginn_raven) or plain HF model dir with config.json")
+    parser.add_argument("model_dir", nargs="?", help="recurrent (model_type huginn_raven) or plain HF model dir with config.json")
+    parser.add_argument("--preset", help="count a conversion preset instead (its base and converted model; 'all' for every preset)")
     parser.add_argument("--num_rec", type=int, nargs="+", help="test recurrence(s) for effective parameters")
     parser.add_argument("--checkpoint", type=int, help="count training FLOPs up to this optimizer step")
     parser.add_argument("--max_steps", type=int, help="max_steps of the training run (curriculum length)")
@@ -116,6 +135,18 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     try:
+        if args.preset is not None:
+            if args.model_dir is not None or args.checkpoint is not None or args.max_steps is not None:
+                raise ValueError("--preset counts a preset's models; give it without a model_dir, --checkpoint or --max_steps")
+            from retrofit.conversion import PRESET_DEFINITIONS
+
+            names = list(PRESET_DEFINITIONS) if args.preset == "all" else [args.preset]
+            reports = [preset_report(name, args.num_rec) for name in names]
+            report = reports if args.preset == "all" else reports[0]
+            print(json.dumps(report, indent=2))
+            return report
+        if args.model_dir is None:
+            raise ValueError("give a model_dir or --preset NAME")
         report = count(args.model_dir, args.num_rec)
         if args.checkpoint is not None or args.max_steps is not None:
             checkpoint = args.checkpoint if args.checkpoint is not None else args.max_steps

@@ -233,3 +233,24 @@ def test_llama_and_olmo_keep_their_converted_config(tiny_llama_dir, tmp_path):
     assert (saved["norm_placement"], saved["qk_norm"], saved["qkv_bias"], saved["bias"]) == ("pre", "none", False, False)
     with pytest.raises(ConversionError, match="not a olmo2 model"):
         convert(tiny_llama_dir, tmp_path / "x", CHOICE, family="olmo2")
+
+
+def test_param_counter_counts_presets_on_meta(capsys):
+    """The paper's counts (docs/model.md) and the bases' published sizes, from the stored sizes alone."""
+    from param_counter import main as param_counter
+
+    reports = {r["preset"]: r for r in param_counter(["--preset", "all", "--num_rec", "1", "32"])}
+    assert set(reports) == set(PRESET_DEFINITIONS)
+    converted = {name: r["converted"]["non_embedding_at_r1"] for name, r in reports.items()}
+    assert converted["tinyllama-4-8-4"] == 704_708_608 and converted["llama-2-4-2"] == 486_572_032
+    assert converted["llama-4-6-4"] == 851_501_056 and converted["olmo-4-6-4"] == 939_638_784
+    assert reports["tinyllama-4-8-4"]["converted"]["effective_params"]["32"] == 704_708_608 + 31 * 352_354_304
+    # whole bases: SmolLM2-360M's published 361,821,120 parameters; Qwen2.5-0.5B 0.49B, 0.36B non-embedding
+    assert reports["smollm2-360m-4-8-4"]["base_model"]["total"] == 361_821_120
+    assert round(reports["qwen2.5-0.5b-4-8-4"]["base_model"]["total"] / 1e9, 2) == 0.49
+    assert round(reports["qwen2.5-0.5b-4-8-4"]["base_model"]["non_embedding_at_r1"] / 1e9, 2) == 0.36
+    assert round(reports["qwen3-0.6b-4-8-4"]["base_model"]["non_embedding_at_r1"] / 1e9, 2) == 0.44
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        param_counter(["--preset", "nonsense"])
+    assert "error: unknown preset 'nonsense'" in capsys.readouterr().err
