@@ -26,7 +26,6 @@ import json
 import sys
 from pathlib import Path
 
-
 from retrofit.depth import WARMUP_TYPES
 from retrofit.flops import (
     DEFAULT_BACKPROP_DEPTH,

@@ -260,7 +260,7 @@ def paper_shape(keep: int) -> tuple[int, int, int]:
     Gives the paper's (2,4,2) for 8, (4,6,4) for 14 and (4,8,4) for 16."""
     if keep < 3:
         raise SplitError(f"--keep must be >= 3 (one layer each for prelude, recurrent block and coda), got {keep}")
-    p = max(1, int(math.floor(keep / 4 + 0.5)))
+    p = max(1, math.floor(keep / 4 + 0.5))
     return p, keep - 2 * p, p
 
 

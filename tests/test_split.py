@@ -14,7 +14,8 @@ import torch
 from conftest import ROOT, save_hf_model, tiny_llama_config, write_token_parquet
 
 import choose_split
-from retrofit.conversion import LayerChoice, convert, main as convert_main
+from retrofit.conversion import LayerChoice
+from retrofit.conversion import main as convert_main
 from retrofit.split import (
     SplitError,
     candidate_splits,
@@ -78,7 +79,7 @@ def test_statistics_match_hf_forward(tiny_llama_dir, sample_parquet, tokenizer):
     assert stats.tokens == 12 * 32
     with torch.no_grad():
         h = [s.reshape(-1, s.shape[-1]).double() for s in hf_hidden_states(model, ids)]
-    cos = lambda a, b: torch.nn.functional.cosine_similarity(a, b, dim=-1).clamp(-1, 1)  # noqa: E731
+    cos = lambda a, b: torch.nn.functional.cosine_similarity(a, b, dim=-1).clamp(-1, 1)
     influence = stats.block_influence()
     for i in range(8):
         assert influence[i] == pytest.approx(1 - cos(h[i], h[i + 1]).mean().item(), abs=1e-5)
