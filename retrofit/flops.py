@@ -144,6 +144,26 @@ def _count_model_dir_cached(resolved_dir: str, config_mtime: float) -> ParamCoun
     return count_parameters(build_on_meta(resolved_dir))
 
 
+def count_preset(name: str) -> tuple[ParamCounts, ParamCounts]:
+    """(base, converted) parameter counts of a conversion preset (retrofit.conversion.PRESET_DEFINITIONS),
+    both built on the meta device from the preset's stored base sizes: no download, no memory."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from retrofit.conversion import FAMILIES, PRESET_DEFINITIONS, layer_choice, raven_config_from_hf
+    from retrofit.modeling_raven import RavenForCausalLM
+
+    if name not in PRESET_DEFINITIONS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESET_DEFINITIONS)}")
+    preset = PRESET_DEFINITIONS[name]
+    family = FAMILIES[preset.family]
+    hf_config = AutoConfig.for_model(family.hf_model_types[0], **preset.base_config)
+    with torch.device("meta"):
+        base = AutoModelForCausalLM.from_config(hf_config)
+        converted = RavenForCausalLM(raven_config_from_hf(hf_config, layer_choice(name, None, None, None), family))
+    return count_parameters(base), count_parameters(converted)
+
+
 def count_model_dir(model_dir: str | Path) -> ParamCounts:
     """Parameter counts of the model in `model_dir` (reads only config.json)."""
     config_path = Path(model_dir).resolve() / "config.json"

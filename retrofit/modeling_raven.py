@@ -1,4 +1,4 @@
-"""A depth-recurrent causal LM in the Raven / Huginn layout, for retrofitted Llama and OLMo-2 models.
+"""A depth-recurrent causal LM in the Raven / Huginn layout, for retrofitted decoder LMs.
 
     e = prelude(wte(x))                                  # a few early layers, run once
     s_0 ~ TruncNormal(0, std^2, +-3 std)                 # random initial latent state
@@ -6,8 +6,9 @@
     logits = lm_head(ln_f(coda(s_r)))                    # a few late layers, run once
 
 Training uses truncated backprop: `num_steps=(n, k)` runs n iterations without grad, then k with
-grad. One implementation covers both layer families through two config switches
-(`norm_placement`, `qk_norm`). Parameter names follow the authors' released checkpoints.
+grad. One implementation covers every supported layer family (Llama, Mistral, SmolLM, Qwen2/2.5,
+Qwen3, OLMo-2) through three config switches (`norm_placement`, `qk_norm`, `qkv_bias`). Parameter
+names follow the authors' released checkpoints.
 
 This file is self-contained (torch + transformers only) and is copied next to saved weights, so a
 checkpoint loads with `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` anywhere.
@@ -221,27 +222,36 @@ class Attention(nn.Module):
         self.head_dim = config.head_dim
         q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         self.split_sizes = (q_dim, kv_dim, kv_dim)
-        self.Wqkv = nn.Linear(config.n_embd, q_dim + 2 * kv_dim, bias=config.bias)
+        # Qwen2 has a bias on q, k, v (not on the output projection); `bias` is the authors' all-linears switch.
+        self.Wqkv = nn.Linear(config.n_embd, q_dim + 2 * kv_dim, bias=config.bias or config.qkv_bias)
         self.proj = nn.Linear(q_dim, config.n_embd, bias=config.bias)
         self.qk_norm = config.qk_norm
-        if config.qk_norm:  # OLMo-2: RMSNorm over the whole projected q and k, before the head split
+        if config.qk_norm == "whole":  # OLMo-2: RMSNorm over the whole projected q and k, before the head split
             self.q_norm = RMSNorm(q_dim, config.norm_eps)
             self.k_norm = RMSNorm(kv_dim, config.norm_eps)
+        elif config.qk_norm == "per_head":  # Qwen3: RMSNorm over each head's q and k (one weight shared by all heads)
+            self.q_norm = RMSNorm(self.head_dim, config.norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.norm_eps)
 
     def forward(self, x: torch.Tensor, ctx: AttentionContext, slot: tuple | None) -> torch.Tensor:
         B, T, _ = x.shape
         qkv = self.Wqkv(x)
         q_dim, kv_dim, _ = self.split_sizes
-        if self.qk_norm:
-            q, k, v = qkv.split(self.split_sizes, dim=-1)
-            q = apply_rope(self.q_norm(q).view(B, T, self.n_heads, self.head_dim), ctx.cos, ctx.sin)
-            k = apply_rope(self.k_norm(k).view(B, T, self.n_kv_heads, self.head_dim), ctx.cos, ctx.sin)
-        else:
+        if self.qk_norm == "none":
             # q and k heads side by side in (B, T, H, D) layout: one RoPE pass rotates both.
             qk = qkv[..., : q_dim + kv_dim].view(B, T, self.n_heads + self.n_kv_heads, self.head_dim)
             qk = apply_rope(qk, ctx.cos, ctx.sin)
             q, k = qk[:, :, : self.n_heads], qk[:, :, self.n_heads :]
             v = qkv[..., q_dim + kv_dim :]
+        else:
+            q, k, v = qkv.split(self.split_sizes, dim=-1)
+            if self.qk_norm == "whole":  # OLMo-2: over the whole projected q and k
+                q, k = self.q_norm(q), self.k_norm(k)
+            q = q.view(B, T, self.n_heads, self.head_dim)
+            k = k.view(B, T, self.n_kv_heads, self.head_dim)
+            if self.qk_norm == "per_head":  # Qwen3: each head's q and k, before RoPE
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if ctx.cache is not None and slot is not None:
@@ -420,7 +430,7 @@ class RavenForCausalLM(RavenPreTrainedModel):
             )
             names = checkpoint_weight_names(pretrained_model_name_or_path, kwargs) if unstated else None
             if names is not None and any(n.endswith(QK_NORM_SUFFIXES) for n in names):
-                layout = {"norm_placement": "post", "qk_norm": True}
+                layout = {"norm_placement": "post", "qk_norm": "whole"}
                 if config is not None:
                     config = copy.deepcopy(config)
                     for key, value in layout.items():
@@ -439,7 +449,7 @@ class RavenForCausalLM(RavenPreTrainedModel):
         if problems:
             raise ValueError(
                 f"checkpoint {pretrained_model_name_or_path} does not match its config "
-                f"(norm_placement={model.config.norm_placement!r}, qk_norm={model.config.qk_norm}): "
+                f"(norm_placement={model.config.norm_placement!r}, qk_norm={model.config.qk_norm!r}, qkv_bias={model.config.qkv_bias}): "
                 + "; ".join(problems)
             )
         return (model, info) if want_info else model
