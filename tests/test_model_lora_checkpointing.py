@@ -141,3 +141,29 @@ def test_freeze_base_weights_and_bad_lora_settings():
                          ({"rank": 2, "num_deltas": 0}, "lora.num_deltas"), ({"rank": 2, "ranks": 3}, "unknown key")):
         with pytest.raises(ValueError, match=message):
             tiny_raven_config(96, lora=bad)
+
+
+def test_param_counter_and_flops_count_lora_deltas(tmp_path, capsys):
+    import json
+
+    import param_counter
+    from retrofit.flops import count_parameters, step_flops
+
+    plain = count_parameters(build())
+    model = build()
+    model.add_lora(4, targets=["core_block", "coda"], num_deltas=3)
+    counts = count_parameters(model)
+    # each of the 4 linear layers of a block: A (r x in) + B (out x r); the tiny block's shapes:
+    # Wqkv 64 -> 128, attn.proj 64 -> 64, mlp.fc 64 -> 256, mlp.proj 128 -> 64
+    per_block = 4 * ((64 + 128) + (64 + 64) + (64 + 256) + (128 + 64))
+    assert counts.lora_recurrent_block == 2 * per_block and counts.lora_coda == per_block
+    assert counts.lora_prelude == 0 and counts.lora_stored == 3 * 2 * per_block + per_block
+    assert (counts.prelude, counts.recurrent_block, counts.coda) == (plain.prelude, plain.recurrent_block, plain.coda)
+    assert counts.total == plain.total + counts.lora_stored
+    assert counts.non_embedding(4) == plain.non_embedding(4) + per_block + 4 * 2 * per_block
+    assert step_flops(counts, 6, 2, 10) - step_flops(plain, 6, 2, 10) == 6 * 10 * (per_block + 2 * 2 * per_block) + 2 * 10 * 4 * 2 * per_block
+    model.save_pretrained(tmp_path / "m")
+    param_counter.main([str(tmp_path / "m"), "--num_rec", "4"])
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["parts"]["lora (stored)"] == counts.lora_stored
+    assert printed["effective_params"]["4"] == counts.non_embedding(4)
