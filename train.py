@@ -33,6 +33,8 @@ import torch
 
 from retrofit import checkpoint as ckpt
 from retrofit import distributed as dist_utils
+from retrofit import fsdp
+from retrofit import train_modes
 from retrofit.data import (
     DataError,
     PackedDatasetStream,
@@ -45,6 +47,7 @@ from retrofit.data import (
     load_raw_dataset,
 )
 from retrofit.depth import WARMUP_TYPES, RecurrenceSchedule, sample_num_steps
+from retrofit.distill import check_vocabularies, distillation_kl, load_teacher, teacher_logits
 from retrofit.optim import build_optimizer, set_learning_rates, wsd_lr_factor
 from retrofit.training import MetricsLogger, PreemptionWatcher, format_step_line, seed_everything
 
@@ -153,6 +156,11 @@ class TrainConfig:
     non_recurrent_model: bool = False
     muon: MuonArgs = field(default_factory=MuonArgs)
     use_ellis_adam: EllisAdamArgs = field(default_factory=EllisAdamArgs)
+    # bigger bases and cheaper training (retrofit/train_modes.py)
+    fsdp: bool = False
+    activation_checkpointing: bool = False
+    lora: train_modes.LoraArgs = field(default_factory=train_modes.LoraArgs)
+    distill: train_modes.DistillArgs = field(default_factory=train_modes.DistillArgs)
 
     @property
     def run_dir(self) -> Path:
@@ -211,6 +219,9 @@ class TrainConfig:
                 raise ConfigError("--max_samples is not supported with parquet data (limit with --max_steps)")
             if not self.max_steps and self.parquet_dataset_max_tokens is None:
                 raise ConfigError("parquet data needs --max_steps or --parquet_dataset_max_tokens to size the LR schedule")
+        mode_problem = train_modes.check_flags(self)
+        if mode_problem:
+            raise ConfigError(mode_problem)
         if self.non_recurrent_model:
             if self.throttle:
                 raise ConfigError("--throttle needs a recurrent model (not --non_recurrent_model)")
@@ -488,6 +499,28 @@ class Trainer:
         self.recurrent = not cfg.non_recurrent_model
         self.max_steps = compute_max_steps(cfg, env, self.max_length, micro_steps_per_epoch)
         self.schedule = build_schedule(cfg, self.model.config, self.max_steps) if self.recurrent else None
+        try:
+            mode_notes = train_modes.prepare_model(self.model, cfg)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        self.teacher = None
+        if cfg.distill.teacher is not None:
+            self.teacher = load_teacher(cfg.distill.teacher, env.device, next(self.model.parameters()).dtype)
+            try:
+                check_vocabularies(self.teacher, self.model, cfg.distill.teacher)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
+            mode_notes.append(f"distilling from {cfg.distill.teacher} (alpha {cfg.distill.alpha}, T {cfg.distill.temperature})")
+        # FSDP shards before the optimizer is built (it holds the shards) and before resuming.
+        self.sharded = cfg.fsdp
+        if cfg.fsdp:
+            bf16 = train_modes.uses_bf16(cfg, env.device)
+            fsdp.shard_model(self.model, bf16=bf16)
+            if self.teacher is not None:
+                fsdp.shard_model(self.teacher, bf16=bf16)
+            mode_notes.append(f"FSDP2: sharded over {env.world_size} rank(s)" + (", bf16 compute / fp32 reduce" if bf16 else ""))
+        for note in mode_notes:
+            self.print(note)
 
         self.optimizer = build_optimizer(
             self.model,
@@ -520,7 +553,7 @@ class Trainer:
         # So find_unused_parameters=False is correct, and it avoids a full graph traversal per
         # backward. Every rank draws the same (n, k), so ranks run the same graph.
         self.ddp_model = self.model
-        if env.is_distributed:
+        if env.is_distributed and not self.sharded:
             device_ids = [env.device.index] if env.device.type == "cuda" else None
             self.ddp_model = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=device_ids, find_unused_parameters=False, gradient_as_bucket_view=True
@@ -611,15 +644,26 @@ class Trainer:
                 " (--ignore_past_scheduler=true allows a new max_steps/curriculum, --ignore_past_parquet_dataset=true"
                 " a new batch_size/micro_batch_size/seed) or start a new run"
             )
-        bad = ckpt.non_finite_entries({"model": state["model"], "optimizer": state["optimizer"]})
-        if bad:
-            raise ckpt.CheckpointError(path, f"holds non-finite values ({', '.join(bad)})")
+        if bool(state.get("sharded")) != self.sharded:
+            written = "with --fsdp=true (sharded)" if state.get("sharded") else "without --fsdp"
+            raise ConfigError(f"{path} was written {written}; resume it with the same --fsdp setting")
+        if not self.sharded:
+            bad = ckpt.non_finite_entries({"model": state["model"], "optimizer": state["optimizer"]})
+            if bad:
+                raise ckpt.CheckpointError(path, f"holds non-finite values ({', '.join(bad)})")
         try:
-            self.model.load_state_dict(state["model"], strict=True)
-            self.optimizer.load_state_dict(state["optimizer"])
+            if self.sharded:
+                fsdp.load_sharded_tensors(path, self.model, self.optimizer)
+            else:
+                self.model.load_state_dict(state["model"], strict=True)
+                self.optimizer.load_state_dict(state["optimizer"])
         except (RuntimeError, ValueError, KeyError) as exc:
             first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise ckpt.CheckpointError(path, f"does not fit this model/optimizer: {first_line[:300]}") from None
+        if self.sharded:
+            bad = self._non_finite({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()})
+            if bad:
+                raise ckpt.CheckpointError(path, f"holds non-finite values ({', '.join(bad)})")
         self.optimizer_step = state["optimizer_step"]
         self.data_step = state["data_step"]
         self.total_tokens = state["total_tokens"]
@@ -643,12 +687,19 @@ class Trainer:
         tree = {"model": self.model.state_dict()}
         if include_optimizer:
             tree["optimizer"] = self.optimizer.state_dict()
-        bad = ckpt.non_finite_entries(tree)
+        bad = self._non_finite(tree)
         if bad:
             raise TrainingError(
                 f"not saving {what} at optimizer step {self.optimizer_step}: non-finite values in {', '.join(bad)};"
                 " resume from the last checkpoint with a lower learning rate"
             )
+
+    def _non_finite(self, tree) -> list[str]:
+        """Names of non-finite entries, the same list on every rank (FSDP: each rank checks its shards)."""
+        if not self.sharded:
+            return ckpt.non_finite_entries(tree)
+        found = dist_utils.all_gather_object(fsdp.local_non_finite(tree))
+        return sorted({name for names in found for name in names})[:3]
 
     def save_full_checkpoint(self) -> Path:
         """Collective: every rank contributes its data position and RNG state; rank 0 writes."""
@@ -656,10 +707,8 @@ class Trainer:
         self._refuse_non_finite(out_dir.name, include_optimizer=True)
         data_states = dist_utils.all_gather_object(self.stream.state_dict())
         rng_states = dist_utils.all_gather_object(ckpt.capture_rng_state())
-        if self.env.is_main:
+        if self.env.is_main or self.sharded:
             state = dict(
-                model=self.model.state_dict(),
-                optimizer=self.optimizer.state_dict(),
                 optimizer_step=self.optimizer_step,
                 data_step=self.data_step,
                 lr_step_offset=self.lr_step_offset,
@@ -673,15 +722,20 @@ class Trainer:
                 world_size=self.env.world_size,
                 config=dataclasses.asdict(self.cfg),
             )
-            ckpt.save_training_state(out_dir, state)
+            if self.sharded:  # collective: every rank writes its shards
+                fsdp.save_sharded_training_state(out_dir, self.model, self.optimizer, state)
+            else:
+                state.update(model=self.model.state_dict(), optimizer=self.optimizer.state_dict())
+                ckpt.save_training_state(out_dir, state)
             self.print(f"saved full checkpoint {out_dir}")
         dist_utils.barrier()
         return out_dir
 
     def save_model_only(self, name: str) -> None:
         self._refuse_non_finite(name, include_optimizer=False)
+        model = train_modes.exportable_model(self.model, self.cfg, self.sharded, self.env.is_main)
         if self.env.is_main:
-            ckpt.save_model_only(self.model, self.tokenizer, self.cfg.run_dir / name)
+            ckpt.save_model_only(model, self.tokenizer, self.cfg.run_dir / name)
             self.print(f"saved {self.cfg.run_dir / name}")
         dist_utils.barrier()
 
@@ -706,17 +760,26 @@ class Trainer:
         labels = labels.to(self.env.device, non_blocking=True)
         # No attention_mask: rows are right-padded at most, so with causal attention real tokens
         # never see padding, and padded targets carry label -100.
-        sync_context = nullcontext() if sync or not self.env.is_distributed else self.ddp_model.no_sync()
-        with sync_context:
+        # FSDP reduce-scatters every micro-batch's gradient into the sharded one (no unsharded
+        # gradients kept for accumulation); DDP syncs on the last micro-batch only.
+        skip_sync = not sync and self.env.is_distributed and not self.sharded
+        kl = None
+        with self.ddp_model.no_sync() if skip_sync else nullcontext():
             with self.autocast:
                 if self.recurrent:
-                    loss = self.forward_model(input_ids, labels=labels, num_steps=num_steps).loss
+                    out = self.forward_model(input_ids, labels=labels, num_steps=num_steps)
                 else:
                     # HF models shift labels internally; ours are already aligned with input_ids,
                     # so hand them over as `shift_labels` (no second shift) and the loss is the
                     # same mean next-token cross-entropy as the recurrent model's.
-                    loss = self.forward_model(input_ids=input_ids, labels=labels, shift_labels=labels).loss
-            (loss / self.cfg.accumulation_steps).backward()
+                    out = self.forward_model(input_ids=input_ids, labels=labels, shift_labels=labels)
+                loss = objective = out.loss
+                if self.teacher is not None:
+                    distill = self.cfg.distill
+                    kl = distillation_kl(out.logits, teacher_logits(self.teacher, input_ids), labels, distill.temperature)
+                    objective = loss + distill.alpha * kl
+            (objective / self.cfg.accumulation_steps).backward()
+        self.micro_kl = kl.detach().float() if kl is not None else None
         return loss.detach().float(), int(input_ids.numel()), int((labels != -100).sum())
 
     def train(self) -> str:
@@ -757,14 +820,17 @@ class Trainer:
             set_learning_rates(self.optimizer, lr_factor, recurrent_divisor=divisor)
 
             local_loss = torch.zeros((), device=env.device)  # summed on device: one sync per step
+            local_kl = torch.zeros((), device=env.device)
             tokens, tokens_with_loss = 0, 0
             for i, batch in enumerate(batches):
                 self.data_step += 1
                 loss, n_tokens, n_with_loss = self.forward_backward(batch, depths[i], sync=(i == accumulation - 1))
                 local_loss += loss
+                if self.micro_kl is not None:
+                    local_kl += self.micro_kl
                 tokens, tokens_with_loss = tokens + n_tokens, tokens_with_loss + n_with_loss
-            loss_sum, count, tokens, tokens_with_loss = dist_utils.all_reduce_sum(
-                [local_loss.item(), len(batches), tokens, tokens_with_loss], env.device
+            loss_sum, count, tokens, tokens_with_loss, kl_sum = dist_utils.all_reduce_sum(
+                [local_loss.item(), len(batches), tokens, tokens_with_loss, local_kl.item()], env.device
             )
             # The step's loss is the mean of the micro-batch losses (what the gradient averages) and
             # log_ppl its exp; with packed rows (equal label counts) neither depends on how the
@@ -773,7 +839,8 @@ class Trainer:
             mean_log_ppl = math.exp(mean_loss) if mean_loss < 700 else float("inf")
 
             max_norm = cfg.max_grad_norm if cfg.max_grad_norm and cfg.max_grad_norm > 0 else float("inf")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
+            grad_norm = torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.grad is not None], max_norm)
+            grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)  # FSDP: a DTensor
             if not (math.isfinite(mean_loss) and math.isfinite(grad_norm)):
                 self.optimizer.zero_grad(set_to_none=True)
                 problem = (
@@ -811,6 +878,8 @@ class Trainer:
                 total_tokens_with_loss=self.total_tokens_with_loss,
                 lr_recurrent=next((g["lr"] for g in self.optimizer.param_groups if g.get("recurrent")), None),
             )
+            if self.teacher is not None:  # `loss` stays the cross-entropy; the objective adds alpha * this
+                record["distill_kl"] = kl_sum / count
             self.metrics.log(record)
             self.print(format_step_line(record, self.max_steps))
 
@@ -835,7 +904,7 @@ def main(argv: list[str] | None = None) -> int:
     env = None
     try:
         cfg.validate()
-        env = dist_utils.setup(cfg.device)
+        env = dist_utils.setup(cfg.device, single_process_group=cfg.fsdp)  # FSDP needs a group, even of one
         trainer = Trainer(cfg, env)
         trainer.print(
             f"run {cfg.run_name}: {env.world_size} process(es) on {env.device}, {trainer.max_steps} optimizer steps,"
