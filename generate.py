@@ -50,6 +50,7 @@ def main(argv=None) -> int:
     from transformers import AutoTokenizer, TextStreamer
 
     from retrofit.checkpoint import load_saved_model
+    from retrofit.configuration_raven import RavenConfig
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
@@ -57,7 +58,7 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
     model = load_saved_model(args.model_dir, dtype, checkpoint_code=args.trust_remote_code).to(device).eval()
-    recurrent = getattr(model.config, "model_type", "") == "huginn_raven"
+    recurrent = getattr(model.config, "model_type", "") == RavenConfig.model_type
     if not recurrent and (args.num_steps is not None or args.adaptive is not None):
         print("error: --num_steps/--adaptive need a recurrent checkpoint", file=sys.stderr)
         return 2

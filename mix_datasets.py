@@ -36,18 +36,15 @@ import sys
 import tempfile
 from pathlib import Path
 
-from retrofit.packing import (
+from retrofit.mixing import MixRequest, gather_rows, mix_order, parse_mix_spec, plan_mix
+from retrofit.rows import LOSS_MASK_COLUMN, DataError
+from retrofit.shards import (
     DEFAULT_ROW_GROUP_SIZE,
-    LOSS_MASK_COLUMN,
-    DataError,
-    MixRequest,
-    gather_rows,
+    check_output_folder,
     load_disk_table,
-    mix_order,
     normalize_packed_table,
-    open_packed_parquet,
-    parse_mix_spec,
-    plan_mix,
+    open_parquet,
+    read_row_group,
     write_parquet_shards,
 )
 
@@ -57,16 +54,12 @@ def parquet_to_arrow(files: list[Path], arrow_path: Path):
     source bigger than memory is fine); every file is checked first."""
     import pyarrow as pa
 
-    parquet_files = [open_packed_parquet(f) for f in files]
+    parquet_files = [open_parquet(f) for f in files]
     writer, schema = None, None
     with pa.OSFile(str(arrow_path), "wb") as sink:
         for path, pf in zip(files, parquet_files):
             for index in range(pf.num_row_groups):
-                try:
-                    table = pf.read_row_group(index)
-                except (pa.ArrowInvalid, OSError) as err:
-                    raise DataError(f"{path} row group {index} cannot be read ({str(err).splitlines()[0]})") from None
-                table = normalize_packed_table(table, f"{path} row group {index}")
+                table = normalize_packed_table(read_row_group(pf, path, index), f"{path} row group {index}")
                 if writer is None:
                     writer, schema = pa.ipc.new_stream(sink, table.schema), table.schema
                 elif not table.schema.equals(schema):
@@ -136,7 +129,7 @@ def read_config(args) -> dict:
     return cfg
 
 
-def main(argv: list[str] | None = None):
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML file with out_dir, seed, num_shards, val_shards, sources")
     parser.add_argument(
@@ -161,8 +154,8 @@ def main(argv: list[str] | None = None):
         if not cfg["sources"]:
             raise DataError("no mix sources (pass --sources or a config with sources)")
         out_dir = Path(cfg["out_dir"]) if cfg.get("out_dir") else None
-        if out_dir is not None and out_dir.exists() and not args.overwrite and not args.dry_run:
-            raise DataError(f"output folder {str(out_dir)!r} already exists (pass --overwrite to replace it)")
+        if out_dir is not None and not args.dry_run:
+            check_output_folder(out_dir, args.overwrite)
         base = Path(cfg.get("cache_path") or (out_dir.parent if out_dir else Path.cwd()))
         base.mkdir(parents=True, exist_ok=True)
         cache_root = Path(tempfile.mkdtemp(prefix=".mix-cache-", dir=base))
@@ -181,7 +174,7 @@ def main(argv: list[str] | None = None):
             print(f"  {share:8.3%}  {n:>12,} of {req.available:>12,} rows  ({req.describe()})  {req.path}")
             report.append(dict(path=req.path, requested=req.describe(), available=req.available, rows=n, share=share))
         if args.dry_run:
-            return
+            return 0
         with_loss_mask = any(LOSS_MASK_COLUMN in t.schema.names for t in tables)
         source, row = mix_order(counts, [t.num_rows for t in tables], seed=cfg["seed"])
         write_parquet_shards(
@@ -203,11 +196,12 @@ def main(argv: list[str] | None = None):
         )
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        return 2
     finally:
         if cache_root is not None:
             shutil.rmtree(cache_root, ignore_errors=True)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

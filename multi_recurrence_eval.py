@@ -31,7 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-
+from retrofit.atomic import write_json_atomic
 from retrofit.evaluation import (
     ADAPTIVE_CRITERIA,
     DEFAULT_RECURRENCES,
@@ -44,8 +44,8 @@ from retrofit.evaluation import (
     parse_recurrences,
     result_json,
     summary_lines,
-    write_json_atomic,
 )
+from retrofit.rows import DataError
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -121,7 +121,7 @@ def main(argv=None) -> int:
             print(f"{label}: {result.num_sequences} sequences, {mode}, {elapsed:.1f}s -> {target}")
             print("\n".join(summary_lines(result, adaptive)))
             del model
-    except EvalError as err:
+    except (EvalError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

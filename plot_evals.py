@@ -3,8 +3,9 @@
 Reads every lm-eval results JSON under each run folder (layout of shells/eval.sh:
 `{run}/{model_only_chkpt_STEP|final_checkpoint}/eval/rec_R/.../results_*.json`; a folder of
 --output_path files or a single results file works too), takes the test recurrence from
-config.model_args (else the rec_R folder) and the step from `chkpt_STEP`, counts parameters from the
-evaluated checkpoint's config.json on the meta device, replays the run's recurrence curriculum for
+config.model_args (else the rec_R folder) and the step from `chkpt_STEP` (final_checkpoint: the
+step in its run.json), counts parameters from the evaluated checkpoint's config.json on the meta
+device, replays the run's recurrence curriculum from its run.json (written by train.py) for
 training FLOPs, and writes
 
     {out_dir}/results.jsonl              the paper_data schema: model, chkpt, task, acc, stderr,
@@ -14,12 +15,14 @@ training FLOPs, and writes
     {out_dir}/{task}_vs_FLOPs.{pdf,png}    accuracy vs training FLOPs
 
 Examples:
-    python plot_evals.py outputs/my_run --max_steps 50000 --max_mean_rec 32 --warmup 0.75 \
-        --warmup_type 1-sqrt --out_dir plots/my_run
+    python plot_evals.py outputs/my_run --out_dir plots/my_run          # run.json says how it trained
+    python plot_evals.py downloaded_run --max_steps 50000 --max_mean_rec 32 --warmup 0.75 \
+        --warmup_type 1-sqrt --out_dir plots/downloaded    # no run.json: describe the run with flags
     python plot_evals.py --runs_file runs.json --jsonl paper_plots/data/olmo_50k_steps.jsonl --out_dir plots
 where runs.json is a list of objects with the RunSpec fields of retrofit/results.py (path, label,
 train_rec, max_steps, warmup, warmup_type, backprop_depth, tokens_per_step, non_recurrent,
-model_dir, cooldown). --jsonl adds rows of an existing table (e.g. the paper's) to the same plots.
+model_dir, cooldown). The training flags are overrides of run.json; without it they mean what
+param_counter.py's do. --jsonl adds rows of an existing table (e.g. the paper's) to the same plots.
 """
 
 from __future__ import annotations
@@ -30,37 +33,12 @@ import logging
 import sys
 from pathlib import Path
 
-
 from retrofit import plotting
 from retrofit.depth import WARMUP_TYPES
-from retrofit.flops import DEFAULT_BACKPROP_DEPTH, DEFAULT_TOKENS_PER_STEP
-from retrofit.results import RunSpec, collect_runs, read_jsonl, write_jsonl
+from retrofit.reporting import collect_and_plot
+from retrofit.results import RunSpec
 
 log = logging.getLogger("plot_evals")
-X_AXES = ("num_rec", "chkpt", "FLOPs")
-
-
-def plot_table(rows: list[dict], out_dir: str | Path, formats=plotting.FORMATS, test_rec="train",
-               errorbars: bool = False) -> list[Path]:
-    """Per task: accuracy vs test recurrence, vs checkpoint and vs training FLOPs, one line per run."""
-    plotting.apply_style()
-    colors = plotting.colors_for(r["model"] for r in rows)
-    written = []
-    for task, task_rows in plotting.group_by(rows, "task").items():
-        title = plotting.task_title(task)
-        for x in X_AXES:
-            if x == "num_rec":
-                panel_rows, suffix = plotting.at_final_checkpoint(task_rows), " (last checkpoint of each run)"
-            else:
-                panel_rows = [r for r in plotting.at_test_rec(task_rows, test_rec) if r.get(x) is not None]
-                suffix = " (tested at the training recurrence)" if test_rec == "train" else f" (test recurrence {test_rec})"
-            if not panel_rows:
-                log.warning("%s: no rows with %s; skipping the %s_vs_%s figure", task, x, task, x)
-                continue
-            fig = plotting.accuracy_figure([(panel_rows, x)], colors, title=title + suffix, task=task,
-                                           panel_width=5.5, height=3.6, errorbars=errorbars)
-            written += plotting.save_figure(fig, out_dir, f"{task}_vs_{x}", formats)
-    return written
 
 
 def run_specs(args) -> list[RunSpec]:
@@ -89,7 +67,7 @@ def run_specs(args) -> list[RunSpec]:
     return specs
 
 
-def main(argv=None):
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="*", help="run folders (or lm-eval result files); flags below apply to all")
@@ -97,14 +75,15 @@ def main(argv=None):
     parser.add_argument("--jsonl", nargs="+", default=[], help="existing tables (paper_data schema) to plot too")
     parser.add_argument("--out_dir", required=True)
     parser.add_argument("--labels", nargs="+", help="legend name per positional run (default: folder name)")
-    parser.add_argument("--max_steps", type=int, help="max_steps of the runs (curriculum length; final_checkpoint step)")
-    parser.add_argument("--max_mean_rec", type=int, help="training mean recurrence (default: checkpoint config)")
-    parser.add_argument("--warmup", type=float, default=0.25, help="curriculum length as a fraction of max_steps")
-    parser.add_argument("--warmup_type", default="linear", choices=WARMUP_TYPES)
-    parser.add_argument("--backprop_depth", type=int, default=DEFAULT_BACKPROP_DEPTH)
-    parser.add_argument("--tokens_per_step", type=int, default=DEFAULT_TOKENS_PER_STEP)
-    parser.add_argument("--non_recurrent", action="store_true", help="the runs train a static HF model")
-    parser.add_argument("--model_dir", help="config.json to count parameters when the evaluated checkpoints are gone")
+    overrides = parser.add_argument_group("how the runs trained (default: each run's run.json)")
+    overrides.add_argument("--max_steps", type=int, help="max_steps of the runs (curriculum length; final_checkpoint step)")
+    overrides.add_argument("--max_mean_rec", type=int, help="training mean recurrence (else the checkpoint config's)")
+    overrides.add_argument("--warmup", type=float, help="curriculum length as a fraction of max_steps; 0 = none")
+    overrides.add_argument("--warmup_type", choices=WARMUP_TYPES)
+    overrides.add_argument("--backprop_depth", type=int, help="else the checkpoint config's mean_backprop_depth")
+    overrides.add_argument("--tokens_per_step", type=int, help="else 2**20 (the paper's)")
+    overrides.add_argument("--non_recurrent", action="store_true", help="the runs train a static HF model")
+    overrides.add_argument("--model_dir", help="config.json to count parameters when the evaluated checkpoints are gone")
     parser.add_argument("--test_rec", default="train",
                         help="test recurrence of the vs-step / vs-FLOPs plots: an integer or 'train' (default)")
     parser.add_argument("--errorbars", action="store_true", help="draw lm-eval's standard errors")
@@ -120,18 +99,15 @@ def main(argv=None):
         specs = run_specs(args)
         if not specs and not args.jsonl:
             raise ValueError("give at least one run folder, --runs_file or --jsonl")
-        rows = collect_runs(specs)
-        for path in args.jsonl:
-            rows.extend(read_jsonl(path))
+        rows, table, written = collect_and_plot(specs, args.out_dir, args.jsonl, args.format, args.test_rec,
+                                                args.errorbars, args.table_name, log=log)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    table = write_jsonl(rows, Path(args.out_dir) / args.table_name)
+        return 2
     log.info("wrote %d rows to %s", len(rows), table)
-    written = plot_table(rows, args.out_dir, args.format, args.test_rec, args.errorbars)
     log.info("wrote %d figures to %s", len(written), args.out_dir)
-    return rows, written
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

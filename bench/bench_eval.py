@@ -17,15 +17,12 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from retrofit.configuration_raven import RavenConfig  # noqa: E402
-from retrofit.evaluation import loss_over_depth, parse_recurrences  # noqa: E402
-from retrofit.modeling_raven import RavenForCausalLM  # noqa: E402
+from retrofit.configuration_raven import RavenConfig
+from retrofit.evaluation import loss_over_depth, parse_recurrences
+from retrofit.modeling_raven import RavenForCausalLM
 
 
 def small_model(vocab: int, device: str) -> RavenForCausalLM:
@@ -54,7 +51,8 @@ def timed_pair(fn_a, fn_b, repeats: int):
     return best, outs
 
 
-def main() -> None:
+@torch.no_grad()
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--num_sequences", type=int, default=32)
     parser.add_argument("--seq_len", type=int, default=128, help="tokens per row (max_length); rows hold one more")
@@ -70,7 +68,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads for torch (default 1: on a busy shared CPU, multi-threaded small "
                              "ops wait on descheduled threads and timings swing by 10x)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
     recurrences = parse_recurrences(args.recurrences)
@@ -115,8 +113,8 @@ def main() -> None:
     print(f"  with KV cache     {new / t_cached:9.1f} tokens/s")
     print(f"  without cache     {new / t_plain:9.1f} tokens/s")
     print(f"  speedup cached / uncached: {t_plain / t_cached:.2f}x; same tokens: {torch.equal(cached, plain)}")
+    return 0
 
 
 if __name__ == "__main__":
-    with torch.no_grad():
-        main()
+    sys.exit(main())

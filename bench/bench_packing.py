@@ -22,7 +22,6 @@ from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from retrofit.packing import pack_best_fit, pack_wrapped, tokenize_texts  # noqa: E402
 from retrofit.synthetic import arithmetic_problems, problem_text, train_tokenizer  # noqa: E402
@@ -98,11 +97,11 @@ def timed(fn, repeats: int = 1):
     return best, out
 
 
-def main():
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--docs", type=int, default=6000)
     parser.add_argument("--max_length", type=int, default=1024)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     seq_len = args.max_length + 1
 
     import datasets
@@ -111,7 +110,7 @@ def main():
     datasets.disable_progress_bars()
     from transformers import AutoTokenizer
 
-    from preprocess_data_packing import process_data
+    from retrofit.preprocess import process_data
 
     work = Path(tempfile.mkdtemp(prefix="bench_packing_"))
     try:
@@ -168,7 +167,8 @@ def main():
             )
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -21,11 +21,9 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from retrofit import checkpoint as ckpt  # noqa: E402
+from retrofit import checkpoint as ckpt
 
 
 def best_of(repeats: int, fn) -> float:

@@ -105,13 +105,13 @@ def weight_bytes(model_dir: Path) -> int:
     return sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", default="bfloat16", help="saved dtype (the converter's default: bfloat16)")
     parser.add_argument("--only", default=",".join(SHAPES), help=f"comma list of {', '.join(SHAPES)}")
     parser.add_argument("--workdir", default=None, help="where bases are built (default: a temp dir, removed after)")
     parser.add_argument("--_child", nargs="+", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args._child:
         kind, *rest = args._child
         build_base(*rest) if kind == "build" else run_conversion(*rest)

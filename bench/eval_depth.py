@@ -18,16 +18,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.train_step import recurrent_model  # noqa: E402
-from bench.train_step import time_step as timed  # noqa: E402
-from retrofit.modeling_raven import KVCache, RavenForCausalLM  # noqa: E402
+from retrofit.benchmarking import scaled_tinyllama_model
+from retrofit.benchmarking import time_call as timed
+from retrofit.modeling_raven import KVCache, RavenForCausalLM
 
 
 @torch.no_grad()
@@ -41,7 +38,7 @@ def stepwise_nll(model, ids: torch.Tensor, num_steps: int, bounded: bool) -> flo
     return torch.stack(losses, 1).mean().item()
 
 
-def main(argv=None):
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model_dir", default=None, help="a recurrent checkpoint (default: random TinyLlama-shaped model)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -54,7 +51,7 @@ def main(argv=None):
     if args.model_dir:
         model = RavenForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32).to(device).eval()
     else:
-        model = recurrent_model(device, torch.float32).eval()
+        model = scaled_tinyllama_model(device, torch.float32).eval()
     model.config.init_values["std"] = 0.0  # deterministic: cache variants differ only by the cache
     vocab = model.config.vocab_size
     torch.manual_seed(0)
@@ -110,7 +107,8 @@ def main(argv=None):
     print(f"bounded cache quality at recurrence {r} (teacher-forced NLL, {sample.shape[1] - 1} tokens):")
     print(f"  single pass {single:.5f} | full cache {full:.5f} | bounded cache {bounded:.5f} "
           f"(diff {bounded - full:+.5f}); greedy tokens agreeing: {agree:.0%}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -13,14 +13,11 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from retrofit.configuration_raven import RavenConfig  # noqa: E402
-from retrofit.modeling_raven import Block, RavenForCausalLM  # noqa: E402
+from retrofit.configuration_raven import RavenConfig
+from retrofit.modeling_raven import Block, RavenForCausalLM
 
 BATCH, SEQ, STEPS, WARMUP = 8, 1024, 6, 2
 
@@ -71,7 +68,7 @@ def sdpa_kernel(model, ids) -> str:
     return "math"
 
 
-def main():
+def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("error: no CUDA device", file=sys.stderr)
         return 2

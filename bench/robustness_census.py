@@ -5,17 +5,16 @@ traceback, silent (exit 0 or no message) or data loss (a watched run folder chan
     .venv/bin/python bench/robustness_census.py
 
 Prints one line per input and the counts per class."""
-import contextlib, io, json, os, shutil, sys, traceback
+import contextlib, io, os, shutil, traceback
 from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1"); os.environ["HF_HUB_OFFLINE"] = "1"
-ROOT = Path(__file__).resolve().parents[1]; sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-import torch
-from conftest import (pack_token_rows, save_raven_model, tiny_raven_config, write_token_parquet, save_hf_model,
-                      tiny_llama_config)
+ROOT = Path(__file__).resolve().parents[1]
+from retrofit.testing import (pack_token_rows, save_raven_model, tiny_raven_config, write_token_parquet, save_hf_model,
+                              tiny_llama_config)
 from retrofit.synthetic import arithmetic_problems, problem_text, train_tokenizer
 from transformers import AutoTokenizer
-import train as T
-from retrofit import checkpoint as ckpt
+from retrofit.train_config import parse_config
+from retrofit.trainer import run as run_training
 
 import tempfile; W = Path(tempfile.mkdtemp(prefix="census-"))
 corpus = [problem_text(p) for p in arithmetic_problems(400, seed=0)]
@@ -35,7 +34,7 @@ def run(args, watch=None):
     err, out = io.StringIO(), io.StringIO()
     try:
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
-            code = T.main(args)
+            code = run_training(parse_config(args))
     except SystemExit as e:
         code = e.code
     except Exception:
@@ -50,7 +49,7 @@ def run(args, watch=None):
 
 # a finished reference run
 ref = W / "runs" / "ref"
-assert T.main(base + [f"--out_path={W/'runs'}", "--run_name=ref"]) == 0
+assert run_training(parse_config(base + [f"--out_path={W/'runs'}", "--run_name=ref"])) == 0
 def fresh_copy(name, drop=()):
     d = W / "runs" / name; shutil.rmtree(d, ignore_errors=True); shutil.copytree(ref, d)
     for x in drop: shutil.rmtree(d / x)

@@ -22,15 +22,14 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-from conftest import pack_token_rows, save_raven_model, tiny_raven_config, write_token_parquet  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from retrofit.synthetic import arithmetic_problems, problem_text, train_tokenizer  # noqa: E402
+from retrofit.testing import pack_token_rows, save_raven_model, tiny_raven_config, write_token_parquet  # noqa: E402
 
 
 def damage(path: Path, kind: str) -> None:

@@ -17,29 +17,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from retrofit.benchmarking import SCALED_TINYLLAMA, scaled_tinyllama_model, time_call
+from retrofit.modeling_raven import RavenForCausalLM
 
-from retrofit.configuration_raven import RavenConfig  # noqa: E402
-from retrofit.modeling_raven import RavenForCausalLM  # noqa: E402
-
-SHAPE = dict(hidden=512, intermediate=1408, heads=8, kv_heads=2, vocab=4096, prelude=2, core=2, coda=2)
+SHAPE = SCALED_TINYLLAMA
 DEPTHS = [(0, 1), (0, 4), (3, 4), (24, 8)]
-
-
-def recurrent_model(device, dtype) -> RavenForCausalLM:
-    config = RavenConfig(
-        n_embd=SHAPE["hidden"], n_heads=SHAPE["heads"], num_key_value_heads=SHAPE["kv_heads"],
-        intermediate_size=SHAPE["intermediate"], n_layers_in_prelude=SHAPE["prelude"],
-        n_layers_in_recurrent_block=SHAPE["core"], n_layers_in_coda=SHAPE["coda"],
-        vocab_size=SHAPE["vocab"], rope_theta=10000.0, max_position_embeddings=2048,
-    )
-    torch.manual_seed(0)
-    return RavenForCausalLM(config).to(device=device, dtype=dtype).train()
 
 
 def hf_model(num_layers: int, device, dtype):
@@ -52,19 +37,6 @@ def hf_model(num_layers: int, device, dtype):
     )
     torch.manual_seed(0)
     return LlamaForCausalLM(config).to(device=device, dtype=dtype).train()
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def time_step(step, device) -> float:
-    sync(device)
-    start = time.perf_counter()
-    step()
-    sync(device)
-    return time.perf_counter() - start
 
 
 def iteration_costs(ours: RavenForCausalLM, ids, repeats: int, device, dtype) -> tuple[float, float, float]:
@@ -104,7 +76,7 @@ def iteration_costs(ours: RavenForCausalLM, ids, repeats: int, device, dtype) ->
         f()  # warm-up
     for _ in range(repeats):  # interleaved
         for f in best:
-            best[f] = min(best[f], time_step(f, device))
+            best[f] = min(best[f], time_call(f, device))
     ours.zero_grad(set_to_none=True)
     return best[ours_grad], best[hf_grad], best[ours_nograd]
 
@@ -127,7 +99,7 @@ def saved_activation_bytes(fn) -> int:
     return total
 
 
-def main(argv=None):
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -140,7 +112,7 @@ def main(argv=None):
     torch.set_num_threads(torch.get_num_threads())
     ids = torch.randint(0, SHAPE["vocab"], (args.batch, args.seq), device=device)
     tokens = ids.numel()
-    ours = recurrent_model(device, dtype)
+    ours = scaled_tinyllama_model(device, dtype)
     ours.config.init_values["std"] = 0.0
 
     def ours_step(n, k):
@@ -154,7 +126,7 @@ def main(argv=None):
         layers = SHAPE["prelude"] + (n + k) * SHAPE["core"] + SHAPE["coda"]
         reference = hf_model(layers, device, dtype)
 
-        def hf_step():
+        def hf_step(reference=reference):
             out = reference(ids, labels=ids)
             out.loss.backward()
             reference.zero_grad(set_to_none=True)
@@ -162,8 +134,8 @@ def main(argv=None):
         ours_step(n, k), hf_step()  # warm-up
         t_ours, t_hf = [], []
         for _ in range(args.repeats):  # interleaved
-            t_ours.append(time_step(lambda: ours_step(n, k), device))
-            t_hf.append(time_step(hf_step, device))
+            t_ours.append(time_call(lambda: ours_step(n, k), device))
+            t_hf.append(time_call(hf_step, device))
         results[(n, k)] = (min(t_ours), min(t_hf), layers)  # min: the least-disturbed run on a shared machine
         del reference
 
@@ -186,7 +158,8 @@ def main(argv=None):
         nbytes = saved_activation_bytes(lambda: ours(ids, labels=ids, num_steps=(n, 8)))
         base = base or nbytes
         print(f"  n = {n:2d}: {nbytes / 2**20:8.1f} MiB  ({nbytes / base:.3f} x n = 0)")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -14,7 +14,7 @@ Figures (file stem: what it shows; input file):
   curriculum_shape              linear vs 1-sqrt curriculum, and their length (tinyllama_1_sqrt_app_fig)
   extend_prelude_coda           (4,8,4) vs (7,8,7) (extend_prelude_coda)
   loop_whole_model              TinyLlama shapes on FineWeb-Edu at test recurrence 32 (loop_whole_model)
-  scheduling_options            the two curriculum shapes (paper_plots/scheduling_options.py)
+  scheduling_options            the two curriculum shapes (retrofit.plotting.plot_schedules)
 
 The same plotting primitives draw plot_evals.py's figures of your own runs (retrofit/plotting.py).
 """
@@ -27,8 +27,6 @@ import re
 import sys
 from pathlib import Path
 
-
-from scheduling_options import plot_schedules
 
 from retrofit import plotting
 from retrofit.results import read_jsonl
@@ -207,7 +205,7 @@ def make_all(data_dir: str | Path, out_dir: str | Path, formats=plotting.FORMATS
             continue
         plotting.apply_style()
         written += make(data_dir, out_dir, formats)
-    written += plot_schedules(out_dir, formats)
+    written += plotting.plot_schedules(out_dir, formats)
     return written
 
 

@@ -6,6 +6,7 @@ Layout under `{out_path}/{run_name}/`:
 - `checkpoint_{step}/training_state.pt`: everything needed to continue exactly (model,
   optimizer, counters, data positions and RNG states of every rank, config), plus `COMPLETE`,
   a JSON file with the size and SHA-256 of every other file in the folder.
+- every one of them holds the run's `run.json` (retrofit/run_record.py), saved with it.
 
 Every directory is written under a hidden temporary name and renamed into place, so a job killed
 mid-save leaves at worst a `.tmp` folder that nothing picks up. What renames cannot catch (a disk
@@ -22,63 +23,34 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import random
 import re
-import shutil
-import uuid
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from retrofit.atomic import atomic_directory, remove_leftovers
+
 STATE_FILE = "training_state.pt"
 COMPLETE_MARKER = "COMPLETE"
 FULL_CHECKPOINT_RE = re.compile(r"^checkpoint_(\d+)$")
-TMP_TAG = ".tmp-"
-
-
-@contextmanager
-def atomic_directory(final_dir: str | Path):
-    """Yield a temporary sibling directory; on success it replaces `final_dir` by renames."""
-    final_dir = Path(final_dir)
-    final_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = final_dir.parent / f".{final_dir.name}{TMP_TAG}{uuid.uuid4().hex[:8]}"
-    tmp_dir.mkdir()
-    try:
-        yield tmp_dir
-        if final_dir.exists():
-            # Replacing (e.g. re-saving a step after a resume): move the old copy aside first so
-            # there is never a moment with no complete copy at all.
-            old_dir = final_dir.parent / f".{final_dir.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(final_dir, old_dir)
-            os.replace(tmp_dir, final_dir)
-            shutil.rmtree(old_dir, ignore_errors=True)
-        else:
-            os.replace(tmp_dir, final_dir)
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
 
 
 def remove_stale_temporaries(run_dir: str | Path) -> list[Path]:
     """Delete temporary folders left by a job killed mid-save (call on the main rank at start)."""
-    run_dir = Path(run_dir)
-    removed = []
-    if run_dir.is_dir():
-        for path in run_dir.iterdir():
-            if path.name.startswith(".") and (TMP_TAG in path.name or ".old-" in path.name):
-                shutil.rmtree(path, ignore_errors=True)
-                removed.append(path)
-    return removed
+    return remove_leftovers(run_dir)
 
 
-def save_model_only(model, tokenizer, out_dir: str | Path) -> Path:
+def save_model_only(model, tokenizer, out_dir: str | Path, add_files=None) -> Path:
+    """`save_pretrained` model + tokenizer; `add_files(folder)` writes more files (run.json) into the
+    folder before it is renamed into place."""
     with atomic_directory(out_dir) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        if add_files is not None:
+            add_files(tmp)
     return Path(out_dir)
 
 
@@ -153,9 +125,13 @@ def non_finite_entries(tree, prefix: str = "", limit: int = 3) -> list[str]:
     return found
 
 
-def save_training_state(out_dir: str | Path, state: dict) -> Path:
+def save_training_state(out_dir: str | Path, state: dict, add_files=None) -> Path:
+    """The training state and its COMPLETE marker; `add_files(folder)` writes more files (run.json)
+    first, so the marker checksums them too."""
     with atomic_directory(out_dir) as tmp:
         torch.save(state, tmp / STATE_FILE)
+        if add_files is not None:
+            add_files(tmp)
         write_complete_marker(tmp, optimizer_step=state.get("optimizer_step"))
     return Path(out_dir)
 

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .atomic import replace_directory
 from .configuration_raven import RavenConfig
 from .modeling_raven import RavenForCausalLM
 
@@ -483,23 +484,6 @@ def check_output_path(model_name, save_path: Path) -> None:
             f"--save_name {save_path} contains the base model --model_name {model_name}; replacing it would delete"
             " the base model: choose another folder"
         )
-
-
-def replace_directory(new_dir: Path, target: Path) -> None:
-    """Move `new_dir` to `target`; an existing `target` is renamed aside first and deleted only
-    after the new one is in place, so there is never a moment without a complete copy."""
-    if not target.exists():
-        os.replace(new_dir, target)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-    old.rmdir()  # only the unique name is needed
-    os.replace(target, old)
-    try:
-        os.replace(new_dir, target)
-    except BaseException:
-        os.replace(old, target)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")

@@ -1,9 +1,8 @@
 """Training data for train.py: a stateful, rank-sharded parquet reader, a resumable reader for
 `load_from_disk` packed datasets, and q/a chat SFT tokenisation.
 
-Rows are `input_ids` of exactly max_length + 1 tokens with an `attention_mask` (1 = real token,
-0 = padding). The model sees `input_ids[:, :-1]` and predicts `input_ids[:, 1:]`; targets whose
-mask is 0 (padding, or prompt tokens in SFT mode via `loss_mask`) get the label -100.
+Rows are the packed-row format of `retrofit.rows` (checked there; `retrofit.rows.inputs_and_labels`
+turns a batch into model inputs and labels).
 
 Both readers hand out micro-batches with `next_batch()` (None at the end of the data) and save
 their exact position with `state_dict()`, so a resumed run reads exactly what the uninterrupted
@@ -14,104 +13,29 @@ from __future__ import annotations
 
 import hashlib
 import random
-import re
 from pathlib import Path
 
 import numpy as np
 import torch
 
-REQUIRED_COLUMNS = ("input_ids", "attention_mask")
-OPTIONAL_COLUMNS = ("loss_mask",)  # chat SFT shards: 1 on the answer tokens
+from retrofit.rows import DataError, check_rows, row_columns, row_matrix
+from retrofit.shards import list_parquet_files, open_parquet, read_row_group
+
 PARQUET_SHUFFLE_SEED = 42  # the original's reader always used 42, independent of --seed
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant that can assist users with mathematical reasoning."
 
 
-class DataError(ValueError):
-    """Bad training data (missing columns, wrong row length, empty data)."""
-
-
-def _natural_key(path: Path):
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
-
-
-def list_parquet_files(folder: str | Path) -> list[Path]:
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise DataError(f"parquet dataset folder {str(folder)!r} does not exist")
-    files = sorted(folder.glob("*.parquet"), key=_natural_key)
-    if not files:
-        raise DataError(f"no *.parquet files in {str(folder)!r}")
-    return files
-
-
-def open_parquet(path: Path):
-    """pq.ParquetFile, with a damaged or non-parquet file reported by name."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    try:
-        return pq.ParquetFile(path)
-    except (pa.ArrowException, OSError) as exc:
-        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise DataError(f"{path}: not a readable parquet file ({first_line}); re-create or remove it") from None
-
-
-def read_row_group(parquet, path: Path, index: int, columns: list[str]):
-    import pyarrow as pa
-
-    try:
-        return parquet.read_row_group(index, columns=columns)
-    except (pa.ArrowException, OSError) as exc:
-        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise DataError(f"{path}: row group {index} cannot be read ({first_line}); re-create or remove the file") from None
-
-
-def _rows_from_list_column(column, expected_len: int | None, where: str) -> np.ndarray:
-    """A pyarrow list column of equal-length rows -> (rows, length) int64 array, checking lengths."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks()
-    if len(column) == 0:
-        return np.zeros((0, expected_len or 0), dtype=np.int64)
-    lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
-    row_len = int(lengths[0]) if expected_len is None else expected_len
-    bad = np.nonzero(lengths != row_len)[0]
-    if len(bad):
-        raise DataError(
-            f"{where}: row {int(bad[0])} has {int(lengths[bad[0]])} tokens, expected {row_len}"
-            f" (max_length + 1); was the data packed for a different --max_length?"
-        )
-    values = column.flatten().to_numpy(zero_copy_only=False)
-    return values.astype(np.int64, copy=False).reshape(len(column), row_len)
-
-
 def inspect_parquet_files(files: list[Path], max_length: int | None) -> int:
-    """Check every file's schema and the first row group's row lengths; return max_length.
+    """Check every file's schema and the first row group's rows; return max_length.
 
     Runs before any training work so bad data fails in seconds, not after model loading.
     """
-    row_len = None if max_length is None else max_length + 1
-    total_rows = 0
-    for path in files:
-        pf = open_parquet(path)
-        names = pf.schema_arrow.names
-        missing = [c for c in REQUIRED_COLUMNS if c not in names]
-        if missing:
-            raise DataError(f"{path}: missing column(s) {missing}; found {names}")
-        total_rows += pf.metadata.num_rows
-        if row_len is None and pf.metadata.num_rows:
-            first = read_row_group(pf, path, 0, ["input_ids"]).column("input_ids")
-            row_len = len(first[0])
-    if total_rows == 0:
+    with_rows = [(path, parquet) for path in files if (parquet := open_parquet(path)).metadata.num_rows]
+    if not with_rows:
         raise DataError(f"the parquet files in {str(files[0].parent)!r} hold no rows")
-    first = open_parquet(files[0])
-    if first.num_row_groups:
-        table = read_row_group(first, files[0], 0, list(REQUIRED_COLUMNS))
-        for column in REQUIRED_COLUMNS:
-            _rows_from_list_column(table.column(column), row_len, f"{files[0]} column {column}")
-    return row_len - 1
+    path, parquet = with_rows[0]
+    row_len = None if max_length is None else max_length + 1
+    return check_rows(read_row_group(parquet, path, 0), f"{path} row group 0", row_len) - 1
 
 
 class ParquetStream:
@@ -165,10 +89,10 @@ class ParquetStream:
             return self._cache
         path = self.files_for_epoch(epoch)[file_idx]
         parquet = open_parquet(path)
-        columns = list(REQUIRED_COLUMNS) + [c for c in OPTIONAL_COLUMNS if c in parquet.schema_arrow.names]
+        columns = row_columns(parquet.schema_arrow.names)
         table = read_row_group(parquet, path, row_group_idx, columns)
         where = f"{path} row group {row_group_idx}"
-        arrays = {c: _rows_from_list_column(table.column(c), self.row_len, f"{where} {c}") for c in columns}
+        arrays = {c: row_matrix(table.column(c), where, c, self.row_len) for c in columns}
         if self.shuffle:
             order = list(range(table.num_rows))
             random.Random(f"{self.seed}/{epoch}/{path.name}/{row_group_idx}").shuffle(order)
@@ -246,7 +170,7 @@ class PackedDatasetStream:
         epochs: int = 1,
     ):
         self.dataset = dataset.with_format("numpy")
-        self.columns = [c for c in ("input_ids", "attention_mask", "loss_mask") if c in dataset.column_names]
+        self.columns = row_columns(dataset.column_names)
         self.micro_batch_size, self.rank, self.world_size = micro_batch_size, rank, world_size
         self.seed, self.shuffle, self.epochs = seed, shuffle, epochs
         self.global_micro_batch = micro_batch_size * world_size
@@ -301,25 +225,11 @@ class PackedDatasetStream:
 
 
 def check_packed_dataset(dataset, max_length: int | None, where: str) -> int:
-    """Columns and row length of a `load_from_disk` dataset; returns max_length."""
-    missing = [c for c in REQUIRED_COLUMNS if c not in dataset.column_names]
-    if missing:
-        raise DataError(f"{where}: missing column(s) {missing}; found {dataset.column_names}")
+    """Columns and row length of a `load_from_disk` dataset (`retrofit.rows.check_rows`); returns max_length."""
     if len(dataset) == 0:
         raise DataError(f"{where}: the dataset is empty")
-    row_len = len(dataset[0]["input_ids"]) if max_length is None else max_length + 1
-    import pyarrow.compute as pc
-
     table = dataset.data.table if hasattr(dataset.data, "table") else dataset.data
-    for column in REQUIRED_COLUMNS:
-        lengths = pc.list_value_length(table.column(column)).to_numpy(zero_copy_only=False)
-        bad = np.nonzero(lengths != row_len)[0]
-        if len(bad):
-            raise DataError(
-                f"{where}: row {int(bad[0])} of {column} has {int(lengths[bad[0]])} tokens, expected {row_len}"
-                " (max_length + 1); was the data packed for a different --max_length?"
-            )
-    return row_len - 1
+    return check_rows(table, where, None if max_length is None else max_length + 1) - 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -408,14 +318,3 @@ def build_sft_dataset(
         return {"input_ids": ids + [pad_id] * n_pad, "attention_mask": attention, "loss_mask": loss_mask}
 
     return encoded.map(pad, remove_columns=["ids", "answer_mask"], num_proc=num_proc, desc="padding"), max_length
-
-
-def inputs_and_labels(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """input_ids = row[:, :-1]; labels = row[:, 1:] with -100 where the target is padding (or,
-    with a `loss_mask`, not part of the answer)."""
-    rows = batch["input_ids"]
-    keep = batch["attention_mask"][:, 1:].bool()
-    if "loss_mask" in batch:
-        keep = keep & batch["loss_mask"][:, 1:].bool()
-    labels = torch.where(keep, rows[:, 1:], torch.full_like(rows[:, 1:], -100))
-    return rows[:, :-1], labels

@@ -10,6 +10,13 @@ Facts (docs/training.md, Depth sampler; Recurrence curriculum):
   1 - sqrt(1 - u) ("1-sqrt"), clipped to [1, max]. The backprop-depth curriculum ramps the same
   way from `start` to `max_backprop`. The backprop depth never exceeds the mean recurrence.
 
+The settings are the original train.py's flag groups `--mean_recurrence_schedule.*` and
+`--mean_backprop_depth_schedule.*` (`MeanRecurrenceSchedule`, `MeanBackpropDepthSchedule` below,
+with the original's defaults): the one definition that training, FLOPs counting and plotting share.
+`RecurrenceSchedule` is a run's resolved schedule: max_steps plus both groups, where a curriculum
+that is off holds the constant value the run used (the model config's `mean_recurrence` /
+`mean_backprop_depth`). It is what train.py records in run.json.
+
 Two readings of one schedule, both kept here:
 - `RecurrenceSchedule.at(u)`: the value counted for optimizer step u. The paper's FLOPs columns
   are reproduced exactly by summing step costs over u = 1..checkpoint with it (flops.py,
@@ -29,13 +36,22 @@ Two readings of one schedule, both kept here:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, replace
 
 WARMUP_TYPES = ("linear", "1-sqrt")
 
-# The sampler lives in the self-contained model file (a checkpoint carries its own forward pass);
-# this module re-exports it so training code has one place to import depth logic from.
-from .modeling_raven import SAMPLER_SEED_OFFSET, SAMPLER_SIGMA, sample_num_steps  # noqa: E402,F401
+# The sampler lives in the self-contained model file (a checkpoint carries its own forward pass).
+# It is re-exported here lazily so that counting and plotting, which only need the curricula,
+# never import torch.
+_SAMPLER_NAMES = ("SAMPLER_SEED_OFFSET", "SAMPLER_SIGMA", "sample_num_steps")
+
+
+def __getattr__(name):
+    if name in _SAMPLER_NAMES:
+        from . import modeling_raven
+
+        return getattr(modeling_raven, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def warmup_fraction(u: float, warmup_type: str) -> float:
@@ -76,47 +92,115 @@ def warmup_stable_value(count: int, peak: int, warmup_steps: int, total_steps: i
     return math.ceil(float(peak) * factor)
 
 
+def _check_curriculum(group: str, warmup: float, warmup_type: str, values: dict) -> None:
+    if warmup_type not in WARMUP_TYPES:
+        raise ValueError(f"--{group}.warmup_type={warmup_type!r}; expected one of {WARMUP_TYPES}")
+    if not 0 <= warmup <= 1:
+        raise ValueError(f"--{group}.warmup={warmup} must be a fraction of max_steps in [0, 1]")
+    for name, value in values.items():
+        if value < 1:
+            raise ValueError(f"--{group}.{name}={value} must be >= 1 (a number of recurrent iterations)")
+
+
+@dataclass
+class MeanRecurrenceSchedule:
+    """--mean_recurrence_schedule.*: ramp the mean recurrence up to max_mean_rec over `warmup`.
+
+    The original train.py's flag group and defaults. Off (turn_on=False), training runs the model
+    config's mean_recurrence all along."""
+
+    turn_on: bool = False
+    warmup: float = 0.1  # fraction of max_steps
+    max_mean_rec: int = 32
+    warmup_type: str = "linear"  # or "1-sqrt"
+
+    def check(self) -> None:
+        """ValueError naming the flag for a value no run can use."""
+        _check_curriculum("mean_recurrence_schedule", self.warmup, self.warmup_type, {"max_mean_rec": self.max_mean_rec})
+
+
+@dataclass
+class MeanBackpropDepthSchedule:
+    """--mean_backprop_depth_schedule.*: ramp the backprop depth from `start` to max_backprop.
+
+    The original train.py's flag group and defaults. Off, training runs the model config's
+    mean_backprop_depth all along."""
+
+    turn_on: bool = False
+    warmup: float = 0.1  # fraction of max_steps
+    max_backprop: int = 8
+    start: int = 1
+    warmup_type: str = "linear"
+
+    def check(self) -> None:
+        _check_curriculum("mean_backprop_depth_schedule", self.warmup, self.warmup_type,
+                          {"max_backprop": self.max_backprop, "start": self.start})
+
+
 @dataclass
 class RecurrenceSchedule:
-    """Mean recurrence and backprop depth as a function of the optimizer step.
+    """A run's resolved schedule: mean recurrence and backprop depth as functions of the optimizer step.
 
-    With `turn_on=False` for a curriculum, that quantity stays at its final value.
-    """
+    A curriculum that is off holds the constant value the run used in its max_* field (see
+    `resolve`). `as_dict` / `from_dict` are the form run.json stores."""
 
-    max_mean_rec: int = 32
-    max_backprop: int = 8
     max_steps: int = 1
-    mean_rec_turn_on: bool = False
-    mean_rec_warmup: float = 0.25  # fraction of max_steps
-    mean_rec_warmup_type: str = "linear"
-    backprop_turn_on: bool = False
-    backprop_warmup: float = 0.25
-    backprop_start: int = 1
-    backprop_warmup_type: str = "linear"
+    mean_recurrence_schedule: MeanRecurrenceSchedule = field(default_factory=MeanRecurrenceSchedule)
+    mean_backprop_depth_schedule: MeanBackpropDepthSchedule = field(default_factory=MeanBackpropDepthSchedule)
 
     def __post_init__(self):
-        for name in ("mean_rec_warmup_type", "backprop_warmup_type"):
-            if getattr(self, name) not in WARMUP_TYPES:
-                raise ValueError(f"{name}={getattr(self, name)!r}; expected one of {WARMUP_TYPES}")
-        if self.max_mean_rec < 1 or self.max_backprop < 1:
-            raise ValueError(
-                f"max_mean_rec ({self.max_mean_rec}) and max_backprop ({self.max_backprop}) must be >= 1"
-            )
+        if isinstance(self.mean_recurrence_schedule, dict):
+            self.mean_recurrence_schedule = MeanRecurrenceSchedule(**self.mean_recurrence_schedule)
+        if isinstance(self.mean_backprop_depth_schedule, dict):
+            self.mean_backprop_depth_schedule = MeanBackpropDepthSchedule(**self.mean_backprop_depth_schedule)
+        if self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
+        self.mean_recurrence_schedule.check()
+        self.mean_backprop_depth_schedule.check()
+
+    @classmethod
+    def resolve(cls, max_steps: int, mean_recurrence_schedule: MeanRecurrenceSchedule,
+                mean_backprop_depth_schedule: MeanBackpropDepthSchedule, model_mean_recurrence: int,
+                model_backprop_depth: int) -> "RecurrenceSchedule":
+        """The schedule train.py runs for these flags: a curriculum that is off holds the model's value."""
+        rec, bp = mean_recurrence_schedule, mean_backprop_depth_schedule
+        return cls(
+            max_steps=max_steps,
+            mean_recurrence_schedule=rec if rec.turn_on else replace(rec, max_mean_rec=int(model_mean_recurrence)),
+            mean_backprop_depth_schedule=bp if bp.turn_on else replace(bp, max_backprop=int(model_backprop_depth)),
+        )
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "RecurrenceSchedule":
+        return cls(**data)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def max_mean_rec(self) -> int:
+        return self.mean_recurrence_schedule.max_mean_rec
+
+    @property
+    def max_backprop(self) -> int:
+        return self.mean_backprop_depth_schedule.max_backprop
+
+    @property
+    def any_curriculum(self) -> bool:
+        return self.mean_recurrence_schedule.turn_on or self.mean_backprop_depth_schedule.turn_on
 
     def mean_recurrence(self, step: int) -> int:
-        if not self.mean_rec_turn_on:
-            return self.max_mean_rec
-        warmup_steps = self.mean_rec_warmup * self.max_steps
-        return scheduled_value(step, warmup_steps, 0, self.max_mean_rec, self.mean_rec_warmup_type)
+        rec = self.mean_recurrence_schedule
+        if not rec.turn_on:
+            return rec.max_mean_rec
+        return scheduled_value(step, rec.warmup * self.max_steps, 0, rec.max_mean_rec, rec.warmup_type)
 
     def backprop_depth(self, step: int) -> int:
-        if self.backprop_turn_on:
-            warmup_steps = self.backprop_warmup * self.max_steps
-            depth = scheduled_value(
-                step, warmup_steps, self.backprop_start, self.max_backprop, self.backprop_warmup_type
-            )
+        bp = self.mean_backprop_depth_schedule
+        if bp.turn_on:
+            depth = scheduled_value(step, bp.warmup * self.max_steps, bp.start, bp.max_backprop, bp.warmup_type)
         else:
-            depth = self.max_backprop
+            depth = bp.max_backprop
         return min(depth, self.mean_recurrence(step))
 
     def at(self, step: int) -> tuple[int, int]:
@@ -128,25 +212,42 @@ class RecurrenceSchedule:
         """
         return self.mean_recurrence(step), self.backprop_depth(step)
 
+    def stable_from(self) -> int:
+        """First step from which `at` no longer changes (the curricula have finished)."""
+        warmups = [0.0]
+        for group in (self.mean_recurrence_schedule, self.mean_backprop_depth_schedule):
+            if group.turn_on:
+                warmups.append(group.warmup * self.max_steps)
+        return math.ceil(max(warmups)) + 1
+
     def applied_at(self, step: int) -> tuple[int, int]:
         """(mean recurrence, backprop depth) that training runs at optimizer step `step` (from 1),
         exactly as the original train.py's schedulers give them (see the module docstring)."""
-        if self.mean_rec_turn_on:
-            warmup_steps = math.ceil(self.mean_rec_warmup * self.max_steps)
-            mean_rec = warmup_stable_value(
-                step - 1, self.max_mean_rec, warmup_steps, self.max_steps, 0.0, self.mean_rec_warmup_type
-            )
+        rec, bp = self.mean_recurrence_schedule, self.mean_backprop_depth_schedule
+        if rec.turn_on:
+            warmup_steps = math.ceil(rec.warmup * self.max_steps)
+            mean_rec = warmup_stable_value(step - 1, rec.max_mean_rec, warmup_steps, self.max_steps, 0.0, rec.warmup_type)
             mean_rec = max(mean_rec, 1)  # the schedule starts at 0
         else:
-            mean_rec = self.max_mean_rec
-        if self.backprop_turn_on:
-            warmup_steps = math.ceil(self.backprop_warmup * self.max_steps)
-            floor = max(1.0, self.backprop_start - 1)  # one below, since it is stepped once up front
-            backprop = warmup_stable_value(
-                step, self.max_backprop, warmup_steps, self.max_steps, floor, self.backprop_warmup_type
-            )
+            mean_rec = rec.max_mean_rec
+        if bp.turn_on:
+            warmup_steps = math.ceil(bp.warmup * self.max_steps)
+            floor = max(1.0, bp.start - 1)  # one below, since it is stepped once up front
+            backprop = warmup_stable_value(step, bp.max_backprop, warmup_steps, self.max_steps, floor, bp.warmup_type)
         else:
-            backprop = self.max_backprop
-        if self.mean_rec_turn_on or self.backprop_turn_on:
+            backprop = bp.max_backprop
+        if self.any_curriculum:
             backprop = min(backprop, mean_rec)
         return mean_rec, backprop
+
+    def change_points(self, applied: bool = True) -> list[list[int]]:
+        """The whole schedule as data: [[first step, mean recurrence, backprop depth], ...], one
+        entry per step where (applied_at or at) changes, from step 1 to max_steps."""
+        value_at = self.applied_at if applied else self.at
+        points, last = [], None
+        for step in range(1, self.max_steps + 1):
+            value = value_at(step)
+            if value != last:
+                points.append([step, *value])
+                last = value
+        return points

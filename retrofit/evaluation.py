@@ -17,23 +17,29 @@ keep their state; later iterations of other tokens attend to it. This measures t
 depth trade-off of the exit rule; it does not skip the exited tokens' compute.
 
 Also here: reading the held-out parquet shard, per-sequence losses and the result JSON.
+
+`inputs_and_labels` (re-exported here for the evaluation scripts) is `retrofit.rows`'s, the same
+rule training uses; the exit rule is the model file's `should_exit`, the same one its adaptive
+decoding uses.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from retrofit.modeling_raven import ADAPTIVE_CRITERIA, should_exit
+from retrofit.rows import inputs_and_labels, row_matrix
+from retrofit.shards import list_parquet_files, open_parquet, read_row_group
+
 DEFAULT_RECURRENCES = (1, 2, 4, 8, 16, 32, 64)  # the paper's validation loss depths (docs/evaluation.md, Tasks and metrics)
-ADAPTIVE_CRITERIA = ("kl", "latent")
 CHECKPOINT_PREFIX = "model_only_chkpt_"  # what train.py writes: {run_dir}/model_only_chkpt_{step}
 
 
@@ -103,70 +109,48 @@ def checkpoint_dirs(model_dir: str | os.PathLike, ckpts) -> list[tuple[str, Path
 # ----------------------------------------------------------------------------------------------
 
 
-def parquet_files(path: str | os.PathLike) -> list[Path]:
-    path = Path(path)
-    if path.is_dir():
-        files = sorted(path.glob("*.parquet"))
-        if not files:
-            raise EvalError(f"no *.parquet files in {str(path)!r}")
-        return files
-    if not path.is_file():
-        raise EvalError(f"eval file {str(path)!r} does not exist")
-    return [path]
-
-
 def load_eval_rows(path: str | os.PathLike, num_sequences: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first `num_sequences` rows of a parquet shard (or a folder of shards, in name order).
+    """The first `num_sequences` rows of a parquet shard (or a folder of shards, in natural
+    name order: shard-2 before shard-10).
 
     Returns `input_ids` (N, max_length + 1) and `attention_mask` (1 = real token; all ones when
-    the shard has no such column), both int64.
+    the shard has no such column), both int64. Rows are checked as `retrofit.rows` says.
     """
-    import pyarrow.parquet as pq
-
     if num_sequences < 1:
         raise EvalError(f"num_sequences must be >= 1, got {num_sequences}")
-    ids: list[list[int]] = []
-    masks: list[list[int]] = []
-    for file in parquet_files(path):
-        try:
-            reader = pq.ParquetFile(file)
-        except Exception as err:  # pyarrow raises several types for a foreign / corrupt file
-            raise EvalError(f"{file} is not a readable parquet file ({err})") from None
-        columns = reader.schema_arrow.names
-        if "input_ids" not in columns:
-            raise EvalError(f"{file} has no input_ids column (columns: {', '.join(columns) or 'none'})")
-        wanted = ["input_ids"] + (["attention_mask"] if "attention_mask" in columns else [])
-        for batch in reader.iter_batches(batch_size=1024, columns=wanted):
-            rows = batch.to_pydict()
-            take = num_sequences - len(ids)
-            ids += rows["input_ids"][:take]
-            masks += rows["attention_mask"][:take] if "attention_mask" in rows else [[1] * len(r) for r in rows["input_ids"][:take]]
-            if len(ids) >= num_sequences:
+    path = Path(path)
+    if path.is_dir():
+        files = list_parquet_files(path)
+    elif path.is_file():
+        files = [path]
+    else:
+        raise EvalError(f"eval file {str(path)!r} does not exist")
+    ids, masks = [], []
+    have, row_len = 0, None
+    for file in files:
+        parquet = open_parquet(file, required=("input_ids",))
+        columns = [c for c in ("input_ids", "attention_mask") if c in parquet.schema_arrow.names]
+        for index in range(parquet.num_row_groups):
+            if have >= num_sequences:
                 break
-        if len(ids) >= num_sequences:
-            break
-    if not ids:
+            table = read_row_group(parquet, file, index, columns).slice(0, num_sequences - have)
+            if table.num_rows == 0:
+                continue
+            where = f"{file} row group {index}"
+            ids.append(row_matrix(table.column("input_ids"), where, "input_ids", row_len))
+            row_len = ids[-1].shape[1]
+            if "attention_mask" in columns:
+                masks.append(row_matrix(table.column("attention_mask"), where, "attention_mask", row_len))
+            else:
+                masks.append(np.ones_like(ids[-1]))
+            have += table.num_rows
+    if not have:
         raise EvalError(f"{path} holds no rows")
-    lengths = {len(r) for r in ids} | {len(m) for m in masks}
-    if len(lengths) != 1:
-        raise EvalError(f"{path}: rows have different lengths {sorted(lengths)[:5]}; expected packed rows of max_length + 1")
-    if lengths.pop() < 2:
+    if row_len < 2:
         raise EvalError(f"{path}: rows need at least 2 tokens (max_length + 1)")
-    if len(ids) < num_sequences:
-        print(f"warning: {path} has only {len(ids)} rows; evaluating those instead of {num_sequences}", file=sys.stderr)
-    return torch.tensor(ids, dtype=torch.long), torch.tensor(masks, dtype=torch.long)
-
-
-def inputs_and_labels(rows: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A row of max_length + 1 tokens -> (input_ids, attention_mask, labels), each max_length long.
-
-    The model reads row[:-1] and is scored on row[1:] (labels are aligned: no shift inside the
-    model). A target is scored only when it and the token predicting it are real (-100 otherwise);
-    for right-padded rows that is exactly "targets that are not padding", as in the original.
-    """
-    real = (mask[:, 1:] != 0) & (mask[:, :-1] != 0)
-    labels = rows[:, 1:].masked_fill(~real, -100)
-    return rows[:, :-1], mask[:, :-1], labels
+    if have < num_sequences:
+        print(f"warning: {path} has only {have} rows; evaluating those instead of {num_sequences}", file=sys.stderr)
+    return torch.from_numpy(np.concatenate(ids)), torch.from_numpy(np.concatenate(masks))
 
 
 def only_right_padded(mask: torch.Tensor) -> bool:
@@ -188,7 +172,8 @@ def per_sequence_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
 
 @dataclass
 class AdaptiveExit:
-    """Stop iterating a token once `criterion` falls below `threshold` (never before iteration 2).
+    """Stop iterating a token once `criterion` falls below `threshold` (never before iteration 2);
+    the rule is the model file's `should_exit`.
 
     kl:     KL(p_{i-1} || p_i) of the next-token distributions of successive iterations
             (Huginn's default threshold: 5e-4).
@@ -257,13 +242,10 @@ def depth_sweep(
             if adaptive.criterion == "kl":
                 logprobs = F.log_softmax(logits.float(), dim=-1)
                 if previous_logprobs is not None:
-                    kl = (previous_logprobs.exp() * (previous_logprobs - logprobs)).sum(-1).clamp(min=0)
-                    active &= ~(kl < adaptive.threshold)
+                    active &= ~should_exit("kl", previous_logprobs, logprobs, adaptive.threshold)
                 previous_logprobs = logprobs
             elif i > 1:
-                change = (state.float() - previous_state.float()).norm(dim=-1)
-                relative = change / state.float().norm(dim=-1).clamp(min=1e-12)
-                active &= ~(relative < adaptive.threshold)
+                active &= ~should_exit("latent", previous_state, state, adaptive.threshold)
         if i in depths:
             result.losses[i] = per_sequence_loss(logits, labels).cpu()
             result.depth_sum[i] = float(used[scored].sum())
@@ -354,21 +336,6 @@ def loss_over_depth(
 # ----------------------------------------------------------------------------------------------
 # Output
 # ----------------------------------------------------------------------------------------------
-
-
-def write_json_atomic(path: str | os.PathLike, data) -> Path:
-    """Write JSON to a temp file beside `path`, then rename: a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
 
 
 def result_json(result: LossOverDepth, adaptive: AdaptiveExit | None) -> dict:

@@ -25,16 +25,15 @@ Models are built on the meta device from config.json alone, so counting a 1B mod
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Iterable
 
-from retrofit.depth import WARMUP_TYPES, RecurrenceSchedule
+from retrofit.depth import RecurrenceSchedule
 
+# D of the paper's runs (the FLOPs columns of paper_plots/data); a run's own D is in its run.json.
 DEFAULT_TOKENS_PER_STEP = 2**20
-DEFAULT_BACKPROP_DEPTH = 8
 RECURRENT_MODEL_TYPE = "huginn_raven"
 
 # Parameter-name prefixes of the recurrent model (the authors' checkpoint naming).
@@ -199,34 +198,6 @@ def step_flops(counts: ParamCounts, mean_rec: int, backprop_depth: int, tokens: 
     )
 
 
-def make_schedule(
-    max_steps: int,
-    max_mean_rec: int,
-    warmup: float,
-    warmup_type: str = "linear",
-    backprop_depth: int = DEFAULT_BACKPROP_DEPTH,
-) -> RecurrenceSchedule:
-    """The mean-recurrence curriculum of a training run as train.py builds it.
-
-    `warmup` is the fraction of `max_steps` over which the mean recurrence ramps up; 0 means no
-    curriculum (constant `max_mean_rec`).
-    """
-    if max_steps < 1:
-        raise ValueError(f"max_steps must be >= 1, got {max_steps}")
-    if not 0 <= warmup <= 1:
-        raise ValueError(f"warmup is a fraction of max_steps in [0, 1], got {warmup}")
-    if warmup_type not in WARMUP_TYPES:
-        raise ValueError(f"unknown warmup_type {warmup_type!r}; expected one of {WARMUP_TYPES}")
-    return RecurrenceSchedule(
-        max_mean_rec=max_mean_rec,
-        max_backprop=backprop_depth,
-        max_steps=max_steps,
-        mean_rec_turn_on=warmup > 0,
-        mean_rec_warmup=warmup,
-        mean_rec_warmup_type=warmup_type,
-    )
-
-
 def training_flops(
     counts: ParamCounts,
     checkpoints: int | Iterable[int],
@@ -250,7 +221,7 @@ def training_flops(
     else:
         # Warmup-stable: once both curricula are over, every step costs the same, so the tail is a
         # product (same values as stepping, since the cost comes from schedule.at either way).
-        stable_from = _stable_from(schedule)
+        stable_from = schedule.stable_from()
         stable_cost = step_flops(counts, *schedule.at(stable_from), tokens_per_step)
         total, step, cost_cache = 0, 0, {}
         for checkpoint in wanted:
@@ -266,16 +237,6 @@ def training_flops(
                 step = checkpoint
             result[checkpoint] = total
     return result[checkpoints] if single else result
-
-
-def _stable_from(schedule: RecurrenceSchedule) -> int:
-    """First step after which `schedule.at` no longer changes (the curricula have finished)."""
-    warmups = [0.0]
-    if schedule.mean_rec_turn_on:
-        warmups.append(schedule.mean_rec_warmup * schedule.max_steps)
-    if schedule.backprop_turn_on:
-        warmups.append(schedule.backprop_warmup * schedule.max_steps)
-    return math.ceil(max(warmups)) + 1
 
 
 def summed_mean_recurrence(schedule: RecurrenceSchedule, last_step: int) -> int:

@@ -89,9 +89,10 @@ def unsharded_copy(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> nn.
     return plain.eval()
 
 
-def save_sharded_training_state(out_dir: str | Path, model: nn.Module, optimizer, state: dict) -> Path:
+def save_sharded_training_state(out_dir: str | Path, model: nn.Module, optimizer, state: dict, add_files=None) -> Path:
     """Collective. `state` (counters, data positions, RNG states, config: rank 0's is written) goes
-    to training_state.pt, model and optimizer to DCP shards; then COMPLETE, then the rename."""
+    to training_state.pt, model and optimizer to DCP shards, `add_files(folder)` writes more files
+    (run.json); then COMPLETE, then the rename."""
     out_dir = Path(out_dir)
     tensors = {
         "model": get_model_state_dict(model),
@@ -104,6 +105,8 @@ def save_sharded_training_state(out_dir: str | Path, model: nn.Module, optimizer
         dist_utils.barrier()  # every rank's shard file is on disk before the checksums are taken
         if is_main:
             torch.save(dict(state, sharded=True), tmp / ckpt.STATE_FILE)
+            if add_files is not None:
+                add_files(tmp)
             ckpt.write_complete_marker(tmp, optimizer_step=state.get("optimizer_step"), sharded=True)
     dist_utils.barrier()  # rank 0 has renamed the folder into place
     return out_dir

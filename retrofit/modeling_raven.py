@@ -65,6 +65,29 @@ def sample_num_steps(mean_recurrence: int, backprop_depth: int, data_step: int) 
 
 
 # ----------------------------------------------------------------------------------------------
+# Adaptive exit (Huginn-style per-token early exit): one rule for `generate(adaptive_threshold=...)`
+# and for `retrofit.evaluation`'s loss-over-depth sweeps, which imports it from here.
+# ----------------------------------------------------------------------------------------------
+
+ADAPTIVE_CRITERIA = ("kl", "latent")
+
+
+def should_exit(criterion: str, before: torch.Tensor, after: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Which tokens stop iterating after an iteration: those whose change from the previous
+    iteration to this one is below `threshold` (so never before the second iteration).
+
+    kl:     `before`/`after` are next-token log-probabilities; change = KL(p_before || p_after).
+    latent: `before`/`after` are latent states; change = ||after - before|| / ||after||.
+    Both changes are >= 0, so threshold 0 never exits (fixed depth)."""
+    if criterion == "kl":
+        change = (before.exp() * (before - after)).sum(-1).clamp(min=0)
+    else:
+        before, after = before.float(), after.float()
+        change = (after - before).norm(dim=-1) / after.norm(dim=-1).clamp(min=1e-12)
+    return change < threshold
+
+
+# ----------------------------------------------------------------------------------------------
 # Layers
 # ----------------------------------------------------------------------------------------------
 
@@ -811,7 +834,7 @@ class RavenForCausalLM(RavenPreTrainedModel):
         if adaptive_threshold is not None:
             if not use_cache:
                 raise ValueError("adaptive_threshold needs use_cache=True")
-            if adaptive_criterion not in ("kl", "latent"):
+            if adaptive_criterion not in ADAPTIVE_CRITERIA:
                 raise ValueError(f"adaptive_criterion must be 'kl' or 'latent', got {adaptive_criterion!r}")
             if num_steps is not None and not isinstance(num_steps, int):
                 raise ValueError(f"adaptive decoding takes an int num_steps (the maximum depth), got {num_steps!r}")
@@ -877,16 +900,16 @@ class RavenForCausalLM(RavenPreTrainedModel):
         for i in range(max_steps):
             new_state = self.recur(state, e, ctx, i, adapter_parts=parts)
             if criterion == "latent":
-                change = ((new_state - state).norm(dim=-1) / new_state.norm(dim=-1).clamp_min(1e-12))[:, -1]
+                exits = should_exit(criterion, state, new_state, threshold)[:, -1]
             # Sequences that already exited keep their state (the batch runs until all exit).
             state = torch.where(exited[:, None, None], state, new_state)
             if criterion == "kl":
                 x = self.run_coda(state, ctx)  # the last iteration's is also the step's output
                 logprobs = self.lm_head(x[:, -1]).float().log_softmax(-1)
-                change = None if previous is None else F.kl_div(logprobs, previous, reduction="none", log_target=True).sum(-1)
+                exits = None if previous is None else should_exit(criterion, previous, logprobs, threshold)
                 previous = logprobs
-            if i > 0 and change is not None:
-                newly = ~exited & (change < threshold)
+            if i > 0 and exits is not None:
+                newly = ~exited & exits
                 depth = torch.where(newly, torch.full_like(depth, i + 1), depth)
                 exited |= newly
             if bool(exited.all()):
@@ -928,7 +951,7 @@ RavenForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
 if __name__.startswith("retrofit."):
     # Imported as part of this repo (not as remote code beside a checkpoint): let the Auto classes
-    # resolve model_type "huginn_raven" to these classes without trust_remote_code.
+    # resolve model_type RavenConfig.model_type to these classes without trust_remote_code.
     from transformers import AutoConfig, AutoModelForCausalLM
 
     AutoConfig.register(RavenConfig.model_type, RavenConfig, exist_ok=True)

@@ -248,30 +248,32 @@ def _groups(named: Iterable[tuple[str, nn.Parameter]], recurrent: bool, **hparam
     return [dict(params=params, recurrent=recurrent, base_lr=hparams["lr"], **hparams)]
 
 
+OPTIMIZER_KINDS = ("adamw", "muon", "ellis_adam")
+
+
 def build_optimizer(
     model: nn.Module,
     lr: float,
     weight_decay: float,
     betas: tuple[float, float],
     eps: float,
-    use_muon: bool = False,
+    kind: str = "adamw",
     muon_lr: float = 0.005,
     muon_weight_decay: float = 1e-4,
-    use_ellis_adam: bool = False,
     ellis_options: dict | None = None,
 ):
-    """AdamW (default), Muon + AdamW (`use_muon`), or ELLIS-Adam (`use_ellis_adam`)."""
-    if use_muon and use_ellis_adam:
-        raise ValueError("choose one of --muon.use_muon and --use_ellis_adam.use_ellis_adam, not both")
+    """AdamW (`kind="adamw"`), Muon + AdamW (`"muon"`), or ELLIS-Adam (`"ellis_adam"`)."""
+    if kind not in OPTIMIZER_KINDS:
+        raise ValueError(f"unknown optimizer kind {kind!r}; expected one of {OPTIMIZER_KINDS}")
     buckets = split_params(model)
     adam_hparams = dict(lr=lr, weight_decay=weight_decay, betas=tuple(betas))
-    if use_ellis_adam:
+    if kind == "ellis_adam":
         options = dict(ellis_options or {})
         groups = []
         for key, rec in (("matrix_rec", True), ("other_rec", True), ("matrix", False), ("other", False)):
             groups += _groups(buckets[key], rec, **adam_hparams)
         return ELLISAdam(groups, **adam_hparams, **options)
-    if use_muon:
+    if kind == "muon":
         muon_groups = _groups(buckets["matrix_rec"], True, lr=muon_lr, weight_decay=muon_weight_decay)
         muon_groups += _groups(buckets["matrix"], False, lr=muon_lr, weight_decay=muon_weight_decay)
         adam_groups = _groups(buckets["other_rec"], True, **adam_hparams, eps=eps)

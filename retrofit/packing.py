@@ -1,9 +1,8 @@
-"""Tokenize documents and pack them into fixed-length training rows; write and check parquet shards.
+"""Tokenize documents and pack them into fixed-length training rows.
 
-A training row is `input_ids` of exactly `seq_len = max_length + 1` tokens with an
-`attention_mask` (1 = real token, 0 = padding) of the same length, and in chat-SFT mode a
-`loss_mask` (1 = a token the model is trained to produce: the assistant's answer). train.py feeds
-`row[:-1]` and predicts `row[1:]`.
+Rows are the packed-row format of `retrofit.rows`: `input_ids` of exactly `seq_len = max_length + 1`
+tokens, an `attention_mask` and, in chat-SFT mode, a `loss_mask`. Writing them as parquet shards is
+`retrofit.shards`; mixing packed datasets is `retrofit.mixing`.
 
 Three ways to turn documents (each ends with EOS; BOS wherever the tokenizer adds it) into rows:
 
@@ -21,25 +20,16 @@ gives the same rows for any number of workers.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
-import os
-import shutil
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 
-ROW_COLUMNS = ("input_ids", "attention_mask")
-LOSS_MASK_COLUMN = "loss_mask"  # the name retrofit/data.py reads for SFT rows
+from retrofit.rows import LOSS_MASK_COLUMN, DataError, check_row_schema, row_matrix
+
 PACKING_MODES = ("wrapped", "best_fit", "none")
-DEFAULT_ROW_GROUP_SIZE = 1024  # rows; the training reader shuffles within a row group (~4 MB at 1025 tokens)
-
-
-class DataError(ValueError):
-    """Bad input data or settings; the message is one line that names the bad value."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -118,19 +108,15 @@ class Rows:
         return pa.RecordBatch.from_pydict(columns)
 
     @staticmethod
-    def from_arrow(table: pa.Table | pa.RecordBatch) -> Rows:
-        """Rows of a table of equal-length list columns (parquet shards, packed datasets)."""
-        check_packed_schema(table.schema, "table")
-
-        def as_matrix(name: str, dtype) -> np.ndarray:
-            column = table.column(name)
-            if isinstance(column, pa.ChunkedArray):
-                column = column.combine_chunks()
-            values = column.flatten().to_numpy(zero_copy_only=False).astype(dtype, copy=False)
-            return values.reshape(len(column), -1) if len(column) else values.reshape(0, 0)
-
-        loss = as_matrix(LOSS_MASK_COLUMN, np.int8) if LOSS_MASK_COLUMN in table.schema.names else None
-        return Rows(as_matrix("input_ids", np.int32), as_matrix("attention_mask", np.int8), loss)
+    def from_arrow(table: pa.Table | pa.RecordBatch, where: str = "table") -> Rows:
+        """Rows of a table of packed rows (parquet shards, packed datasets), checked on the way."""
+        columns = check_row_schema(table.schema, where)
+        row_len = None
+        matrices = {}
+        for name in columns:
+            matrices[name] = row_matrix(table.column(name), where, name, row_len, np.int32 if name == "input_ids" else np.int8)
+            row_len = matrices[name].shape[1]
+        return Rows(matrices["input_ids"], matrices["attention_mask"], matrices.get(LOSS_MASK_COLUMN))
 
 
 @dataclass
@@ -208,17 +194,13 @@ def tokenize_chats(
 
     Uses retrofit.data.tokenize_chat_example so preprocessed rows and train.py's on-the-fly SFT
     rows are token-for-token the same."""
-    from retrofit.data import DataError as TrainDataError
     from retrofit.data import tokenize_chat_example
 
     if getattr(tokenizer, "chat_template", None) is None:
         raise DataError("the tokenizer has no chat template; chat mode (q_col != 'text') needs one")
     ids_lists, mask_lists = [], []
     for question, answer in zip(questions, answers):
-        try:
-            ids, mask = tokenize_chat_example(tokenizer, question, answer, system_prompt or None)
-        except TrainDataError as err:
-            raise DataError(str(err)) from None
+        ids, mask = tokenize_chat_example(tokenizer, question, answer, system_prompt or None)
         ids_lists.append(ids)
         mask_lists.append([1] * len(ids) if take_loss_over_all_tokens else mask)
     return Docs.from_lists(ids_lists, mask_lists)
@@ -487,333 +469,3 @@ def iter_packed_rows(
     finally:
         bar.close()
         _WORKER.clear()
-
-
-# --------------------------------------------------------------------------------------------
-# Parquet shards and packed-row checks
-# --------------------------------------------------------------------------------------------
-def load_disk_table(path: str | Path, what: str, split: str | None = None, split_flag: str | None = None) -> pa.Table:
-    """The Arrow table (memory-mapped, zero-copy) of a `save_to_disk` dataset at `path`.
-
-    A DatasetDict with one split is unwrapped; with several, `split` picks one (`split_flag` is the
-    CLI flag that sets it, for the error message). `what` names the flag or source in errors.
-    """
-    import datasets
-
-    if not Path(path).exists():
-        raise DataError(f"{what} {str(path)!r} does not exist")
-    try:
-        dataset = datasets.load_from_disk(str(path))
-    except FileNotFoundError as err:
-        raise DataError(f"{what} {str(path)!r} is not a save_to_disk dataset ({str(err).splitlines()[0]})") from None
-    if isinstance(dataset, datasets.DatasetDict):
-        splits = list(dataset)
-        if len(splits) == 1:
-            dataset = dataset[splits[0]]
-        elif split in dataset:
-            dataset = dataset[split]
-        else:
-            how = f"pick one with {split_flag}" if split_flag else "give the folder of one split"
-            raise DataError(f"{what} {str(path)!r} has splits {splits}; {how}")
-    if dataset._indices is not None:
-        dataset = dataset.flatten_indices()
-    return dataset.data.table
-
-
-def check_packed_schema(schema: pa.Schema, where: str):
-    """`input_ids` and `attention_mask` (and optional `loss_mask`) must be lists of integers."""
-    for name in ROW_COLUMNS + ((LOSS_MASK_COLUMN,) if LOSS_MASK_COLUMN in schema.names else ()):
-        if name not in schema.names:
-            raise DataError(
-                f"{where} is not packed training rows: no column {name!r} (columns: {', '.join(schema.names)})"
-            )
-        col_type = schema.field(name).type
-        is_list = (
-            pa.types.is_list(col_type) or pa.types.is_large_list(col_type) or pa.types.is_fixed_size_list(col_type)
-        )
-        if not is_list or not pa.types.is_integer(col_type.value_type):
-            raise DataError(f"{where}: column {name!r} has type {col_type}, expected a list of integers")
-
-
-def normalize_packed_table(table: pa.Table, where: str, with_loss_mask: bool | None = None) -> pa.Table:
-    """Keep the row columns, as list<int32> ids and list<int8> masks, and check that every row of
-    every column has the same length. with_loss_mask=True adds `loss_mask` = attention_mask where
-    it is missing (loss on every real token, what train.py does without one)."""
-    check_packed_schema(table.schema, where)
-    import pyarrow.compute as pc
-
-    has_loss = LOSS_MASK_COLUMN in table.schema.names
-    keep_loss = has_loss if with_loss_mask is None else with_loss_mask
-    names = list(ROW_COLUMNS) + ([LOSS_MASK_COLUMN] if keep_loss else [])
-    columns = {}
-    row_len = None
-    for name in names:
-        source = name if (name != LOSS_MASK_COLUMN or has_loss) else "attention_mask"
-        column = table.column(source)
-        lengths = pc.list_value_length(column)
-        if len(column):
-            lo, hi = pc.min_max(lengths).values()
-            lo, hi = lo.as_py(), hi.as_py()
-            if lo != hi or (row_len is not None and lo != row_len):
-                raise DataError(
-                    f"{where}: rows of {name!r} have lengths {lo}..{hi}, expected all {row_len or lo}"
-                    " (is this a packed dataset?)"
-                )
-            row_len = lo
-        value_type = pa.int32() if name == "input_ids" else pa.int8()
-        columns[name] = column.cast(pa.list_(value_type))
-    return pa.table(columns)
-
-
-def open_packed_parquet(path: str | Path):
-    """A pq.ParquetFile of packed rows, or a one-line DataError for a corrupt or foreign file."""
-    import pyarrow.parquet as pq
-
-    try:
-        pf = pq.ParquetFile(path)
-    except (pa.ArrowInvalid, OSError) as err:
-        raise DataError(f"{path} is not a readable parquet file ({str(err).splitlines()[0]})") from None
-    check_packed_schema(pf.schema_arrow, str(path))
-    return pf
-
-
-def shard_bounds(num_rows: int, num_shards: int) -> list[tuple[int, int]]:
-    """Contiguous [start, stop) of each shard; sizes differ by at most one row."""
-    edges = [(i * num_rows) // num_shards for i in range(num_shards + 1)]
-    return list(zip(edges[:-1], edges[1:]))
-
-
-@contextlib.contextmanager
-def atomic_output_dir(target: str | Path, overwrite: bool = False):
-    """Yield a fresh temp folder beside `target`; on success it replaces `target` in one rename
-    (the old folder, if --overwrite, is removed only after the new one is in place). On failure
-    the temp folder is removed and `target` is untouched."""
-    target = Path(target)
-    if target.exists() and not overwrite and (not target.is_dir() or any(target.iterdir())):
-        raise DataError(f"output folder {str(target)!r} already exists (pass --overwrite to replace it)")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if target.exists():
-        old = target.parent / f".{target.name}.old-{os.getpid()}"
-        target.rename(old)
-    tmp.rename(target)
-    if old is not None:
-        shutil.rmtree(old) if old.is_dir() else old.unlink()
-
-
-_SHARD_JOB: dict = {}
-
-
-def _write_shard(job: tuple[Path, int, int]) -> Path:
-    """Write rows [lo, hi) to one parquet file, row group by row group."""
-    import pyarrow.parquet as pq
-
-    path, lo, hi = job
-    read_rows, row_group_size, with_loss_mask = (
-        _SHARD_JOB["read_rows"],
-        _SHARD_JOB["row_group_size"],
-        _SHARD_JOB["with_loss_mask"],
-    )
-    writer = None
-    try:
-        for a in range(lo, hi, row_group_size):
-            b = min(a + row_group_size, hi)
-            table = normalize_packed_table(read_rows(a, b), f"rows {a}..{b}", with_loss_mask)
-            if writer is None:
-                writer = pq.ParquetWriter(path, table.schema)
-            elif not table.schema.equals(writer.schema):
-                raise DataError(f"rows {a}..{b} have columns {table.schema.names}, earlier rows {writer.schema.names}")
-            writer.write_table(table, row_group_size=row_group_size)
-    finally:
-        if writer is not None:
-            writer.close()
-    return path
-
-
-def write_parquet_shards(
-    num_rows: int,
-    read_rows: Callable[[int, int], pa.Table],
-    out_dir: str | Path,
-    num_shards: int,
-    val_shards: int = 0,
-    row_group_size: int = DEFAULT_ROW_GROUP_SIZE,
-    overwrite: bool = False,
-    with_loss_mask: bool | None = None,
-    progress: bool = True,
-    extra_files: dict[str, str] | None = None,
-    num_proc: int = 1,
-) -> list[Path]:
-    """Write rows [0, num_rows) as `shard-00000.parquet`... into out_dir; the last `val_shards`
-    shards go to `out_dir/val/` (same names, so a shard keeps its index). `read_rows(a, b)`
-    returns rows a..b as an Arrow table; `extra_files` {name: text} are written beside the
-    shards. Shards are independent, so `num_proc` forked workers write them in parallel (the
-    files do not depend on num_proc). Written to a temp folder, then renamed into place."""
-    from tqdm.auto import tqdm
-
-    if num_shards < 1:
-        raise DataError(f"num_shards={num_shards} must be >= 1")
-    if not 0 <= val_shards < num_shards:
-        raise DataError(f"val_shards={val_shards} must be in [0, num_shards={num_shards})")
-    if row_group_size < 1:
-        raise DataError(f"row_group_size={row_group_size} must be >= 1")
-    if num_rows == 0:
-        raise DataError("there are no rows to write")
-    if num_rows < num_shards:
-        raise DataError(f"only {num_rows} rows for num_shards={num_shards}; pass a smaller --num_shards")
-    out_dir = Path(out_dir)
-    folders = ["val" if i >= num_shards - val_shards else "." for i in range(num_shards)]
-    with atomic_output_dir(out_dir, overwrite) as tmp:
-        if val_shards:
-            (tmp / "val").mkdir()
-        jobs = [
-            (tmp / folder / f"shard-{i:05d}.parquet", lo, hi)
-            for i, (folder, (lo, hi)) in enumerate(zip(folders, shard_bounds(num_rows, num_shards)))
-        ]
-        _SHARD_JOB.update(read_rows=read_rows, row_group_size=row_group_size, with_loss_mask=with_loss_mask)
-        bar = tqdm(total=num_shards, desc="parquet shards", disable=not progress)
-        try:
-            if num_proc <= 1:
-                for job in jobs:
-                    _write_shard(job)
-                    bar.update()
-            else:
-                import multiprocessing as mp
-
-                # fork: workers inherit read_rows (and the memory-mapped tables behind it).
-                with mp.get_context("fork").Pool(min(num_proc, num_shards)) as pool:
-                    for _ in pool.imap_unordered(_write_shard, jobs):
-                        bar.update()
-        finally:
-            bar.close()
-            _SHARD_JOB.clear()
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text)
-    return [Path(os.path.normpath(out_dir / folder / f"shard-{i:05d}.parquet")) for i, folder in enumerate(folders)]
-
-
-# --------------------------------------------------------------------------------------------
-# Mixing
-# --------------------------------------------------------------------------------------------
-@dataclass
-class MixRequest:
-    """How much of one source goes into a mix: `rows` (an int, or "all") or `fraction` (this
-    source's share of the final mix, 0 < f <= 1)."""
-
-    path: str
-    rows: int | str | None = None
-    fraction: float | None = None
-    available: int = field(default=0)
-
-    def describe(self) -> str:
-        return f"fraction {self.fraction:g}" if self.fraction is not None else f"rows {self.rows}"
-
-
-def parse_mix_spec(spec: str) -> MixRequest:
-    """`PATH:ROWS`, `PATH:all`, `PATH:0.25` or `PATH:25%` (a number with a '.' or '%' is a fraction)."""
-    path, sep, amount = spec.rpartition(":")
-    if not sep or not path or not amount:
-        raise DataError(f"mix source {spec!r} is not PATH:ROWS, PATH:all or PATH:FRACTION")
-    try:
-        if amount == "all":
-            return MixRequest(path, rows="all")
-        if amount.endswith("%"):
-            return MixRequest(path, fraction=float(amount[:-1]) / 100)
-        if "." in amount or "e" in amount.lower():
-            return MixRequest(path, fraction=float(amount))
-        return MixRequest(path, rows=int(amount))
-    except ValueError:
-        raise DataError(f"mix source {spec!r}: {amount!r} is not a row count, 'all' or a fraction") from None
-
-
-def plan_mix(requests: list[MixRequest], total_rows: int | None = None) -> list[int]:
-    """Rows to take from each source. Row counts are taken as given; fractions are shares of the
-    final mix: with fixed-count sources of R rows and fractions summing to F < 1 the mix has
-    R / (1 - F) rows; if every source is a fraction (summing to 1) the mix is `total_rows`, or
-    the largest mix that no source runs short of. Errors name the source that is short."""
-    if not requests:
-        raise DataError("a mix needs at least one source")
-    fixed = 0
-    for req in requests:
-        if req.fraction is None:
-            if req.rows == "all":
-                req.rows = req.available
-            if not isinstance(req.rows, int) or req.rows < 0:
-                raise DataError(f"mix source {req.path}: rows={req.rows!r} must be a count >= 0 or 'all'")
-            if req.rows > req.available:
-                raise DataError(f"mix source {req.path}: asks for {req.rows:,} rows but has {req.available:,}")
-            fixed += req.rows
-        elif isinstance(req.fraction, bool) or not isinstance(req.fraction, int | float) or not 0 < req.fraction <= 1:
-            raise DataError(f"mix source {req.path}: fraction {req.fraction!r} must be in (0, 1]")
-    fractions = [r for r in requests if r.fraction is not None]
-    frac_sum = sum(r.fraction for r in fractions)
-    if not fractions:
-        total = fixed
-    elif len(fractions) == len(requests):
-        if abs(frac_sum - 1) > 1e-6:
-            raise DataError(f"the fractions sum to {frac_sum:g}; as shares of the mix they must sum to 1")
-        total = total_rows or int(min(r.available / r.fraction for r in fractions) + 1e-9)
-    else:
-        if total_rows is not None:
-            raise DataError("--total_rows only applies when every source is given as a fraction")
-        if frac_sum >= 1:
-            raise DataError(
-                f"the fractions sum to {frac_sum:g} but other sources have fixed rows; they must sum below 1"
-            )
-        total = round(fixed / (1 - frac_sum))
-    # Largest-remainder rounding of the fractional shares to whole rows.
-    frac_total = total - fixed
-    exact = [r.fraction / frac_sum * frac_total if fractions else 0.0 for r in fractions]
-    counts = [int(x) for x in exact]
-    for i in sorted(range(len(exact)), key=lambda i: counts[i] - exact[i])[: frac_total - sum(counts)]:
-        counts[i] += 1
-    by_source, it = [], iter(counts)
-    for req in requests:
-        n = req.rows if req.fraction is None else next(it)
-        if n > req.available:
-            raise DataError(
-                f"mix source {req.path}: the mix needs {n:,} rows ({req.describe()}) but it has {req.available:,}"
-            )
-        by_source.append(n)
-    if sum(by_source) == 0:
-        raise DataError("the mix is empty")
-    return by_source
-
-
-def mix_order(counts: list[int], sizes: list[int], seed: int = 42) -> tuple[np.ndarray, np.ndarray]:
-    """(source, row) of every row of the mix in its shuffled order: a seeded sample of counts[i]
-    rows of source i without replacement, then one seeded shuffle of all of them."""
-    rng = np.random.default_rng(seed)
-    source = np.concatenate([np.full(n, i, dtype=np.int32) for i, n in enumerate(counts)])
-    row = np.concatenate(
-        [
-            np.arange(size, dtype=np.int64) if n == size else rng.choice(size, n, replace=False)
-            for n, size in zip(counts, sizes)
-        ]
-    )
-    perm = rng.permutation(len(source))
-    return source[perm], row[perm]
-
-
-def gather_rows(
-    tables: list[pa.Table], source: np.ndarray, row: np.ndarray, with_loss_mask: bool | None = None
-) -> pa.Table:
-    """Rows (source[i], row[i]) of the given tables, in that order, as normalized packed rows."""
-    parts, positions = [], []
-    for i, table in enumerate(tables):
-        where = np.nonzero(source == i)[0]
-        if len(where):
-            parts.append(normalize_packed_table(table.take(pa.array(row[where])), f"source {i}", with_loss_mask))
-            positions.append(where)
-    combined = pa.concat_tables(parts)
-    back = np.empty(len(source), dtype=np.int64)
-    back[np.concatenate(positions)] = np.arange(len(source))
-    return combined.take(pa.array(back))

@@ -1,4 +1,6 @@
-"""The shared figure style and the plot primitives of plot_evals.py and paper_plots/.
+"""The shared figure style and the plot primitives of plot_evals.py and paper_plots/, and their figures.
+
+Imports matplotlib but neither torch nor transformers (tests/test_analysis_flops.py checks it).
 
 Rows are dicts of the paper_data schema (see retrofit/results.py). Accuracy is drawn in percent.
 Style: a serif font found on this machine, the Okabe-Ito colour-blind-safe palette, labelled axes
@@ -19,6 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib import font_manager  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
+from retrofit.depth import WARMUP_TYPES, MeanRecurrenceSchedule, RecurrenceSchedule  # noqa: E402
 from retrofit.results import TASK_CHANCE, TASK_TITLES  # noqa: E402
 
 # Okabe & Ito (2008), distinguishable with the common colour-vision deficiencies. Yellow last:
@@ -339,3 +342,65 @@ def default_file_mode() -> int:
     umask = os.umask(0)
     os.umask(umask)
     return 0o666 & ~umask
+
+
+# ------------------------------------------------------------------------------------------------
+# Figures
+# ------------------------------------------------------------------------------------------------
+RUN_TABLE_X_AXES = ("num_rec", "chkpt", "FLOPs")
+
+
+def plot_run_table(rows: list[dict], out_dir: str | Path, formats=FORMATS, test_rec="train",
+                   errorbars: bool = False, log=None) -> list[Path]:
+    """plot_evals.py's figures. Per task: accuracy vs test recurrence, vs checkpoint and vs training
+    FLOPs, one line per run; `log` (a logging.Logger) hears about skipped panels."""
+    apply_style()
+    colors = colors_for(r["model"] for r in rows)
+    written = []
+    for task, task_rows in group_by(rows, "task").items():
+        title = task_title(task)
+        for x in RUN_TABLE_X_AXES:
+            if x == "num_rec":
+                panel_rows, suffix = at_final_checkpoint(task_rows), " (last checkpoint of each run)"
+            else:
+                panel_rows = [r for r in at_test_rec(task_rows, test_rec) if r.get(x) is not None]
+                suffix = " (tested at the training recurrence)" if test_rec == "train" else f" (test recurrence {test_rec})"
+            if not panel_rows:
+                if log is not None:
+                    log.warning("%s: no rows with %s; skipping the %s_vs_%s figure", task, x, task, x)
+                continue
+            fig = accuracy_figure([(panel_rows, x)], colors, title=title + suffix, task=task,
+                                  panel_width=5.5, height=3.6, errorbars=errorbars)
+            written += save_figure(fig, out_dir, f"{task}_vs_{x}", formats)
+    return written
+
+
+def schedule_curves(max_steps: int, warmup: float, max_mean_rec: int) -> dict:
+    """warmup type -> (mean recurrence at steps 1..max_steps as counted for FLOPs, their sum)."""
+    curves = {}
+    for warmup_type in WARMUP_TYPES:
+        schedule = RecurrenceSchedule(
+            max_steps=max_steps,
+            mean_recurrence_schedule=MeanRecurrenceSchedule(turn_on=warmup > 0, warmup=warmup,
+                                                            max_mean_rec=max_mean_rec, warmup_type=warmup_type),
+        )
+        values = [schedule.at(step)[0] for step in range(1, max_steps + 1)]
+        curves[warmup_type] = (values, sum(values))
+    return curves
+
+
+def plot_schedules(out_dir, formats=FORMATS, max_steps: int = 6125, warmup: float = 0.5,
+                   max_mean_rec: int = 32, name: str = "scheduling_options") -> list[Path]:
+    """The paper's schedule figure: mean recurrence vs step for the linear and 1-sqrt curricula,
+    each labelled with its summed mean recurrence (its cost in recurrent-block iterations)."""
+    apply_style(font_size=12)
+    fig, ax = plt.subplots(figsize=(6.4, 3.4))
+    steps = list(range(1, max_steps + 1))
+    for warmup_type, (values, total) in schedule_curves(max_steps, warmup, max_mean_rec).items():
+        ax.plot(steps, values, linewidth=2.5, label=f"{warmup_type}: $\\Sigma\\,\\bar{{r}}$ = {total:,}")
+    ax.set_xlabel(AXIS_LABELS["step"])
+    format_x(ax, "step")
+    ax.set_ylabel("Mean recurrence (iterations)")
+    ax.set_title(f"Curriculum over {warmup:.0%} of {max_steps:,} steps to {max_mean_rec}")
+    ax.legend(title="Curriculum (summed over the run)", loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
+    return save_figure(fig, out_dir, name, formats)

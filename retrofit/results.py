@@ -24,15 +24,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from retrofit.flops import (
-    DEFAULT_BACKPROP_DEPTH,
-    DEFAULT_TOKENS_PER_STEP,
-    ParamCounts,
-    count_model_dir,
-    make_schedule,
-    read_config,
-    training_flops,
-)
+from retrofit.flops import DEFAULT_TOKENS_PER_STEP, ParamCounts, count_model_dir, read_config, training_flops
+from retrofit.run_record import checkpoint_step, counting_schedule, read_run_record, record_schedule
 
 log = logging.getLogger(__name__)
 
@@ -199,16 +192,20 @@ def find_result_files(path: str | Path) -> list[tuple[Path, bool]]:
 
 @dataclass
 class RunSpec:
-    """One training run to collect: where its evals are and how it was trained (for FLOPs)."""
+    """One training run to collect: where its evals are, and overrides of how it was trained (for FLOPs).
+
+    How a run was trained comes from its run.json (the run folder's, else the evaluated checkpoint's
+    copy); every field below left at None is taken from there. Without run.json the run is assumed
+    to have used train.py's defaults on the checkpoint's config, and max_steps must be given."""
 
     path: Path
     label: str | None = None
-    train_rec: int | None = None  # max mean recurrence in training; default: the checkpoint config's
-    max_steps: int | None = None  # needed for the FLOPs of a curriculum run and for final_checkpoint
-    warmup: float = 0.25  # fraction of max_steps the curriculum ramps over (0 = no curriculum)
-    warmup_type: str = "linear"
-    backprop_depth: int = DEFAULT_BACKPROP_DEPTH
-    tokens_per_step: int = DEFAULT_TOKENS_PER_STEP
+    train_rec: int | None = None  # final (or constant) mean recurrence of training
+    max_steps: int | None = None  # the run's length (curriculum length; the step of final_checkpoint)
+    warmup: float | None = None  # fraction of max_steps the mean-recurrence curriculum ramps over (0 = none)
+    warmup_type: str | None = None
+    backprop_depth: int | None = None
+    tokens_per_step: int | None = None
     non_recurrent: bool = False
     model_dir: Path | None = None  # config.json to count parameters when the evaluated dir is gone
     cooldown: bool = False
@@ -247,6 +244,7 @@ def _model_dir_for(spec: RunSpec, data: dict, result_file: Path) -> Path | None:
 def collect_run(spec: RunSpec) -> Collected:
     """Rows of the paper_data schema for every lm-eval result file of one run."""
     out = Collected()
+    run_record = read_run_record(spec.path) if spec.path.is_dir() else None
     files = find_result_files(spec.path)
     if not files:
         raise FileNotFoundError(
@@ -266,6 +264,8 @@ def collect_run(spec: RunSpec) -> Collected:
             continue
         read_any = True
         model_dir = _model_dir_for(spec, data, result_file)
+        checkpoint_record = read_run_record(model_dir) if model_dir is not None else None
+        record = run_record or checkpoint_record
         counts: ParamCounts | None = count_model_dir(model_dir) if model_dir else None
         if spec.non_recurrent and counts is not None and counts.recurrent:
             raise ValueError(f"run {spec.label!r} is marked non_recurrent but {model_dir} holds a recurrent model")
@@ -279,22 +279,31 @@ def collect_run(spec: RunSpec) -> Collected:
             )
         step, is_final = checkpoint_from(result_file, data)
         if step is None and is_final:
-            step = spec.max_steps
+            # the step final_checkpoint was saved at (its run.json), else the run's length
+            step = checkpoint_step(checkpoint_record) or spec.max_steps or (record or {}).get("max_steps")
             if step is None:
-                out.warnings.append(f"{result_file}: final_checkpoint has no step; pass max_steps for run {spec.label!r}")
+                out.warnings.append(f"{result_file}: final_checkpoint has no step (no run.json); pass max_steps for"
+                                    f" run {spec.label!r}")
         elif step is None:
             step = 0  # an evaluation of the untrained (base or freshly converted) model
 
+        recorded = record_schedule(record)
         train_rec = 1 if static else spec.train_rec
+        if train_rec is None and recorded is not None:
+            train_rec = recorded.max_mean_rec
         if train_rec is None and model_dir is not None:
             train_rec = int(read_config(model_dir).get("mean_recurrence", num_rec))
 
         effective_params = counts.non_embedding(num_rec) if counts else None
         # FLOPs are filled in after the loop: one replay of the curriculum per (model, train_rec).
         flops_key = None
-        if counts is not None and step is not None and (static or (spec.max_steps and train_rec)):
+        knows_length = spec.max_steps is not None or recorded is not None
+        if counts is not None and step is not None and (static or (knows_length and train_rec)):
             flops_key = (str(model_dir), 1 if static else train_rec)
-            flops_steps.setdefault(flops_key, (counts, set()))[1].add(step)
+            entry = flops_steps.setdefault(flops_key, (counts, set(), record))
+            entry[1].add(step)
+        elif counts is not None and step is not None:
+            out.warnings.append(f"{result_file}: no run.json and no max_steps for run {spec.label!r}; FLOPs left empty")
         if counts is None:
             out.warnings.append(
                 f"{result_file}: no config.json found for parameter counts; effective_params and FLOPs left empty "
@@ -324,11 +333,16 @@ def collect_run(spec: RunSpec) -> Collected:
     if not read_any:
         raise FileNotFoundError(f"no lm-eval results under {str(spec.path)!r}; {'; '.join(out.warnings)}")
     flops = {}
-    for (model_dir_key, train_rec), (counts, steps) in flops_steps.items():
+    for (model_dir_key, train_rec), (counts, steps, record) in flops_steps.items():
         schedule = None
         if counts.recurrent:
-            schedule = make_schedule(spec.max_steps, train_rec, spec.warmup, spec.warmup_type, spec.backprop_depth)
-        for step, value in training_flops(counts, steps, schedule, spec.tokens_per_step).items():
+            schedule = counting_schedule(
+                record, read_config(model_dir_key), max_steps=spec.max_steps, max_mean_rec=train_rec,
+                warmup=spec.warmup, warmup_type=spec.warmup_type, backprop_depth=spec.backprop_depth,
+                where=str(spec.path),
+            )
+        tokens_per_step = spec.tokens_per_step or (record or {}).get("tokens_per_step") or DEFAULT_TOKENS_PER_STEP
+        for step, value in training_flops(counts, steps, schedule, tokens_per_step).items():
             flops[(model_dir_key, train_rec, step)] = value
     for row in by_key.values():
         key = row["FLOPs"]

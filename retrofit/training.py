@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from retrofit.atomic import write_file_atomic
+
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -167,9 +169,7 @@ class MetricsLogger:
                 kept.append(line)
             else:
                 dropped += 1
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, self.path)
+        write_file_atomic(self.path, "".join(line + "\n" for line in kept))
         return dropped
 
     def log(self, record: dict) -> None:

@@ -18,7 +18,8 @@
 #   lm_eval     shells/eval.sh: a local gsm8k_cot_sean-format task and a multiple-choice task,
 #               recurrent model at recurrences 1 4 8, baseline once
 #   report      plot_evals.py (accuracy vs recurrence / step / FLOPs), loss vs recurrence, and
-#               OUT_DIR/summary.md: steps, FLOPs (param_counter.py), losses, accuracies, stage times
+#               OUT_DIR/summary.md: steps, FLOPs (param_counter.py), losses, accuracies, stage times;
+#               how each run trained comes from the run.json train.py writes, never from flags here
 #
 # Knobs (environment; the defaults take about 7 minutes on 2 cores, see the README's measured table):
 #   QUICKSTART_NUM_PROBLEMS=20000  training problems       QUICKSTART_HIDDEN=64      base Llama width (8 layers)
@@ -67,7 +68,6 @@ read -r -a EVAL_REC_LIST <<< "${EVAL_RECS//,/ }"
 for r in "${EVAL_REC_LIST[@]}"; do
     [[ "$r" =~ ^[1-9][0-9]*$ ]] || die "QUICKSTART_EVAL_RECS: '$r' is not a positive integer"
 done
-TOKENS_PER_STEP=$((BATCH * MAX_LENGTH))
 # Weights every fifth of a run, a resumable full checkpoint every two fifths: an interrupted run resumes.
 save_interval() { echo $(( $1 / 5 > 0 ? $1 / 5 : 1 )); }
 mkdir -p "$OUT"
@@ -231,21 +231,11 @@ lm_eval_rest() {
 side_by_side lm_eval lm_eval_deep lm_eval_rest
 
 # --------------------------------------------------------------------------------- plots and summary
-RUNS_FILE="$OUT/plot_runs.json"
-cat > "$RUNS_FILE" <<EOF
-[
-  {"path": "$RUNS/recurrent", "label": "recurrent (train rec $MAX_REC)", "train_rec": $MAX_REC, "max_steps": $STEPS,
-   "warmup": $CURRICULUM_WARMUP, "warmup_type": "1-sqrt", "backprop_depth": $BACKPROP, "tokens_per_step": $TOKENS_PER_STEP},
-  {"path": "$RUNS/baseline", "label": "baseline (static)", "max_steps": $STEPS, "non_recurrent": true,
-   "tokens_per_step": $TOKENS_PER_STEP}
-]
-EOF
+# How each run trained (steps, tokens per step, curriculum) is read from its run.json, written by train.py.
 summary_marker="$OUT/summary.md"
 if (( ran_any )); then rm -f "$summary_marker"; fi  # something new: redraw and rewrite
 stage report "$summary_marker" \
-    "$PYTHON" utils/quickstart_summary.py report --runs_file "$RUNS_FILE" --out_dir "$OUT" --steps "$STEPS" \
-    --pretrain_steps "$PRETRAIN_STEPS" --tokens_per_step "$TOKENS_PER_STEP" --max_mean_rec "$MAX_REC" \
-    --warmup "$CURRICULUM_WARMUP" --backprop_depth "$BACKPROP" --limit "$LIMIT" --eval_recs "${EVAL_REC_LIST[*]}"
+    "$PYTHON" utils/quickstart_summary.py report --out_dir "$OUT" --limit "$LIMIT" --eval_recs "${EVAL_REC_LIST[*]}"
 
 cat "$summary_marker"
 if (( ran_any )); then

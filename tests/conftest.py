@@ -15,7 +15,6 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 # The authors' published raw results, shipped with the repository (paper_plots/data/README.md).
@@ -26,6 +25,15 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from retrofit.synthetic import arithmetic_problems, problem_text, train_tokenizer  # noqa: E402
+from retrofit.testing import (  # noqa: E402
+    pack_token_rows,
+    save_hf_model,
+    save_raven_model,
+    tiny_llama_config,
+    tiny_olmo2_config,
+    tiny_raven_config,
+    write_token_parquet,
+)
 
 
 @pytest.fixture(scope="session")
@@ -47,60 +55,6 @@ def tokenizer(tokenizer_dir):
     return AutoTokenizer.from_pretrained(tokenizer_dir)
 
 
-def tiny_llama_config(vocab_size: int, **overrides):
-    from transformers import LlamaConfig
-
-    kwargs = dict(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=8,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        rope_theta=10000.0,
-        tie_word_embeddings=False,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=2,
-    )
-    kwargs.update(overrides)
-    return LlamaConfig(**kwargs)
-
-
-def tiny_olmo2_config(vocab_size: int, **overrides):
-    from transformers import Olmo2Config
-
-    kwargs = dict(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=8,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        rope_theta=500000.0,
-        tie_word_embeddings=False,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=2,
-    )
-    kwargs.update(overrides)
-    return Olmo2Config(**kwargs)
-
-
-def save_hf_model(config, out_dir: Path, tokenizer_dir: Path | None = None, seed: int = 0) -> Path:
-    """Build a randomly initialised HF causal LM from `config` and save it (with a tokenizer)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)
-    model.save_pretrained(out_dir)
-    if tokenizer_dir is not None:
-        AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out_dir)
-    return out_dir
-
-
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory, tokenizer_dir, tokenizer) -> Path:
     """A tiny random Llama (8 layers, GQA 4/2) saved in HF format with the test tokenizer."""
@@ -112,66 +66,6 @@ def tiny_llama_dir(tmp_path_factory, tokenizer_dir, tokenizer) -> Path:
 def tiny_olmo2_dir(tmp_path_factory, tokenizer_dir, tokenizer) -> Path:
     out = tmp_path_factory.mktemp("tiny_olmo2")
     return save_hf_model(tiny_olmo2_config(len(tokenizer)), out, tokenizer_dir)
-
-
-# ---- training fixtures (tests/test_train_*.py) ------------------------------------------------
-def pack_token_rows(tokenizer, texts, row_len: int) -> list[list[int]]:
-    """Concatenate tokenized texts (each ending in EOS) and cut them into rows of row_len tokens."""
-    stream: list[int] = []
-    for text in texts:
-        stream += tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]
-    return [stream[i : i + row_len] for i in range(0, len(stream) - row_len + 1, row_len)]
-
-
-def write_token_parquet(rows, out_dir: Path, num_shards: int = 2, row_group_size: int = 16, masks=None) -> Path:
-    """Parquet shards `shard-00000.parquet`... with `input_ids` and `attention_mask` list columns."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    masks = masks if masks is not None else [[1] * len(r) for r in rows]
-    per_shard = -(-len(rows) // num_shards)
-    for shard in range(num_shards):
-        part = slice(shard * per_shard, (shard + 1) * per_shard)
-        table = pa.table({"input_ids": rows[part], "attention_mask": masks[part]})
-        pq.write_table(table, out_dir / f"shard-{shard:05d}.parquet", row_group_size=row_group_size)
-    return out_dir
-
-
-def tiny_raven_config(vocab_size: int, **overrides):
-    from retrofit.configuration_raven import RavenConfig
-
-    kwargs = dict(
-        n_embd=64,
-        n_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=128,
-        n_layers_in_prelude=1,
-        n_layers_in_recurrent_block=2,
-        n_layers_in_coda=1,
-        vocab_size=vocab_size,
-        max_position_embeddings=1024,
-        rope_theta=10000.0,
-        mean_recurrence=4,
-        mean_backprop_depth=2,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=2,
-    )
-    kwargs.update(overrides)
-    return RavenConfig(**kwargs)
-
-
-def save_raven_model(config, out_dir: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
-    from transformers import AutoTokenizer
-
-    from retrofit.modeling_raven import RavenForCausalLM
-
-    torch.manual_seed(seed)
-    RavenForCausalLM(config).save_pretrained(out_dir)
-    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out_dir)
-    return out_dir
 
 
 @pytest.fixture(scope="session")

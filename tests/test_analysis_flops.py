@@ -13,16 +13,26 @@ from pathlib import Path
 import pytest
 
 import param_counter
+from retrofit.reporting import count, flops_report
 from conftest import PAPER_DATA
+from retrofit.depth import MeanBackpropDepthSchedule, MeanRecurrenceSchedule, RecurrenceSchedule
 from retrofit.flops import (
     ParamCounts,
     build_on_meta,
     count_model_dir,
-    make_schedule,
     step_flops,
     summed_mean_recurrence,
     training_flops,
 )
+
+
+def curriculum(max_steps, max_mean_rec, warmup, warmup_type="linear", backprop_depth=8) -> RecurrenceSchedule:
+    """A mean-recurrence curriculum over `warmup` of the run (0 = none) at a constant backprop depth."""
+    return RecurrenceSchedule(
+        max_steps=max_steps,
+        mean_recurrence_schedule=MeanRecurrenceSchedule(warmup > 0, warmup, max_mean_rec, warmup_type),
+        mean_backprop_depth_schedule=MeanBackpropDepthSchedule(max_backprop=backprop_depth),
+    )
 
 
 TINYLLAMA_LAYER = 44_044_288  # docs/model.md, Layer choices
@@ -110,11 +120,11 @@ def test_step_and_schedule_flops_by_hand():
     # One step, D = 3 tokens, backprop depth 2: 6*D*(P + C + min(r,2) R) + 2*D*max(r-2,0) R.
     assert [step_flops(counts, r, 2, 3) for r in (1, 2, 3, 4)] == [234, 414, 474, 534]
     # 10 steps, curriculum over 50% (5 steps) to 4. linear: r(t) = ceil(4 t / 5) = 1, 2, 3, 4, then 4.
-    linear = make_schedule(max_steps=10, max_mean_rec=4, warmup=0.5, warmup_type="linear", backprop_depth=2)
+    linear = curriculum(max_steps=10, max_mean_rec=4, warmup=0.5, warmup_type="linear", backprop_depth=2)
     assert [linear.at(t)[0] for t in range(1, 7)] == [1, 2, 3, 4, 4, 4]
     assert training_flops(counts, 6, linear, tokens_per_step=3) == 234 + 414 + 474 + 534 + 534 + 534
     # 1-sqrt: r(t) = ceil(4 (1 - sqrt(1 - t/5))) = 1, 1, 2, 3, then 4: fewer iterations early on.
-    sqrt = make_schedule(max_steps=10, max_mean_rec=4, warmup=0.5, warmup_type="1-sqrt", backprop_depth=2)
+    sqrt = curriculum(max_steps=10, max_mean_rec=4, warmup=0.5, warmup_type="1-sqrt", backprop_depth=2)
     assert [sqrt.at(t)[0] for t in range(1, 6)] == [1, 1, 2, 3, 4]
     assert training_flops(counts, [0, 2, 5], sqrt, tokens_per_step=3) == {0: 0, 2: 468, 5: 234 + 234 + 414 + 474 + 534}
     assert summed_mean_recurrence(sqrt, 5) == 11 and summed_mean_recurrence(linear, 5) == 14
@@ -122,33 +132,30 @@ def test_step_and_schedule_flops_by_hand():
     assert training_flops(static, 7, None, tokens_per_step=3) == 6 * 100 * 3 * 7
     with pytest.raises(ValueError, match="needs a recurrence schedule"):
         training_flops(counts, 3, None)
-    with pytest.raises(ValueError, match="warmup"):
-        make_schedule(10, 4, warmup=1.5)
+    with pytest.raises(ValueError, match="mean_recurrence_schedule.warmup=1.5"):
+        curriculum(10, 4, warmup=1.5)
 
 
 def test_param_counter_cli(model_dirs, capsys):
-    report = param_counter.main([str(model_dirs[("tinyllama", (4, 8, 4))]), "--num_rec", "1", "16",
-                                 "--max_steps", "50000", "--checkpoint", "38000", "--max_mean_rec", "16",
-                                 "--warmup", "0.25", "--warmup_type", "linear"])
+    assert param_counter.main([str(model_dirs[("tinyllama", (4, 8, 4))]), "--num_rec", "1", "16",
+                               "--max_steps", "50000", "--checkpoint", "38000", "--max_mean_rec", "16",
+                               "--warmup", "0.25", "--warmup_type", "linear"]) == 0
     printed = json.loads(capsys.readouterr().out)
-    assert printed == json.loads(json.dumps(report))
     assert printed["effective_params"] == {"1": 704_708_608, "16": 5_990_023_168}
     assert printed["parts"]["recurrent_block"] == 8 * TINYLLAMA_LAYER
     # The worked example of docs/analysis.md (Parameters and FLOPs), to the paper's 10 significant digits.
     assert f"{printed['training']['FLOPs']:.9e}" == "8.811954533e+20"
 
-    static = param_counter.main([str(model_dirs[("tinyllama", None)]), "--non_recurrent", "--checkpoint", "1000"])
+    assert param_counter.main([str(model_dirs[("tinyllama", None)]), "--non_recurrent", "--checkpoint", "1000"]) == 0
+    static = json.loads(capsys.readouterr().out)
     assert static["training"]["FLOPs"] == 6 * (22 * TINYLLAMA_LAYER + 2048) * 2**20 * 1000
-    capsys.readouterr()
 
     for bad_args, message in [
         (["/nonexistent/model"], "no config.json"),
         ([str(model_dirs[("tinyllama", (4, 8, 4))]), "--checkpoint", "10"], "--max_steps"),
         ([str(model_dirs[("tinyllama", (4, 8, 4))]), "--non_recurrent", "--checkpoint", "10"], "recurrent model"),
     ]:
-        with pytest.raises(SystemExit) as exit_info:
-            param_counter.main(bad_args)
-        assert exit_info.value.code == 2
+        assert param_counter.main(bad_args) == 2
         assert message in capsys.readouterr().err
 
 
@@ -241,7 +248,7 @@ def test_param_counter_reproduces_paper_columns(model_dirs):
     for key, checkpoints in wanted.items():
         family, shape, max_steps, max_mean_rec, warmup, warmup_type = key
         counts = count_model_dir(model_dirs[(family, shape)])
-        schedule = None if shape is None else make_schedule(max_steps, max_mean_rec, warmup, warmup_type, 8)
+        schedule = None if shape is None else curriculum(max_steps, max_mean_rec, warmup, warmup_type, 8)
         flops[key] = training_flops(counts, checkpoints, schedule)
 
     reproduced = {}
@@ -262,10 +269,10 @@ def test_param_counter_reproduces_paper_columns(model_dirs):
         label, run = next((m, run) for m, run in runs.items() if run["shape"] is not None)
         last = max((r for r in files[file_name] if r["model"] == label), key=lambda r: r["chkpt"])
         model_dir = model_dirs[(run["family"], run["shape"])]
-        report = param_counter.flops_report(model_dir, last["chkpt"], run["max_steps"], 2**20, run["max_mean_rec"],
+        report = flops_report(model_dir, last["chkpt"], run["max_steps"], 2**20, run["max_mean_rec"],
                                             run["warmup"], run["warmup_type"], 8)
         assert report["FLOPs"] == flops[_run_key(run)][last["chkpt"]]
-        effective = param_counter.count(model_dir, [last["num_rec"]])["effective_params"]
+        effective = count(model_dir, [last["num_rec"]])["effective_params"]
         assert effective == {str(last["num_rec"]): last["effective_params"]}
     print("rows with FLOPs reproduced to the printed digits:", reproduced)
     assert reproduced["tinyllama_gsm8k_ablate_rec_long.jsonl"] == (2502, 2502)
@@ -282,12 +289,12 @@ def test_flops_tail_shortcut_equals_stepping():
     """training_flops sums a constant tail after the curricula end; stepping every step agrees."""
     counts = ParamCounts(recurrent=True, embeddings=0, prelude=3, recurrent_block=7, coda=5)
     for warmup, kind in [(0.75, "1-sqrt"), (0.25, "linear"), (0.0, "linear"), (1.0, "linear")]:
-        schedule = make_schedule(400, 16, warmup, kind, 8)
+        schedule = curriculum(400, 16, warmup, kind, 8)
         stepped, totals = 0, {}
         for step in range(1, 401):
             stepped += step_flops(counts, *schedule.at(step), 5)
             totals[step] = stepped
         assert training_flops(counts, range(0, 401, 7), schedule, 5) == {c: totals.get(c, 0) for c in range(0, 401, 7)}
-    schedule.backprop_turn_on, schedule.backprop_warmup, schedule.backprop_start = True, 0.5, 1
+    schedule.mean_backprop_depth_schedule = MeanBackpropDepthSchedule(turn_on=True, warmup=0.5, max_backprop=8, start=1)
     stepped = sum(step_flops(counts, *schedule.at(s), 5) for s in range(1, 301))
     assert training_flops(counts, 300, schedule, 5) == stepped

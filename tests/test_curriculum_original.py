@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import get_scheduler
 
-from retrofit.depth import RecurrenceSchedule, sample_num_steps
+from retrofit.depth import MeanBackpropDepthSchedule, MeanRecurrenceSchedule, RecurrenceSchedule, sample_num_steps
 
 # The dummy optimizers never step (the original's don't either).
 pytestmark = pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step")
@@ -62,8 +62,11 @@ def original_curriculum(max_steps, *, mean_rec=None, backprop=None, config_rec=3
 @pytest.mark.parametrize("warmup_type", ["linear", "1-sqrt"])
 @pytest.mark.parametrize("max_steps,warmup,max_mean_rec", [(40, 0.25, 32), (50, 0.75, 4), (37, 0.3, 16), (12, 1.0, 8)])
 def test_mean_recurrence_curriculum_lags_one_step_like_the_original(warmup_type, max_steps, warmup, max_mean_rec):
-    schedule = RecurrenceSchedule(max_mean_rec=max_mean_rec, max_backprop=8, max_steps=max_steps,
-                                  mean_rec_turn_on=True, mean_rec_warmup=warmup, mean_rec_warmup_type=warmup_type)
+    schedule = RecurrenceSchedule(
+        max_steps=max_steps,
+        mean_recurrence_schedule=MeanRecurrenceSchedule(True, warmup, max_mean_rec, warmup_type),
+        mean_backprop_depth_schedule=MeanBackpropDepthSchedule(max_backprop=8),
+    )
     ours = [schedule.applied_at(u) for u in range(1, max_steps + 1)]
     reference = original_curriculum(max_steps, mean_rec=dict(max_mean_rec=max_mean_rec, warmup=warmup, warmup_type=warmup_type))
     assert ours == reference
@@ -78,9 +81,11 @@ def test_mean_recurrence_curriculum_lags_one_step_like_the_original(warmup_type,
 def test_backprop_curriculum_floor_and_last_step_like_the_original(start, mean_rec_on):
     max_steps, warmup, max_backprop = 30, 0.5, 8
     rec = dict(max_mean_rec=16, warmup=0.25, warmup_type="linear") if mean_rec_on else None
-    schedule = RecurrenceSchedule(max_mean_rec=16 if mean_rec_on else 32, max_backprop=max_backprop, max_steps=max_steps,
-                                  mean_rec_turn_on=mean_rec_on, mean_rec_warmup=0.25, backprop_turn_on=True,
-                                  backprop_warmup=warmup, backprop_start=start)
+    schedule = RecurrenceSchedule(
+        max_steps=max_steps,
+        mean_recurrence_schedule=MeanRecurrenceSchedule(mean_rec_on, 0.25, 16 if mean_rec_on else 32),
+        mean_backprop_depth_schedule=MeanBackpropDepthSchedule(True, warmup, max_backprop, start),
+    )
     ours = [schedule.applied_at(u) for u in range(1, max_steps + 1)]
     assert ours == original_curriculum(max_steps, mean_rec=rec, backprop=dict(max_backprop=max_backprop, warmup=warmup, start=start))
     floor = max(1, start - 1)
@@ -92,17 +97,18 @@ def test_backprop_curriculum_floor_and_last_step_like_the_original(start, mean_r
 
 
 def test_no_curriculum_uses_the_config_values_uncapped():
-    schedule = RecurrenceSchedule(max_mean_rec=4, max_backprop=8, max_steps=5)
+    schedule = RecurrenceSchedule(max_steps=5, mean_recurrence_schedule=MeanRecurrenceSchedule(max_mean_rec=4),
+                                  mean_backprop_depth_schedule=MeanBackpropDepthSchedule(max_backprop=8))
     assert [schedule.applied_at(u) for u in range(1, 6)] == original_curriculum(5, config_rec=4, config_backprop=8)
     assert schedule.applied_at(1) == (4, 8)  # the original passes them to the sampler as they are
 
 
 def test_parquet_micro_batches_draw_with_the_originals_numbering():
     """The original's parquet loop enumerates micro-batches from 2; other data from 1."""
-    import train
+    from retrofit.train_config import TrainConfig
 
-    parquet = train.TrainConfig(model_name="m", preprocessed_data_path="d", is_parquet_dataset=True, max_length=8, max_steps=1)
-    plain = train.TrainConfig(model_name="m", preprocessed_data_path="d", max_length=8, max_steps=1)
-    assert train.depth_seed_offset(parquet) == 1 and train.depth_seed_offset(plain) == 0
+    parquet = TrainConfig(model_name="m", preprocessed_data_path="d", is_parquet_dataset=True, max_length=8, max_steps=1)
+    plain = TrainConfig(model_name="m", preprocessed_data_path="d", max_length=8, max_steps=1)
+    assert parquet.depth_seed_offset == 1 and plain.depth_seed_offset == 0
     # the shift matters: consecutive seeds draw different depths
     assert [sample_num_steps(32, 8, i) for i in range(1, 40)] != [sample_num_steps(32, 8, i) for i in range(2, 41)]

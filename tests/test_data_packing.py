@@ -12,7 +12,6 @@ import pyarrow as pa
 import pytest
 
 from retrofit.packing import (
-    DataError,
     Docs,
     PackConfig,
     Rows,
@@ -26,6 +25,7 @@ from retrofit.packing import (
     tokenize_chats,
     tokenize_texts,
 )
+from retrofit.rows import DataError, inputs_and_labels
 from retrofit.synthetic import arithmetic_problems
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,6 +71,26 @@ def test_wrapped_packer_streaming_equals_one_shot(docs):
     streamed, one_shot = Rows.concat(parts), pack_wrapped(docs, SEQ_LEN, pad_id=2)
     np.testing.assert_array_equal(streamed.input_ids, one_shot.input_ids)
     np.testing.assert_array_equal(streamed.attention_mask, one_shot.attention_mask)
+
+
+def test_labels_of_packed_rows_score_every_real_target(docs):
+    """inputs_and_labels scores a target only when it and the token before it are real; rows from
+    every packing mode pad only after their real tokens, so that is "every target that is not
+    padding", the rule training used before it was shared with evaluation: same labels, bit for bit."""
+    import torch
+
+    seq_len = int(docs.lengths.max()) + 7  # every document fits: padded rows in every mode
+    packed = [pack_wrapped(docs, seq_len, 2), pack_best_fit(docs, seq_len, 2)[0], pad_or_truncate(docs, seq_len, 2)[0]]
+    assert all((rows.attention_mask == 0).any() for rows in packed)
+    for rows in packed:
+        ids, mask = torch.from_numpy(rows.input_ids).long(), torch.from_numpy(rows.attention_mask).long()
+        target_is_real = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+        inputs, inputs_mask, labels = inputs_and_labels(ids, mask)
+        assert torch.equal(labels, target_is_real)
+        assert torch.equal(inputs, ids[:, :-1]) and torch.equal(inputs_mask, mask[:, :-1])
+    # Padding before real tokens (left padding): the first real token is not predicted from a pad.
+    ids, mask = torch.tensor([[2, 2, 5, 6, 7]]), torch.tensor([[0, 0, 1, 1, 1]])
+    assert inputs_and_labels(ids, mask)[2].tolist() == [[-100, -100, 6, 7]]
 
 
 def unique_token_docs(lengths) -> Docs:
@@ -177,7 +197,7 @@ def test_two_workers_equal_one_worker(tokenizer, corpus, mode):
 def test_tokenizer_without_eos_is_an_error(tmp_path, tokenizer_dir, raw_text_dir):
     from transformers import AutoTokenizer
 
-    from preprocess_data_packing import process_data
+    from retrofit.preprocess import process_data
 
     no_eos = AutoTokenizer.from_pretrained(tokenizer_dir)
     no_eos.eos_token = None
@@ -213,7 +233,7 @@ def raw_text_dir(tmp_path_factory, corpus):
 def test_cli_best_fit_and_chat(tmp_path, tokenizer_dir, tokenizer):
     import datasets
 
-    from preprocess_data_packing import process_data
+    from retrofit.preprocess import process_data
 
     problems = arithmetic_problems(40, seed=5)
     qa_dir = tmp_path / "qa"
@@ -245,10 +265,10 @@ def test_cli_best_fit_and_chat(tmp_path, tokenizer_dir, tokenizer):
     assert all(p["answer"] in answer_text for p in problems)
     assert not (tmp_path / "out" / "posttrain_huginn").exists()  # cache cleaned up
     # train.py's reader of save_to_disk data trains on the answer tokens only.
-    from retrofit.data import PackedDatasetStream, inputs_and_labels
+    from retrofit.data import PackedDatasetStream
 
     batch = PackedDatasetStream(packed, micro_batch_size=4, shuffle=False).next_batch()
-    _, labels = inputs_and_labels(batch)
+    _, _, labels = inputs_and_labels(**batch)
     assert int((labels != -100).sum()) == int(batch["loss_mask"][:, 1:].sum()) > 0
 
 
@@ -256,6 +276,7 @@ def run_cli(*args):
     return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_cli_errors_are_one_line(tmp_path, tokenizer_dir, raw_text_dir, capsys):
     script = ROOT / "preprocess_data_packing.py"
     common = [f"--tokenizer_name={tokenizer_dir}", f"--save_path={tmp_path}", "--num_proc=1", "--progress=false"]
@@ -265,19 +286,17 @@ def test_cli_errors_are_one_line(tmp_path, tokenizer_dir, raw_text_dir, capsys):
 
     from preprocess_data_packing import main
 
-    main([*common, f"--dataset_location={raw_text_dir}", "--max_length=32", "--max_samples=50"])
-    with pytest.raises(SystemExit) as exit_info:
-        main([*common, f"--dataset_location={raw_text_dir}", "--max_length=32"])
-    assert exit_info.value.code == 2
+    assert main([*common, f"--dataset_location={raw_text_dir}", "--max_length=32", "--max_samples=50"]) == 0
+    assert main([*common, f"--dataset_location={raw_text_dir}", "--max_length=32"]) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("error: output folder") and last.endswith(
         "already exists (pass --overwrite=true to replace it)"
     )
-    main([*common, f"--dataset_location={raw_text_dir}", "--max_length=32", "--overwrite=true"])  # replaced
+    assert main([*common, f"--dataset_location={raw_text_dir}", "--max_length=32", "--overwrite=true"]) == 0  # replaced
 
 
 def test_process_data_input_errors(tmp_path, tokenizer_dir, raw_text_dir):
-    from preprocess_data_packing import process_data
+    from retrofit.preprocess import process_data
 
     kw = dict(tokenizer_name=str(tokenizer_dir), save_path=str(tmp_path), num_proc=1, progress=False)
     with pytest.raises(DataError, match="max_length=1 is too small"):

@@ -13,7 +13,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from retrofit.packing import DataError, MixRequest, Rows, mix_order, parse_mix_spec, plan_mix, write_parquet_shards
+from retrofit.mixing import MixRequest, mix_order, parse_mix_spec, plan_mix
+from retrofit.packing import Rows
+from retrofit.rows import DataError
+from retrofit.shards import write_parquet_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_LENGTH = 32
@@ -33,7 +36,7 @@ def packed_dir(tmp_path_factory, tokenizer_dir, corpus) -> Path:
     """The corpus tokenized and wrap-packed by the real CLI function (a save_to_disk dataset)."""
     import datasets
 
-    from preprocess_data_packing import process_data
+    from retrofit.preprocess import process_data
 
     base = tmp_path_factory.mktemp("packed")
     datasets.Dataset.from_dict({"text": corpus}).save_to_disk(str(base / "raw"))
@@ -90,9 +93,7 @@ def test_to_parquet_round_trip_and_training_reader(tmp_path, packed_dir, capsys)
     assert batch["input_ids"].shape == (8, MAX_LENGTH + 1)
     np.testing.assert_array_equal(batch["input_ids"].numpy(), original.input_ids[:8])
     # An existing output folder is kept unless --overwrite.
-    with pytest.raises(SystemExit) as exit_info:
-        main(["--dataset_path", str(packed_dir), "--dataset_save_dir", str(out), "--num_shards", "5", "--no_progress"])
-    assert exit_info.value.code == 2
+    assert main(["--dataset_path", str(packed_dir), "--dataset_save_dir", str(out), "--num_shards", "5", "--no_progress"]) == 2
     assert (
         capsys.readouterr().err.strip()
         == f"error: output folder {str(out)!r} already exists (pass --overwrite to replace it)"
@@ -123,20 +124,8 @@ def test_to_parquet_rejects_unpacked_rows(tmp_path, capsys):
     datasets.Dataset.from_dict({"input_ids": [[1, 2, 3], [4, 5]], "attention_mask": [[1, 1, 1], [1, 1]]}).save_to_disk(
         str(ragged)
     )
-    with pytest.raises(SystemExit):
-        main(
-            [
-                "--dataset_path",
-                str(ragged),
-                "--dataset_save_dir",
-                str(tmp_path / "o"),
-                "--num_shards",
-                "1",
-                "--val_shards",
-                "0",
-            ]
-        )
-    assert "rows of 'input_ids' have lengths 2..3" in capsys.readouterr().err
+    assert main(["--dataset_path", str(ragged), "--dataset_save_dir", str(tmp_path / "o"), "--num_shards", "1", "--val_shards", "0"]) == 2
+    assert "row 1 of 'input_ids' has 2 tokens, expected 3" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()  # nothing half-written
     with pytest.raises(DataError, match="only 2 rows for num_shards=3"):
         write_parquet_shards(2, lambda a, b: None, tmp_path / "o", num_shards=3)
@@ -225,21 +214,19 @@ def test_corrupt_and_foreign_parquet_fail_with_one_line(tmp_path):
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     pq.write_table(pa.table({"text": ["a", "b"], "score": [1, 2]}), foreign / "part-0.parquet")
-    with pytest.raises(SystemExit) as exit_info:
-        main(["--out_dir", str(tmp_path / "m"), "--sources", f"{foreign}:all", "--num_shards", "1"])
-    assert exit_info.value.code == 2
+    assert main(["--out_dir", str(tmp_path / "m"), "--sources", f"{foreign}:all", "--num_shards", "1"]) == 2
     assert not (tmp_path / "m").exists()
 
 
 def test_foreign_parquet_message(tmp_path):
-    from retrofit.packing import open_packed_parquet
+    from retrofit.shards import open_parquet
 
     path = tmp_path / "x.parquet"
     pq.write_table(pa.table({"text": ["a"]}), path)
     with pytest.raises(
         DataError, match=rf"{path} is not packed training rows: no column 'input_ids' \(columns: text\)"
     ):
-        open_packed_parquet(path)
+        open_parquet(path)
 
 
 def test_download_list_dry_run_and_resume(tmp_path):
@@ -264,9 +251,9 @@ def test_download_list_dry_run_and_resume(tmp_path):
         return datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": ["a", "b"]})})
 
     target = tmp_path / "datasets" / DATASETS["sft-math"].folder
-    (target.parent / f".{target.name}.partial").mkdir(parents=True)  # leftover of an interrupted run
+    (target.parent / f".{target.name}.tmp-abcd").mkdir(parents=True)  # leftover of an interrupted run
     assert download("sft-math", tmp_path, loader=local_loader) == "saved"
     assert is_complete(target) and calls == [("nvidia/Nemotron-Pretraining-SFT-v1", "Nemotron-SFT-MATH", None)]
     assert download("sft-math", tmp_path, loader=local_loader) == "skipped" and len(calls) == 1
-    assert not (target.parent / f".{target.name}.partial").exists()
+    assert not (target.parent / f".{target.name}.tmp-abcd").exists()
     assert datasets.load_from_disk(str(target))["train"]["text"] == ["a", "b"]

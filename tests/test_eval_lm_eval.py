@@ -77,6 +77,7 @@ def loglikelihoods(rows) -> list[float]:
     return [float(choice[0][0]) for row in rows for choice in row["resps"]]
 
 
+@pytest.mark.slow
 def test_one_json_per_recurrence_in_the_plot_layout(evaluated):
     from retrofit.results import checkpoint_from, recurrence_from
 
@@ -94,6 +95,7 @@ def test_one_json_per_recurrence_in_the_plot_layout(evaluated):
         assert data["n-shot"]["gsm8k_cot_sean_local"] == 1
 
 
+@pytest.mark.slow
 def test_results_depend_on_the_recurrence(evaluated):
     rec1 = samples(evaluated["sweep"] / "eval" / "rec_1", "arith_mc_local")
     rec4 = samples(evaluated["sweep"] / "eval" / "rec_4", "arith_mc_local")
@@ -102,6 +104,7 @@ def test_results_depend_on_the_recurrence(evaluated):
     assert min(differences) > 1e-4
 
 
+@pytest.mark.slow
 def test_batch_size_does_not_change_results(evaluated):
     """Batch 4 right-pads loglikelihood inputs and left-pads generation prompts; batch 1 pads nothing."""
     batched = evaluated["sweep"] / "eval" / "rec_4"
@@ -117,6 +120,7 @@ def test_batch_size_does_not_change_results(evaluated):
     assert results_file(batched)[1]["results"] == results_file(single)[1]["results"]
 
 
+@pytest.mark.slow
 def test_non_recurrent_baseline(evaluated):
     path, data = results_file(evaluated["baseline"] / "eval" / "non_recurrent" / "zeroshot")
     assert "mean_recurrence" not in data["config"]["model_args"]
@@ -124,6 +128,7 @@ def test_non_recurrent_baseline(evaluated):
     assert "+ " in evaluated["logs"]["baseline"] and "mean_recurrence" not in evaluated["logs"]["baseline"]
 
 
+@pytest.mark.slow
 def test_finished_runs_are_skipped(evaluated):
     sweep = evaluated["sweep"]
     out = subprocess.run(eval_sh_args("--recurrences", "1,4", sweep), cwd=ROOT, env=eval_env(),

@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from conftest import ROOT, pack_token_rows, write_token_parquet
+from conftest import ROOT
 
 from retrofit.configuration_raven import DEFAULT_STATE_STD
 from retrofit.evaluation import (
@@ -24,6 +24,7 @@ from retrofit.evaluation import (
     loss_over_depth,
     parse_recurrences,
 )
+from retrofit.testing import pack_token_rows, write_token_parquet
 
 RECURRENCES = [1, 2, 3, 6]
 ROW = 33  # max_length 32
@@ -169,7 +170,7 @@ def test_cli_writes_the_original_format(eval_run_dir, shard, tmp_path, capsys, m
     (["{run}", "99"], "model_only_chkpt_99"),
     (["{run}", "no_config"], "has no config.json"),
     (["{run}", "10", "--recurrences", "1,0,4"], "recurrence 0 is < 1"),
-    (["{run}", "10", "--eval_file_path", "{bad_shard}"], "has no input_ids column"),
+    (["{run}", "10", "--eval_file_path", "{bad_shard}"], "no column 'input_ids'"),
     (["{run}", "10", "--adaptive_threshold", "-1"], "adaptive threshold"),
     (["{run}", "10", "--adaptive_threshold", "0.1", "--adaptive_criterion", "entropy"], "'entropy'"),
     (["{run}/nope", "10"], "does not exist"),

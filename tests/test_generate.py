@@ -48,6 +48,7 @@ def test_generate_baseline_and_errors(tiny_llama_dir, tmp_path, capsys):
     assert exit_info.value.code == 2 and "no config.json" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_generate_shell_wrapper(recurrent_dir):
     env = {**os.environ, "PYTHON": sys.executable}
     result = subprocess.run(["bash", str(ROOT / "shells" / "generate.sh"), str(recurrent_dir), "Q: 2 + 3?",

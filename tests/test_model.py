@@ -14,31 +14,15 @@ import torch
 from retrofit.configuration_raven import RavenConfig
 from retrofit.depth import sample_num_steps
 from retrofit.modeling_raven import KVCache, RavenForCausalLM
+from retrofit.testing import tiny_raven_config
 
 VOCAB = 97
 
 
 def tiny_config(**overrides) -> RavenConfig:
-    kwargs = dict(
-        n_embd=32,
-        n_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        n_layers_in_prelude=1,
-        n_layers_in_recurrent_block=2,
-        n_layers_in_coda=1,
-        vocab_size=VOCAB,
-        max_position_embeddings=128,
-        rope_theta=10000.0,
-        mean_recurrence=4,
-        mean_backprop_depth=2,
-        init_values={"std": 0.0},
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=2,
-    )
-    kwargs.update(overrides)
-    return RavenConfig(**kwargs)
+    """conftest's tiny recurrent config, narrower (hidden 32), with a zero initial state."""
+    kwargs = dict(n_embd=32, intermediate_size=64, max_position_embeddings=128, init_values={"std": 0.0})
+    return tiny_raven_config(VOCAB, **{**kwargs, **overrides})
 
 
 def tiny_model(seed: int = 0, **overrides) -> RavenForCausalLM:
@@ -271,6 +255,7 @@ def test_bounded_cache_keeps_one_entry_per_core_layer():
     assert bounded.memory_bytes() < full.memory_bytes() / 4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_save_copy_elsewhere_and_load_with_trust_remote_code(tmp_path, family):
     model = tiny_model(**family)

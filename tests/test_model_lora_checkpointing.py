@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import tiny_raven_config
+from retrofit.testing import tiny_raven_config
 
 from retrofit.modeling_raven import LoRALinear, RavenForCausalLM
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-import param_counter
+pytestmark = pytest.mark.slow  # runs the whole pipeline through bash
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ["data", "pack", "parquet", "pretrain", "convert", "train_recurrent", "train_baseline",
@@ -65,10 +65,20 @@ def test_quickstart_writes_summary_and_plots(quickstart_run):
     tokens_per_step = 4 * 64
     for run in ("recurrent", "baseline (static)"):
         assert training[run][2] == "3" and training[run][3] == f"{3 * tokens_per_step:,}"
-    # FLOPs as param_counter.py counts them for the same checkpoint and curriculum.
-    counted = param_counter.flops_report(out / "runs/recurrent/final_checkpoint", 3, max_steps=3, tokens_per_step=tokens_per_step,
-                           max_mean_rec=2, warmup=0.5, warmup_type="1-sqrt", backprop_depth=1)
+    # FLOPs as param_counter.py counts them from the checkpoint's run.json, which holds the
+    # curriculum the script typed once (1-sqrt over half the steps to QUICKSTART_MAX_REC, the
+    # converted model's backprop depth QUICKSTART_BACKPROP) and the tokens per step.
+    from retrofit.depth import MeanBackpropDepthSchedule, MeanRecurrenceSchedule, RecurrenceSchedule
+    from retrofit.reporting import flops_report
+
+    counted = flops_report(out / "runs/recurrent/final_checkpoint")
+    expected = RecurrenceSchedule(3, MeanRecurrenceSchedule(True, 0.5, 2, "1-sqrt"), MeanBackpropDepthSchedule(max_backprop=1))
+    assert counted["schedule"] == expected.as_dict()
+    assert (counted["checkpoint"], counted["tokens_per_step"]) == (3, tokens_per_step)
     assert float(training["recurrent"][4]) == pytest.approx(counted["FLOPs"], rel=1e-3)
+    assert not (out / "plot_runs.json").exists()  # the later stages read run.json instead
+    for run in ("pretrain", "recurrent", "baseline"):
+        assert json.loads((out / "runs" / run / "run.json").read_text())["tokens_per_step"] == tokens_per_step
     # Resumable checkpoints were written along the way (a fifth of a run, at least every step).
     assert (out / "runs/recurrent/checkpoint_2/COMPLETE").exists()
     last = json.loads((out / "runs/baseline/metrics.jsonl").read_text().splitlines()[-1])

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import pack_token_rows, save_raven_model, tiny_raven_config, write_token_parquet  # noqa: E402
+from retrofit.testing import pack_token_rows, save_raven_model, tiny_raven_config, write_token_parquet  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = str(ROOT / "train.py")
@@ -59,6 +59,7 @@ def curriculum_args(model_dir, data_dir, out, run_name) -> list[str]:
     ]
 
 
+@pytest.mark.slow
 def test_curriculum_run_stopped_twice_and_resumed_matches_uninterrupted(tmp_path, train_raven_dir, train_parquet_dir):
     from retrofit.checkpoint import load_training_state
     from retrofit.depth import sample_num_steps
@@ -116,6 +117,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_process_ddp_matches_one_process(tmp_path, tokenizer, tokenizer_dir, corpus):
     import datasets
 
@@ -166,8 +168,9 @@ SEED_COMMANDS = [
 ]
 
 
+@pytest.mark.slow
 def test_seed_shell_commands_parse_and_one_runs(tmp_path, tokenizer, tokenizer_dir, corpus, tiny_llama_dir):
-    import train as train_module
+    from retrofit.train_config import parse_config
 
     data = write_token_parquet(pack_token_rows(tokenizer, corpus, 1025), tmp_path / "data", num_shards=2)
     model = save_raven_model(tiny_raven_config(len(tokenizer)), tmp_path / "model", tokenizer_dir)
@@ -176,7 +179,7 @@ def test_seed_shell_commands_parse_and_one_runs(tmp_path, tokenizer, tokenizer_d
         .replace("DATA", str(data)).replace("OUT", str(tmp_path / "out")).split()
         for c in SEED_COMMANDS
     ]
-    parsed = [train_module.parse_config(argv) for argv in commands]
+    parsed = [parse_config(argv) for argv in commands]
     assert parsed[0].muon.use_muon and parsed[0].muon.lr == 0.001 and parsed[0].optim_config.lr == 5e-5
     assert parsed[1].use_ellis_adam.use_ellis_adam and parsed[3].non_recurrent_model
     assert parsed[2].mean_recurrence_schedule.warmup_type == "1-sqrt"
@@ -239,7 +242,7 @@ def test_error_cases_exit_2_with_a_clear_message(tmp_path, capsys, train_raven_d
     expect([f"--preprocessed_data_path={train_parquet_dir}", "--max_length=64"], "has 33 tokens, expected 65")
     (tmp_path / "nomask").mkdir()
     pq.write_table(pa.table({"input_ids": [[1] * 33]}), tmp_path / "nomask" / "shard-00000.parquet")
-    expect([f"--preprocessed_data_path={tmp_path / 'nomask'}"], "missing column(s) ['attention_mask']")
+    expect([f"--preprocessed_data_path={tmp_path / 'nomask'}"], "no column 'attention_mask'")
     (tmp_path / "empty").mkdir()
     expect([f"--preprocessed_data_path={tmp_path / 'empty'}"], "no *.parquet files")
     small_vocab = save_raven_model(tiny_raven_config(100), tmp_path / "small_vocab", tokenizer_dir)

@@ -18,9 +18,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT  # noqa: E402
 
-from conftest import ROOT, save_raven_model, tiny_raven_config  # noqa: E402
 from retrofit import checkpoint as ckpt
+from retrofit.testing import save_raven_model, tiny_raven_config  # noqa: E402
 from retrofit.training import MetricsLogger
 
 TRAIN = str(ROOT / "train.py")
@@ -290,7 +291,7 @@ def test_resume_with_changed_settings_is_refused(tmp_path, capsys, base_args, fi
     assert run_train(base_args + [f"--out_path={tmp_path}", "--run_name=ref", "--resume_path=auto"] + changed) == 2
     errors, _ = error_lines(capsys)
     assert len(errors) == 1, errors
-    for expected in ("batch_size 2 -> 4", "seed 74 -> 5", "max_steps 4 -> 6", "curriculum max_mean_rec 3 -> 4"):
+    for expected in ("batch_size 2 -> 4", "seed 74 -> 5", "max_steps 4 -> 6", "mean_recurrence_schedule.max_mean_rec 3 -> 4"):
         assert expected in errors[0], expected
     assert "micro_batch_size 2 ->" not in errors[0]
     assert snapshot(run) == before
@@ -334,12 +335,13 @@ def test_nan_weights_are_never_saved(tmp_path, capsys, tokenizer, tokenizer_dir,
 
 
 def test_non_finite_optimizer_state_is_never_saved(tmp_path, base_args):
-    import train as train_module
     from retrofit import distributed as dist_utils
+    from retrofit.train_config import parse_config
+    from retrofit.trainer import Trainer, TrainingError
 
-    cfg = train_module.parse_config(base_args + ["--max_steps=1", f"--out_path={tmp_path}", "--run_name=inf",
+    cfg = parse_config(base_args + ["--max_steps=1", f"--out_path={tmp_path}", "--run_name=inf",
                                                  "--wandb_disabled=true"])
-    trainer = train_module.Trainer(cfg, dist_utils.setup("cpu"))
+    trainer = Trainer(cfg, dist_utils.setup("cpu"))
     try:
         assert trainer.train().startswith("finished at step 1")
     finally:
@@ -348,7 +350,7 @@ def test_non_finite_optimizer_state_is_never_saved(tmp_path, base_args):
     # an overflowed second moment (finite weights): the full checkpoint is refused, nothing written
     state = next(iter(trainer.optimizer.state.values()))
     state["exp_avg_sq"].view(-1)[0] = float("inf")
-    with pytest.raises(train_module.TrainingError, match=r"not saving checkpoint_1 .*optimizer\.state\.\d+\.exp_avg_sq"):
+    with pytest.raises(TrainingError, match=r"not saving checkpoint_1 .*optimizer\.state\.\d+\.exp_avg_sq"):
         trainer.save_full_checkpoint()
     assert not list((tmp_path / "inf").glob("checkpoint_*")) and not list((tmp_path / "inf").glob(".checkpoint_*"))
 
@@ -386,7 +388,7 @@ def _can_mkdir(path: str) -> bool:
 MISTAKES = {
     "model path does not exist": (lambda t, a: ["--model_name=/no/such/model"], "--model_name=/no/such/model does not exist"),
     "garbage parquet file": (lambda t, a: [f"--preprocessed_data_path={_garbage_parquet(t)}"],
-                             "shard-00000.parquet: not a readable parquet file"),
+                             "shard-00000.parquet is not a readable parquet file"),
     "parquet without the flag": (lambda t, a: ["--is_parquet_dataset=false"], "pass --is_parquet_dataset=true"),
     "max_mean_rec 0": (lambda t, a: ["--mean_recurrence_schedule.max_mean_rec=0"], "max_mean_rec=0 must be >= 1"),
     "missing resume path": (lambda t, a: [f"--resume_path={t / 'nope'}"], "nope: does not exist"),

@@ -10,20 +10,14 @@ import pytest
 import torch
 
 from retrofit import checkpoint as ckpt
-from retrofit.data import (
-    DataError,
-    PackedDatasetStream,
-    ParquetStream,
-    build_sft_dataset,
-    inputs_and_labels,
-    inspect_parquet_files,
-    list_parquet_files,
-)
+from retrofit.atomic import atomic_directory
+from retrofit.data import PackedDatasetStream, ParquetStream, build_sft_dataset, inspect_parquet_files
 from retrofit.depth import sample_num_steps
 from retrofit.optim import ELLISAdam, build_optimizer, set_learning_rates, split_params, wsd_lr_factor
+from retrofit.rows import DataError, inputs_and_labels
+from retrofit.shards import list_parquet_files
+from retrofit.testing import pack_token_rows, tiny_raven_config, write_token_parquet  # noqa: E402
 from retrofit.training import PreemptionWatcher, job_seconds_left
-
-from conftest import pack_token_rows, tiny_raven_config, write_token_parquet  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------
@@ -43,9 +37,10 @@ def test_sampler_matches_hand_computation():
 
 
 def _schedule(**overrides):
-    import train
+    from retrofit.train_config import TrainConfig
+    from retrofit.trainer import build_schedule
 
-    cfg = train.TrainConfig()
+    cfg = TrainConfig()
     for key, value in overrides.items():  # "group.name": value
         group, name = key.split(".")
         setattr(getattr(cfg, group), name, value)
@@ -53,7 +48,7 @@ def _schedule(**overrides):
     class ModelConfig:
         mean_recurrence, mean_backprop_depth = 32, 8
 
-    return train.build_schedule(cfg, ModelConfig, max_steps=8)
+    return build_schedule(cfg, ModelConfig, max_steps=8)
 
 
 def test_curricula_hand_values():
@@ -111,7 +106,7 @@ def test_muon_groups_recurrent_model(tokenizer):
 
     model = RavenForCausalLM(tiny_raven_config(len(tokenizer)))
     opt = build_optimizer(model, lr=5e-5, weight_decay=1e-4, betas=(0.9, 0.95), eps=1e-8,
-                          use_muon=True, muon_lr=1e-3, muon_weight_decay=1e-4)
+                          kind="muon", muon_lr=1e-3, muon_weight_decay=1e-4)
     muon, adamw = opt.optimizers
     assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
     names = {id(p): n for n, p in model.named_parameters()}
@@ -237,8 +232,6 @@ def test_parquet_stream_carries_the_sft_loss_mask(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from retrofit.data import inputs_and_labels
-
     rows = [[i] * 33 for i in range(20)]
     loss = [[0] * 20 + [1] * 13 for _ in rows]
     table = pa.table({"input_ids": rows, "attention_mask": [[1] * 33 for _ in rows], "loss_mask": loss})
@@ -246,13 +239,12 @@ def test_parquet_stream_carries_the_sft_loss_mask(tmp_path):
     batches = _drain(ParquetStream(tmp_path, 6, 32))
     assert all(set(b) == {"input_ids", "attention_mask", "loss_mask"} for b in batches)
     batch = batches[0]
-    _, labels = inputs_and_labels(batch)
+    _, _, labels = inputs_and_labels(**batch)
     assert (labels[:, :19] == -100).all() and (labels[:, 19:] != -100).all()
 
 
 def test_packed_stream_ranks_split_the_global_batch(train_parquet_dir):
     import datasets
-
     import pyarrow.parquet as pq
 
     table = pq.read_table(list_parquet_files(train_parquet_dir)[0])
@@ -275,11 +267,11 @@ def test_labels_mask_padding_and_prompt():
         "attention_mask": torch.tensor([[1, 1, 1, 1, 0, 0]]),
         "loss_mask": torch.tensor([[0, 0, 1, 1, 0, 0]]),
     }
-    inputs, labels = inputs_and_labels(batch)
-    assert inputs.tolist() == [[5, 6, 7, 8, 2]]
+    inputs, inputs_mask, labels = inputs_and_labels(**batch)
+    assert inputs.tolist() == [[5, 6, 7, 8, 2]] and inputs_mask.tolist() == [[1, 1, 1, 1, 0]]
     assert labels.tolist() == [[-100, 7, 8, -100, -100]]
     del batch["loss_mask"]
-    assert inputs_and_labels(batch)[1].tolist() == [[6, 7, 8, -100, -100]]
+    assert inputs_and_labels(**batch)[2].tolist() == [[6, 7, 8, -100, -100]]
 
 
 def test_sft_dataset_supervises_only_the_answer(tokenizer):
@@ -306,14 +298,14 @@ def test_sft_dataset_supervises_only_the_answer(tokenizer):
 def test_bad_parquet_is_rejected_before_training(tmp_path, tokenizer, corpus):
     rows = pack_token_rows(tokenizer, corpus[:40], 33)
     good = write_token_parquet(rows, tmp_path / "good", num_shards=1)
-    with pytest.raises(DataError, match="row 0 has 33 tokens, expected 65"):
+    with pytest.raises(DataError, match="row 0 of 'input_ids' has 33 tokens, expected 65"):
         inspect_parquet_files(list_parquet_files(good), 64)
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     (tmp_path / "nomask").mkdir()
     pq.write_table(pa.table({"input_ids": rows}), tmp_path / "nomask" / "shard-00000.parquet")
-    with pytest.raises(DataError, match=r"missing column\(s\) \['attention_mask'\]"):
+    with pytest.raises(DataError, match=r"is not packed training rows: no column 'attention_mask' \(columns: input_ids\)"):
         inspect_parquet_files(list_parquet_files(tmp_path / "nomask"), 32)
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no \\*.parquet files"):
@@ -335,7 +327,7 @@ def test_latest_checkpoint_ignores_incomplete_and_temporary(tmp_path):
         ckpt.load_training_state(tmp_path / "checkpoint_6")
     # a failed save leaves the previous copy in place
     with pytest.raises(RuntimeError):
-        with ckpt.atomic_directory(tmp_path / "checkpoint_4") as tmp:
+        with atomic_directory(tmp_path / "checkpoint_4") as tmp:
             (tmp / "partial").write_text("x")
             raise RuntimeError("killed")
     assert ckpt.load_training_state(tmp_path / "checkpoint_4")["optimizer_step"] == 4
@@ -366,18 +358,18 @@ def test_job_time_left_from_slurm_and_signals(monkeypatch):
 # Flags and the plain-HF loss
 # ---------------------------------------------------------------------------------------------
 def test_yaml_config_and_dotted_flags(tmp_path):
-    import train
+    from retrofit.train_config import parse_config
 
     (tmp_path / "run.yaml").write_text(
         "run_name: from-yaml\nmax_steps: 7\nmuon:\n  use_muon: true\n  lr: 0.002\n"
         "mean_recurrence_schedule:\n  turn_on: true\n  warmup_type: 1-sqrt\n"
     )
-    cfg = train.parse_config(["--config", str(tmp_path / "run.yaml"), "--muon.lr=0.003", "--device=cpu"])
+    cfg = parse_config(["--config", str(tmp_path / "run.yaml"), "--muon.lr=0.003", "--device=cpu"])
     assert (cfg.run_name, cfg.max_steps, cfg.muon.use_muon, cfg.muon.lr) == ("from-yaml", 7, True, 0.003)
     assert cfg.mean_recurrence_schedule.warmup_type == "1-sqrt" and cfg.mean_recurrence_schedule.max_mean_rec == 32
     assert cfg.seed == 74 and cfg.optim_config.betas == (0.9, 0.95) and cfg.device == "cpu"
     with pytest.raises(SystemExit):
-        train.parse_config(["--muon.not_a_flag=1"])
+        parse_config(["--muon.not_a_flag=1"])
 
 
 def test_plain_hf_model_loss_uses_aligned_labels(tiny_llama_dir):
@@ -389,7 +381,7 @@ def test_plain_hf_model_loss_uses_aligned_labels(tiny_llama_dir):
     rows = torch.randint(3, 300, (2, 17))
     mask = torch.ones_like(rows)
     mask[1, 12:] = 0
-    inputs, labels = inputs_and_labels({"input_ids": rows, "attention_mask": mask})
+    inputs, _, labels = inputs_and_labels(rows, mask)
     ours = model(input_ids=inputs, labels=labels, shift_labels=labels).loss
     logits = model(input_ids=inputs).logits
     expected = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))

@@ -14,10 +14,11 @@ Nvidia datasets are gated: accept their licence on the Hub and log in (`hf auth 
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+from retrofit.atomic import atomic_directory, remove_leftovers
 
 
 @dataclass(frozen=True)
@@ -90,16 +91,13 @@ def download(name: str, root: Path, num_proc: int | None = None, cache_dir: str 
             return datasets.load_dataset(repo, config, split=split, num_proc=num_proc, cache_dir=cache_dir)
 
     dataset = loader(spec.repo, spec.config, spec.split)
-    tmp = target.parent / f".{target.name}.partial"
-    if tmp.exists():
-        shutil.rmtree(tmp)  # our own leftover from an interrupted save
-    target.parent.mkdir(parents=True, exist_ok=True)
-    dataset.save_to_disk(str(tmp), num_proc=num_proc)
-    tmp.rename(target)
+    remove_leftovers(target.parent, target.name)  # our own leftovers of an interrupted save
+    with atomic_directory(target) as tmp:
+        dataset.save_to_disk(str(tmp), num_proc=num_proc)
     return "saved"
 
 
-def main(argv: list[str] | None = None):
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--dataset_path", "--dataset-path", dest="dataset_path", help="root folder; datasets go to ROOT/datasets/"
@@ -121,14 +119,14 @@ def main(argv: list[str] | None = None):
         for name, spec in DATASETS.items():
             config = f" ({spec.config})" if spec.config else ""
             print(f"{name:14s} {spec.repo}{config} -> datasets/{spec.folder}   {spec.about}")
-        return
+        return 0
     unknown = [n for n in args.datasets if n not in DATASETS]
     if unknown:
         print(f"error: unknown dataset(s) {unknown}; choose from {list(DATASETS)}", file=sys.stderr)
-        sys.exit(2)
+        return 2
     if not args.dataset_path:
         print("error: --dataset_path is required", file=sys.stderr)
-        sys.exit(2)
+        return 2
     root = Path(args.dataset_path)
     for name in args.datasets:
         spec = DATASETS[name]
@@ -143,10 +141,11 @@ def main(argv: list[str] | None = None):
             status = download(name, root, args.num_proc, args.cache_dir)
         except ValueError as err:
             print(f"error: {err}", file=sys.stderr)
-            sys.exit(2)
+            return 2
         print(f"  {status}: {target}")
     print("done" if not args.dry_run else "dry run: nothing fetched")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -17,14 +17,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
-
+from retrofit.atomic import atomic_directory
 from retrofit.synthetic import arithmetic_problems, problem_text, train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -146,9 +143,7 @@ def main(argv=None) -> int:
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         print(f"error: --out_dir {out} exists and is not a finished synthetic-data folder (pass --overwrite)", file=sys.stderr)
         return 2
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         write(tmp, args.num_train, args.num_test, args.seed, args.vocab_size, args.hidden, args.layers, args.max_length)
         # Task yamls name absolute data paths, so they are written for the final location.
         (tmp / "tasks").mkdir()
@@ -156,11 +151,6 @@ def main(argv=None) -> int:
         for name, text in task_yamls(out.resolve(), shot).items():
             (tmp / "tasks" / name).write_text(text)
         (tmp / DONE).write_text(json.dumps(vars(args), indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     print(f"wrote {args.num_train} training problems, {args.num_test} test problems, tokenizer and base config to {out}")
     return 0
 

@@ -1,17 +1,20 @@
 """The last stages of shells/quickstart.sh: static-model validation loss, plots and the summary table.
 
     python utils/quickstart_summary.py static-loss --eval_file_path VAL --num_sequences N --model DIR OUT.json ...
-    python utils/quickstart_summary.py plot-evals  <plot_evals.py arguments>
     python utils/quickstart_summary.py plot-loss   --loss_dir OUT/loss_over_rec_eval --out_dir OUT/plots
-    python utils/quickstart_summary.py summary     --out_dir OUT --steps S --pretrain_steps P --tokens_per_step T ...
-    python utils/quickstart_summary.py report      --runs_file RUNS.json <summary arguments>   # all three, one process
+    python utils/quickstart_summary.py summary     --out_dir OUT --limit L --eval_recs "1 4 8"
+    python utils/quickstart_summary.py report      --out_dir OUT --limit L --eval_recs "1 4 8"   # all three, one process
 
 static-loss   multi_recurrence_eval.py sweeps recurrent models only; this scores a plain HF model on the same
               rows with the same loss (retrofit.evaluation) and writes the same JSON format ({"1": [[...], ...]}).
-plot-evals    plot_evals.py in-process (saves a Python start-up).
 plot-loss     validation loss against test recurrence, the static models as horizontal lines.
-summary       OUT/summary.md: per run the training steps, FLOPs (param_counter.py), final train loss,
-              validation loss at each recurrence, lm-eval accuracy at each recurrence, figures, stage times.
+summary       OUT/summary.md: per run the training steps, FLOPs (retrofit.reporting, param_counter.py's numbers),
+              final train loss, validation loss at each recurrence, lm-eval accuracy at each recurrence, figures,
+              stage times.
+report        plot_evals.py's figures of OUT/runs/{recurrent,baseline} (retrofit.reporting), the loss plot, the summary.
+
+How each run trained (steps, tokens per step, curriculum) comes from its run.json (written by train.py),
+so none of it is passed here.
 """
 
 from __future__ import annotations
@@ -83,11 +86,18 @@ def static_loss(args) -> int:
 # ---------------------------------------------------------------------------------------- plots
 
 
-def plot_evals(argv: list[str]) -> int:
-    import plot_evals as plot_evals_cli
+def plot_evals(out: Path) -> None:
+    """plot_evals.py's table and figures of the recurrent and baseline runs, as their run.json describe them."""
+    from retrofit.reporting import collect_and_plot
+    from retrofit.results import RunSpec
+    from retrofit.run_record import read_run_record, record_schedule
 
-    plot_evals_cli.main(argv)
-    return 0
+    runs = out / "runs"
+    schedule = record_schedule(read_run_record(runs / "recurrent"))
+    specs = [RunSpec(path=runs / "recurrent", label=f"recurrent (train rec {schedule.max_mean_rec})"),
+             RunSpec(path=runs / "baseline", label="baseline (static)")]
+    rows, table, written = collect_and_plot(specs, out / "plots", formats=("png", "pdf"))
+    print(f"wrote {len(rows)} rows to {table} and {len(written)} figures")
 
 
 def mean_losses(path: Path) -> dict[int, float]:
@@ -176,7 +186,8 @@ def fmt_loss(value):
 
 
 def summary(args) -> int:
-    from param_counter import count, flops_report
+    from retrofit.reporting import count, flops_report
+    from retrofit.run_record import read_run_record, record_schedule
 
     out = Path(args.out_dir)
     runs = out / "runs"
@@ -184,26 +195,23 @@ def summary(args) -> int:
     eval_recs = [int(r) for r in args.eval_recs.replace(",", " ").split()]
     lines = ["# Quickstart summary", ""]
 
-    # Training: steps, FLOPs (param_counter.py's formulas), final train loss.
-    flops = {
-        "pretrain": flops_report(runs / "pretrain/final_checkpoint", args.pretrain_steps,
-                                 tokens_per_step=args.tokens_per_step, non_recurrent=True),
-        "recurrent": flops_report(runs / "recurrent/final_checkpoint", args.steps, max_steps=args.steps,
-                                  tokens_per_step=args.tokens_per_step, max_mean_rec=args.max_mean_rec,
-                                  warmup=args.warmup, warmup_type="1-sqrt", backprop_depth=args.backprop_depth),
-        "baseline": flops_report(runs / "baseline/final_checkpoint", args.steps,
-                                 tokens_per_step=args.tokens_per_step, non_recurrent=True),
-    }
+    # Training: steps, FLOPs (param_counter.py's numbers, from each final checkpoint's run.json), final train loss.
+    flops = {run: flops_report(runs / run / "final_checkpoint") for run in RUN_LABELS}
+    record = read_run_record(runs / "recurrent")
+    schedule = record_schedule(record)
+    curriculum, backprop = schedule.mean_recurrence_schedule, schedule.mean_backprop_depth_schedule
     recurrent_config = json.loads((runs / "recurrent/final_checkpoint/config.json").read_text())
     counts = count(runs / "recurrent/final_checkpoint", [1])
+    tokens_per_step = record["tokens_per_step"]
     lines += [
         "## Training",
         "",
-        f"{args.tokens_per_step:,} tokens per step. The recurrent model is the pretrained Llama converted to "
+        f"{tokens_per_step:,} tokens per step. The recurrent model is the pretrained Llama converted to "
         f"(prelude {recurrent_config['n_layers_in_prelude']}, recurrent block "
         f"{recurrent_config['n_layers_in_recurrent_block']}, coda {recurrent_config['n_layers_in_coda']}) layers and "
-        f"trained with a 1-sqrt curriculum to mean recurrence {args.max_mean_rec} over {args.warmup:.0%} of its steps "
-        f"(backprop depth {args.backprop_depth}); the baseline trains the pretrained Llama for the same steps and tokens. "
+        f"trained with a {curriculum.warmup_type} curriculum to mean recurrence {curriculum.max_mean_rec} over "
+        f"{curriculum.warmup:.0%} of its steps (backprop depth {backprop.max_backprop}); the baseline trains the "
+        "pretrained Llama for the same steps and tokens. How each run trained is read from its run.json. "
         "FLOPs: param_counter.py (6·N·D per step, plus 2·N_rec·D per no-grad iteration).",
         "",
         "| run | model | train steps | tokens | training FLOPs | final train loss |",
@@ -212,7 +220,7 @@ def summary(args) -> int:
     for run, model in (("pretrain", "Llama, from scratch"), ("recurrent", "recurrent (converted)"),
                        ("baseline", "Llama (pretrained)")):
         step, loss = final_train_loss(runs / run)
-        tokens = (step or 0) * args.tokens_per_step
+        tokens = (step or 0) * flops[run]["tokens_per_step"]
         lines.append(f"| {RUN_LABELS[run]} | {model} | {step if step is not None else '–'} | {tokens:,} | "
                      f"{flops[run]['FLOPs']:.3e} | {fmt_loss(loss)} |")
 
@@ -248,7 +256,7 @@ def summary(args) -> int:
         lines.append(f"| {RUN_LABELS[run]} | " + " | ".join(cells) + " |")
     if first:
         best = min(first, key=first.get)
-        lines += ["", f"Lowest recurrent loss {first[best]:.3f} at r={best} (trained at mean recurrence {args.max_mean_rec})."]
+        lines += ["", f"Lowest recurrent loss {first[best]:.3f} at r={best} (trained at mean recurrence {curriculum.max_mean_rec})."]
 
     # lm-eval accuracy.
     rec_scores = lm_eval_scores(runs / "recurrent/final_checkpoint")
@@ -320,7 +328,7 @@ def summary(args) -> int:
 def report(args) -> int:
     """plot_evals.py's figures, the loss plot and the summary, in one process (one set of imports)."""
     out = Path(args.out_dir)
-    plot_evals(["--runs_file", args.runs_file, "--out_dir", str(out / "plots"), "--format", "png", "pdf"])
+    plot_evals(out)
     status = plot_loss(argparse.Namespace(loss_dir=str(out / "loss_over_rec_eval"), out_dir=str(out / "plots")))
     return status or summary(args)
 
@@ -329,9 +337,6 @@ def report(args) -> int:
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "plot-evals":
-        return plot_evals(argv[1:])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -343,25 +348,16 @@ def main(argv=None) -> int:
     p = sub.add_parser("plot-loss", help="validation loss vs test recurrence")
     p.add_argument("--loss_dir", required=True)
     p.add_argument("--out_dir", required=True)
-    sub.add_parser("plot-evals", help="plot_evals.py with the quickstart tasks registered")
     for name in ("summary", "report"):
         p = sub.add_parser(name, help="write OUT/summary.md" if name == "summary" else "plots, then the summary")
         add_summary_args(p)
-        if name == "report":
-            p.add_argument("--runs_file", required=True, help="plot_evals.py --runs_file")
     args = parser.parse_args(argv)
     return {"static-loss": static_loss, "plot-loss": plot_loss, "summary": summary, "report": report}[args.command](args)
 
 
 def add_summary_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out_dir", required=True)
-    p.add_argument("--steps", type=int, required=True, help="recurrent / baseline training steps")
-    p.add_argument("--pretrain_steps", type=int, required=True)
-    p.add_argument("--tokens_per_step", type=int, required=True)
-    p.add_argument("--max_mean_rec", type=int, required=True)
-    p.add_argument("--warmup", type=float, required=True)
-    p.add_argument("--backprop_depth", type=int, required=True)
-    p.add_argument("--limit", type=int, required=True)
+    p.add_argument("--out_dir", required=True, help="the quickstart's output folder (runs/ holds the runs and their run.json)")
+    p.add_argument("--limit", type=int, required=True, help="lm-eval documents per task (for the text)")
     p.add_argument("--eval_recs", required=True)
 
 

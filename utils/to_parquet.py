@@ -15,10 +15,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from retrofit.packing import DEFAULT_ROW_GROUP_SIZE, DataError, load_disk_table, write_parquet_shards
+from retrofit.rows import DataError
+from retrofit.shards import DEFAULT_ROW_GROUP_SIZE, load_disk_table, write_parquet_shards
 
 
-def main(argv: list[str] | None = None):
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset_path", required=True, help="packed dataset written by preprocess_data_packing.py")
     parser.add_argument("--dataset_save_dir", required=True, help="output folder of the parquet shards")
@@ -44,13 +45,14 @@ def main(argv: list[str] | None = None):
         )
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        return 2
     n_train = len(paths) - args.val_shards
     print(
         f"wrote {table.num_rows:,} rows: {n_train} training shards in {args.dataset_save_dir}"
         + (f", {args.val_shards} validation shards in {Path(args.dataset_save_dir) / 'val'}" if args.val_shards else "")
     )
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

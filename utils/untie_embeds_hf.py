@@ -8,11 +8,10 @@ models (conversion unties on its own). Writes to a temp dir and renames; never o
 """
 
 import argparse
-import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
+
+from retrofit.atomic import atomic_directory
 
 
 def untie(model_name: str, save_name: str, overwrite: bool = False) -> Path:
@@ -33,19 +32,12 @@ def untie(model_name: str, save_name: str, overwrite: bool = False) -> Path:
         head.weight.copy_(embedding)
     model.config.tie_word_embeddings = False
     model.set_output_embeddings(head)
-    save.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{save.name}.tmp-", dir=save.parent))
-    try:
+    with atomic_directory(save) as tmp:
         model.save_pretrained(tmp)
         try:
             AutoTokenizer.from_pretrained(model_name).save_pretrained(tmp)
         except (OSError, ValueError):
             print(f"warning: no tokenizer found in {model_name}; saved the model without one")
-        if save.exists():
-            shutil.rmtree(save)
-        os.replace(tmp, save)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return save
 
 

@@ -1,0 +1,42 @@
+"""Helpers the bench/ scripts share: a scaled-down TinyLlama-shaped recurrent model and timing
+that waits for the GPU. Benchmarks print ratios against a baseline measured in the same run."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from retrofit.configuration_raven import RavenConfig
+from retrofit.modeling_raven import RavenForCausalLM
+
+# TinyLlama's proportions scaled down (hidden 512, GQA 8/2 heads), (2, 2, 2) layers.
+SCALED_TINYLLAMA = dict(hidden=512, intermediate=1408, heads=8, kv_heads=2, vocab=4096, prelude=2, core=2, coda=2)
+
+
+def scaled_tinyllama_model(device, dtype) -> RavenForCausalLM:
+    """A random recurrent model of shape `SCALED_TINYLLAMA` (seed 0), in train mode."""
+    shape = SCALED_TINYLLAMA
+    config = RavenConfig(
+        n_embd=shape["hidden"], n_heads=shape["heads"], num_key_value_heads=shape["kv_heads"],
+        intermediate_size=shape["intermediate"], n_layers_in_prelude=shape["prelude"],
+        n_layers_in_recurrent_block=shape["core"], n_layers_in_coda=shape["coda"],
+        vocab_size=shape["vocab"], rope_theta=10000.0, max_position_embeddings=2048,
+    )
+    torch.manual_seed(0)
+    return RavenForCausalLM(config).to(device=device, dtype=dtype).train()
+
+
+def sync(device) -> None:
+    """Wait for queued GPU work, so a wall-clock time covers it (no-op on CPU)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_call(fn, device) -> float:
+    """Wall-clock seconds of one fn() call, GPU work included."""
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
