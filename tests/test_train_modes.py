@@ -219,3 +219,23 @@ def test_bad_mode_flags_exit_2_with_one_line(tmp_path, capsys, parent_and_child,
     expect([f"--distill.teacher={tmp_path / 'nowhere'}"], "is not a model folder with config.json")
     expect([f"--distill.teacher={tiny_llama_dir}", "--distill.temperature=0"], "--distill.temperature=0.0 must be > 0")
     expect(["--activation_checkpointing=true", "--non_recurrent_model=true"], "needs a recurrent model")
+
+
+def test_launchers_and_quickstart_take_the_modes(tmp_path):
+    def bash(*args, **env_extra):
+        return subprocess.run(["bash", *map(str, args)], capture_output=True, text=True, cwd=ROOT,
+                              env=dict(env(), **env_extra), timeout=60)
+
+    local = bash(ROOT / "shells" / "_submit.sh", "--local", "--gpus", "2", "--fsdp", "--dry-run", "--",
+                 "python", "train.py", "--max_steps=2")
+    assert local.returncode == 0 and "--nproc_per_node 2 --no-python python train.py --max_steps=2 --fsdp=true" in local.stdout
+    experiment = bash(ROOT / "shells" / "tinyllama.sh", "math-rec4", "--fsdp", "--local", "--dry-run",
+                      PROCESSED_DATA_PATH=str(tmp_path))
+    assert experiment.returncode == 0 and " --fsdp=true --resume_path=auto" in experiment.stdout
+    not_training = bash(ROOT / "shells" / "_submit.sh", "--local", "--fsdp", "--dry-run", "--", "python", "utils/to_parquet.py")
+    assert not_training.returncode == 2
+    assert not_training.stderr.strip() == "error: --fsdp shards train.py's model; 'python utils/to_parquet.py' is not a train.py command"
+    for mode, batch, message in (("bogus", "16", "QUICKSTART_MODE='bogus' is not one of: lora, fsdp, distill"),
+                                 ("fsdp", "5", "QUICKSTART_MODE=fsdp splits QUICKSTART_BATCH=5 rows over 2 processes")):
+        bad = bash(ROOT / "shells" / "quickstart.sh", tmp_path / "qs", QUICKSTART_MODE=mode, QUICKSTART_BATCH=batch)
+        assert bad.returncode == 2 and bad.stderr.startswith(f"error: {message}") and not (tmp_path / "qs").exists()
