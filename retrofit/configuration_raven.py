@@ -20,6 +20,10 @@ original release's format"):
   modeling file instead); a config without both is marked `layout_from_weights` and
   `RavenForCausalLM.from_pretrained` picks the OLMo-2 layout when the checkpoint holds q/k norm
   weights.
+- `lora` (None = off): low-rank deltas the model adds to the linear layers of the named parts,
+  {"rank": R, "alpha": A, "targets": ["core_block", "prelude", "coda"], "num_deltas": D}. The
+  recurrent block gets D deltas, one per iteration index (iterations >= D reuse the last); D = 1
+  shares one delta across iterations. Prelude and coda run once, so they always have one delta.
 
 Saved configs carry `rope_theta` and `rope_scaling` (the 4.51 layout, read by the authors' code and
 Huginn's tools) beside `rope_parameters`.
@@ -32,6 +36,7 @@ from transformers import PretrainedConfig
 
 DEFAULT_STATE_STD = 0.008703882797784892  # Huginn's sqrt(2 / (5 * 5280))
 DEFAULT_ROPE_THETA = 50000.0
+LORA_TARGETS = ("prelude", "core_block", "coda")
 # Huginn keys whose other values this model does not compute; any other Huginn key is ignored.
 HUGINN_SUPPORTED_VALUES = {
     "injection_type": ("linear",),
@@ -66,6 +71,29 @@ def whole_number(value, name: str, minimum: int = 1) -> int:
     if number is None or number < minimum:
         raise ValueError(f"{name} must be a whole number >= {minimum}, got {value!r}")
     return number
+
+
+def normalise_lora(lora: dict | None) -> dict | None:
+    """The `lora` config entry with defaults filled in and every value checked (None: no LoRA)."""
+    if not lora:
+        return None
+    if not isinstance(lora, dict):
+        raise ValueError(f"lora must be a dict such as {{'rank': 8}}, got {lora!r}")
+    unknown = set(lora) - {"rank", "alpha", "targets", "num_deltas"}
+    if unknown:
+        raise ValueError(f"lora has unknown key(s) {sorted(unknown)} (known: rank, alpha, targets, num_deltas)")
+    rank = whole_number(lora.get("rank"), "lora.rank")
+    alpha = lora.get("alpha", rank)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0:
+        raise ValueError(f"lora.alpha must be a positive number, got {alpha!r}")
+    targets = lora.get("targets", ["core_block"])
+    targets = [targets] if isinstance(targets, str) else list(targets)
+    bad = [t for t in targets if t not in LORA_TARGETS]
+    if bad or not targets:
+        raise ValueError(f"lora.targets must be a non-empty subset of {list(LORA_TARGETS)}, got {targets!r}")
+    targets = [t for t in LORA_TARGETS if t in targets]  # one canonical order
+    num_deltas = whole_number(lora.get("num_deltas", 1), "lora.num_deltas")
+    return {"rank": rank, "alpha": float(alpha), "targets": targets, "num_deltas": num_deltas}
 
 
 class RavenConfig(PretrainedConfig):
@@ -104,6 +132,7 @@ class RavenConfig(PretrainedConfig):
         mean_backprop_depth: int = 8,
         init_values: dict | None = None,
         initializer_range: float = 0.02,
+        lora: dict | None = None,
         bos_token_id: int | None = None,
         eos_token_id: int | list[int] | None = None,
         pad_token_id: int | None = None,
@@ -153,6 +182,7 @@ class RavenConfig(PretrainedConfig):
         self.mean_backprop_depth = mean_backprop_depth
         self.init_values = {"std": DEFAULT_STATE_STD, "embed_scale": 1.0, **(init_values or {})}
         self.initializer_range = initializer_range
+        self.lora = normalise_lora(lora)
         super().__init__(
             bos_token_id=bos_token_id,
             eos_token_id=eos_token_id,
@@ -190,6 +220,12 @@ class RavenConfig(PretrainedConfig):
             raise ValueError("qk_bias=True (Huginn-0125's extra q/k bias) is not supported by this model")
         if self.tie_embeddings:
             raise ValueError("tie_embeddings=True is not supported: recurrent models keep an untied lm_head")
+
+    def lora_deltas(self, part: str) -> int:
+        """How many deltas each LoRA layer of `part` holds (0: no LoRA there)."""
+        if not self.lora or part not in self.lora["targets"]:
+            return 0
+        return self.lora["num_deltas"] if part == "core_block" else 1
 
     def to_dict(self) -> dict:
         out = super().to_dict()

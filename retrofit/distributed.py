@@ -97,14 +97,15 @@ def _default_master_addr(environ) -> str:
     return "127.0.0.1"
 
 
-def setup(device: str = "auto", timeout_minutes: float = 30.0) -> DistEnv:
-    """Read the launcher's environment, pick the device and (for world size > 1) join the group."""
+def setup(device: str = "auto", timeout_minutes: float = 30.0, single_process_group: bool = False) -> DistEnv:
+    """Read the launcher's environment, pick the device and (for world size > 1, or always with
+    `single_process_group`, which FSDP needs) join the group."""
     rank, world_size, local_rank = read_launch_env()
     torch_device = resolve_device(device, local_rank)
     if torch_device.type == "cuda":
         torch.cuda.set_device(torch_device)
     env = DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=torch_device)
-    if world_size > 1 and not dist.is_initialized():
+    if (world_size > 1 or single_process_group) and not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", _default_master_addr(os.environ))
         os.environ.setdefault("MASTER_PORT", "29500")
         backend = "nccl" if torch_device.type == "cuda" else "gloo"

@@ -9,6 +9,11 @@ Facts (docs/analysis.md, Parameters and FLOPs):
   D = tokens per step: the k = min(r, s) iterations with grad cost forward + backward (6 N D), the
   n = r - k iterations without grad cost a forward only (2 N D).
 - A static (non-recurrent) model costs 6 * N * D per step, N = all non-embedding parameters.
+- LoRA deltas (`--lora.*`, docs/training.md) count as parameters of the part they adapt, once per
+  application: a layer's delta runs wherever the layer runs, so the recurrent block's per-iteration
+  cost is N_rec + one iteration's deltas (with per-iteration deltas only one of the D stored runs
+  per iteration). This counts the delta matmuls x A^T B^T; a frozen base still pays its forward and
+  the backward through it (the weight-gradient third of 6 N D is an upper bound then).
 - A run's FLOPs sum the step cost over optimizer steps 1..checkpoint with the scheduled integer mean
   recurrence `retrofit.depth.RecurrenceSchedule.at(step)`, the paper's own counter's convention
   (it reproduces the paper's FLOPs columns exactly). Training runs the same schedule through
@@ -58,13 +63,32 @@ class ParamCounts:
     adapter: int = 0
     layers: int = 0
     other: int = 0
+    # LoRA deltas per application (one iteration's for the recurrent block) and all stored ones
+    lora_prelude: int = 0
+    lora_recurrent_block: int = 0
+    lora_coda: int = 0
+    lora_stored: int = 0
 
     @property
     def total(self) -> int:
         """Stored parameters (the recurrent block counted once)."""
         return (
             self.embeddings + self.prelude + self.recurrent_block + self.coda + self.adapter + self.layers + self.other
+            + self.lora_stored
         )
+
+    @property
+    def applied_prelude(self) -> int:
+        return self.prelude + self.lora_prelude
+
+    @property
+    def applied_recurrent_block(self) -> int:
+        """Parameters one iteration applies (the block and that iteration's LoRA deltas)."""
+        return self.recurrent_block + self.lora_recurrent_block
+
+    @property
+    def applied_coda(self) -> int:
+        return self.coda + self.lora_coda
 
     def non_embedding(self, num_rec: int = 1) -> int:
         """N at test recurrence `num_rec`: the `effective_params` column of paper_plots/data."""
@@ -72,7 +96,7 @@ class ParamCounts:
             return self.layers
         if num_rec < 1:
             raise ValueError(f"num_rec must be >= 1, got {num_rec}")
-        return self.prelude + self.coda + num_rec * self.recurrent_block
+        return self.applied_prelude + self.applied_coda + num_rec * self.applied_recurrent_block
 
     def as_dict(self) -> dict:
         out = {"recurrent": self.recurrent, **asdict(self)}
@@ -86,14 +110,24 @@ def count_parameters(model) -> ParamCounts:
     names_and_sizes = [(name, p.numel()) for name, p in model.named_parameters(remove_duplicate=False)]
     if any(name.startswith("transformer.core_block.") for name, _ in names_and_sizes):
         sums = dict.fromkeys(RECURRENT_PARTS, 0)
+        lora = dict.fromkeys(("lora_prelude", "lora_recurrent_block", "lora_coda", "lora_stored"), 0)
         other = 0
+        for name, param in model.named_parameters(remove_duplicate=False):
+            if ".lora_" not in name:
+                continue
+            # lora_A / lora_B stack D deltas along dim 0; one of them runs per application
+            lora["lora_stored"] += param.numel()
+            part = next(p for p in ("prelude", "recurrent_block", "coda") if name.startswith(RECURRENT_PARTS[p]))
+            lora[f"lora_{part}"] += param.numel() // param.shape[0]
         for name, size in names_and_sizes:
+            if ".lora_" in name:
+                continue
             part = next((p for p, prefixes in RECURRENT_PARTS.items() if name.startswith(prefixes)), None)
             if part is None:
                 other += size
             else:
                 sums[part] += size
-        return ParamCounts(recurrent=True, other=other, **sums)
+        return ParamCounts(recurrent=True, other=other, **sums, **lora)
     # A plain HF model: the embeddings are whatever the model says its input/output embeddings are,
     # so this works for any architecture's naming. A tied lm_head is counted once.
     embedding_ids = set()
@@ -179,8 +213,8 @@ def step_flops(counts: ParamCounts, mean_rec: int, backprop_depth: int, tokens: 
     with_grad = min(mean_rec, backprop_depth)
     without_grad = max(mean_rec - backprop_depth, 0)
     return (
-        6 * tokens * (counts.prelude + counts.coda + with_grad * counts.recurrent_block)
-        + 2 * tokens * without_grad * counts.recurrent_block
+        6 * tokens * (counts.applied_prelude + counts.applied_coda + with_grad * counts.applied_recurrent_block)
+        + 2 * tokens * without_grad * counts.applied_recurrent_block
     )
 
 

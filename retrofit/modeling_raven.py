@@ -28,11 +28,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
-from .configuration_raven import RavenConfig
+from .configuration_raven import RavenConfig, normalise_lora
 
 # ----------------------------------------------------------------------------------------------
 # Depth sampling (the repository's docs/training.md, Depth sampler). `retrofit.depth` re-exports this; it lives here so a checkpoint
@@ -281,6 +282,62 @@ class GatedMLP(nn.Module):
         return self.proj(F.silu(gate) * up)
 
 
+class LoRALinear(nn.Linear):
+    """nn.Linear plus low-rank deltas: y = x W^T + b + (alpha / r) x A_i^T B_i^T.
+
+    The base keeps the names `weight` / `bias`, so a LoRA model still loads base checkpoints' keys.
+    `lora_A` (D, r, in) and `lora_B` (D, out, r) stack D deltas; `delta_index` picks the one the
+    next calls use (the model sets it before every recurrent-block iteration, so recomputation in
+    backward sets it again); indices past the last reuse the last. B starts at zero, so adding LoRA
+    leaves the outputs unchanged until training moves it.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, rank: int, alpha: float, num_deltas: int,
+                 device=None, dtype=None):
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.lora_A = nn.Parameter(torch.empty(num_deltas, rank, in_features, device=device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.empty(num_deltas, out_features, rank, device=device, dtype=dtype))
+        self.lora_scale = alpha / rank
+        self.delta_index = 0
+        self.reset_lora_parameters()
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, rank: int, alpha: float, num_deltas: int) -> "LoRALinear":
+        """A LoRA layer sharing `linear`'s weight and bias (no copy)."""
+        with torch.device("meta"):  # the throwaway base weight costs nothing
+            module = cls(linear.in_features, linear.out_features, False, rank, alpha, num_deltas)
+        module.weight, module.bias = linear.weight, linear.bias
+        like = dict(device=linear.weight.device, dtype=linear.weight.dtype)
+        module.lora_A = nn.Parameter(torch.empty(num_deltas, rank, linear.in_features, **like))
+        module.lora_B = nn.Parameter(torch.empty(num_deltas, linear.out_features, rank, **like))
+        module.reset_lora_parameters()
+        return module
+
+    def reset_lora_parameters(self) -> None:
+        if self.lora_A.is_meta:
+            return
+        bound = 1.0 / math.sqrt(self.in_features)  # PEFT's default for A (kaiming-uniform, a = sqrt(5))
+        nn.init.uniform_(self.lora_A, -bound, bound)
+        nn.init.zeros_(self.lora_B)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        i = min(self.delta_index, self.lora_A.shape[0] - 1)
+        return super().forward(x) + F.linear(F.linear(x, self.lora_A[i]), self.lora_B[i]) * self.lora_scale
+
+    def merged(self) -> nn.Linear:
+        """A plain nn.Linear with the (single) delta folded into the weight."""
+        if self.lora_A.shape[0] != 1:
+            raise ValueError(f"cannot merge {self.lora_A.shape[0]} per-iteration deltas into one weight")
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                           device=self.weight.device, dtype=self.weight.dtype)
+        with torch.no_grad():
+            delta = (self.lora_B[0].float() @ self.lora_A[0].float()) * self.lora_scale
+            linear.weight.copy_(self.weight.float() + delta)
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear
+
+
 class Block(nn.Module):
     """One transformer layer; `norm_placement` picks Llama (pre-norm) or OLMo-2 (post-norm)."""
 
@@ -331,7 +388,12 @@ class RavenPreTrainedModel(PreTrainedModel):
         # for matrices, ones for norms. The adapter gets PyTorch's default Linear init, as in the
         # authors' release; conversion sets it explicitly.
         std = self.config.initializer_range
-        if isinstance(module, nn.Linear):
+        if isinstance(module, LoRALinear):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+            module.reset_lora_parameters()
+        elif isinstance(module, nn.Linear):
             if module is getattr(getattr(self, "transformer", None), "adapter", None):
                 module.reset_parameters()
             else:
@@ -473,6 +535,11 @@ class RavenForCausalLM(RavenPreTrainedModel):
         # buffers so meta-device loading (transformers 5) cannot leave them uninitialised.
         self._rope_tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self.step = 0  # counts training forwards that sampled their own depth
+        # Recompute each grad iteration of the recurrent block in backward instead of keeping its
+        # activations (training only; set by the trainer, not saved).
+        self.activation_checkpointing = False
+        self._core_lora_layers: list[LoRALinear] = []
+        self._install_lora()
         self.post_init()
 
     # -- HF plumbing ---------------------------------------------------------------------------
@@ -498,6 +565,58 @@ class RavenForCausalLM(RavenPreTrainedModel):
         for name in ("modeling_raven.py", "configuration_raven.py"):
             if (here / name).resolve() != (Path(save_directory) / name).resolve():
                 shutil.copyfile(here / name, Path(save_directory) / name)
+
+    # -- LoRA ------------------------------------------------------------------------------------
+
+    def add_lora(self, rank: int, alpha: float | None = None, targets=("core_block",), num_deltas: int = 1) -> None:
+        """Add low-rank deltas (zero at first) to every linear layer of `targets` and record them
+        in the config, so a saved checkpoint rebuilds them wherever it is loaded."""
+        if self.config.lora:
+            raise ValueError(f"this model already has LoRA deltas ({self.config.lora})")
+        self.config.lora = normalise_lora(
+            {"rank": rank, "alpha": alpha if alpha is not None else rank, "targets": list(targets), "num_deltas": num_deltas}
+        )
+        self._install_lora()
+
+    def _install_lora(self) -> None:
+        for part in ("prelude", "core_block", "coda"):
+            num_deltas = self.config.lora_deltas(part)
+            if not num_deltas:
+                continue
+            for block in self.transformer[part]:
+                for parent in list(block.modules()):
+                    for name, child in list(parent.named_children()):
+                        if type(child) is nn.Linear:
+                            lora = LoRALinear.from_linear(child, self.config.lora["rank"], self.config.lora["alpha"], num_deltas)
+                            setattr(parent, name, lora)
+        self._core_lora_layers = [m for m in self.transformer.core_block.modules() if isinstance(m, LoRALinear)]
+
+    def lora_parameters(self) -> list[nn.Parameter]:
+        return [p for name, p in self.named_parameters() if ".lora_" in name]
+
+    def freeze_base_weights(self) -> None:
+        """Train only the LoRA deltas."""
+        if not self.config.lora:
+            raise ValueError("freeze_base_weights needs LoRA deltas (add_lora first)")
+        for name, param in self.named_parameters():
+            param.requires_grad_(".lora_" in name)
+
+    def merge_lora_(self) -> list[str]:
+        """Fold every single delta (shared across iterations, prelude, coda) into its base weight, in
+        place; per-iteration deltas of the recurrent block stay. Returns the parts merged."""
+        if not self.config.lora:
+            return []
+        merged = [part for part in self.config.lora["targets"] if self.config.lora_deltas(part) == 1]
+        for part in merged:
+            for block in self.transformer[part]:
+                for parent in list(block.modules()):
+                    for name, child in list(parent.named_children()):
+                        if isinstance(child, LoRALinear):
+                            setattr(parent, name, child.merged())
+        remaining = [t for t in self.config.lora["targets"] if t not in merged]
+        self.config.lora = dict(self.config.lora, targets=remaining) if remaining else None
+        self._core_lora_layers = [m for m in self.transformer.core_block.modules() if isinstance(m, LoRALinear)]
+        return merged
 
     # -- building blocks of the forward pass (also used by conversion checks and depth sweeps) --
 
@@ -614,6 +733,8 @@ class RavenForCausalLM(RavenPreTrainedModel):
         Pass `adapter_parts=self.adapter_parts(prelude_out)` when iterating many times.
         """
         w_state, embed_proj = adapter_parts if adapter_parts is not None else self.adapter_parts(prelude_out)
+        for layer in self._core_lora_layers:  # per-iteration LoRA: this iteration's delta
+            layer.delta_index = iteration
         x = torch.addmm(embed_proj.reshape(-1, embed_proj.shape[-1]), state.reshape(-1, state.shape[-1]), w_state.t())
         x = x.view(state.shape)
         for j, layer in enumerate(self.transformer.core_block):
@@ -718,8 +839,13 @@ class RavenForCausalLM(RavenPreTrainedModel):
         with torch.no_grad():
             for i in range(n):
                 state = self.recur(state, e, ctx, i, hidden, parts)
+        recompute = self.activation_checkpointing and torch.is_grad_enabled() and ctx.cache is None and hidden is None
         for i in range(n, n + k):
-            state = self.recur(state, e, ctx, i, hidden, parts)
+            if recompute:
+                # Keep only the iteration's inputs; its activations are recomputed in backward.
+                state = torch.utils.checkpoint.checkpoint(self.recur, state, e, ctx, i, None, parts, use_reentrant=False)
+            else:
+                state = self.recur(state, e, ctx, i, hidden, parts)
         x = self.run_coda(state, ctx, hidden)
         if ctx.cache is not None:
             ctx.cache.seen_tokens = ctx.past_length + input_ids.shape[1]

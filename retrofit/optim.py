@@ -139,6 +139,46 @@ class ELLISAdam(torch.optim.Optimizer):
 
 
 # --------------------------------------------------------------------------------------------
+# Muon on sharded parameters
+# --------------------------------------------------------------------------------------------
+class FullMatrixMuon(torch.optim.Muon):
+    """`torch.optim.Muon` that orthogonalises whole matrices when parameters are FSDP2 shards.
+
+    torch's Muon accepts DTensor shards, but its Newton-Schulz iteration then runs as sharded bf16
+    matmuls whose partial sums round differently: 2e-3 off the single-process update after 3 steps
+    on a 32x48 matrix, measured against one process. Here each sharded parameter, its
+    gradient and momentum buffer are gathered, the unchanged torch update runs on the full matrix
+    (the same numbers as one process), and the local shard of the result is kept. The momentum
+    buffer stays sharded between steps; one full matrix at a time is materialised. Plain tensors
+    take torch's path untouched.
+    """
+
+    def _init_group(self, group, params_with_grad, grads, muon_momentum_bufs):
+        has_complex = super()._init_group(group, params_with_grad, grads, muon_momentum_bufs)
+        from torch.distributed.tensor import DTensor
+
+        for i, param in enumerate(params_with_grad):
+            if isinstance(param, DTensor):
+                full = (param.full_tensor(), grads[i].full_tensor(), muon_momentum_bufs[i].full_tensor())
+                self._write_back.append((param, muon_momentum_bufs[i], full[0], full[2]))
+                params_with_grad[i], grads[i], muon_momentum_bufs[i] = full
+        return has_complex
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        from torch.distributed.tensor import distribute_tensor
+
+        self._write_back = []
+        loss = super().step(closure)
+        for param, buffer, full_param, full_buffer in self._write_back:
+            for shard, full in ((param, full_param), (buffer, full_buffer)):
+                # every rank holds the same full result: keep the local piece, no communication
+                shard.copy_(distribute_tensor(full, shard.device_mesh, shard.placements, src_data_rank=None))
+        self._write_back = []
+        return loss
+
+
+# --------------------------------------------------------------------------------------------
 # Several optimizers behind one interface (Muon for matrices + AdamW for the rest)
 # --------------------------------------------------------------------------------------------
 class MultiOptimizer:
@@ -240,7 +280,7 @@ def build_optimizer(
         adam_groups += _groups(buckets["other"], False, **adam_hparams, eps=eps)
         optimizers = []
         if muon_groups:
-            optimizers.append(torch.optim.Muon(muon_groups, lr=muon_lr, weight_decay=muon_weight_decay))
+            optimizers.append(FullMatrixMuon(muon_groups, lr=muon_lr, weight_decay=muon_weight_decay))
         if adam_groups:
             optimizers.append(torch.optim.AdamW(adam_groups, lr=lr, eps=eps))
         return MultiOptimizer(optimizers)

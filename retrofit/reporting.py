@@ -35,6 +35,10 @@ def parts_report(counts: ParamCounts) -> dict:
             "adapter": counts.adapter,
             "other (final norm)": counts.other,
         }
+        if counts.lora_stored:
+            parts["lora (stored)"] = counts.lora_stored
+            parts["lora per application"] = {"prelude": counts.lora_prelude, "recurrent_block (one iteration)":
+                                             counts.lora_recurrent_block, "coda": counts.lora_coda}
     else:
         parts = {"embeddings + lm_head": counts.embeddings, "non_embedding": counts.layers}
     return {"recurrent": counts.recurrent, "parts": parts, "total": counts.total,

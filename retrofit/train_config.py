@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from retrofit.depth import MeanBackpropDepthSchedule, MeanRecurrenceSchedule
+from retrofit.train_modes import DistillArgs, LoraArgs, check_flags
 
 
 class ConfigError(ValueError):
@@ -106,6 +107,11 @@ class TrainConfig:
     non_recurrent_model: bool = False
     muon: MuonArgs = field(default_factory=MuonArgs)
     use_ellis_adam: EllisAdamArgs = field(default_factory=EllisAdamArgs)
+    # bigger bases and cheaper training (retrofit/train_modes.py)
+    fsdp: bool = False
+    activation_checkpointing: bool = False
+    lora: LoraArgs = field(default_factory=LoraArgs)
+    distill: DistillArgs = field(default_factory=DistillArgs)
 
     @property
     def run_dir(self) -> Path:
@@ -169,6 +175,9 @@ class TrainConfig:
                 raise ConfigError("--max_samples is not supported with parquet data (limit with --max_steps)")
             if not self.max_steps and self.parquet_dataset_max_tokens is None:
                 raise ConfigError("parquet data needs --max_steps or --parquet_dataset_max_tokens to size the LR schedule")
+        mode_problem = check_flags(self)
+        if mode_problem:
+            raise ConfigError(mode_problem)
         if self.non_recurrent_model:
             if self.throttle:
                 raise ConfigError("--throttle needs a recurrent model (not --non_recurrent_model)")

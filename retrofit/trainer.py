@@ -4,8 +4,10 @@ Per optimizer step u (counting from 1): the curriculum gives (mean recurrence, b
 RecurrenceSchedule.applied_at(u) (the original's scheduler values); every micro-batch draws its own
 (n, k) from the depth sampler seeded by its index `data_step` (counting from 1, the same on every
 rank; plus 1 with parquet data, the original's numbering); gradients are accumulated over
-batch_size / micro_batch_size micro-batches, averaged over ranks by DDP, clipped, and applied
-with the warmup-stable-decay learning rate. See docs/training.md for outputs and resuming.
+batch_size / micro_batch_size micro-batches, averaged over ranks by DDP (or reduce-scattered by
+FSDP2 with --fsdp), clipped, and applied with the warmup-stable-decay learning rate. LoRA,
+activation checkpointing, FSDP and distillation: retrofit/train_modes.py. See docs/training.md for
+outputs and resuming.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch
 
 from retrofit import checkpoint as ckpt
 from retrofit import distributed as dist_utils
+from retrofit import fsdp, train_modes
 from retrofit.configuration_raven import RavenConfig
 from retrofit.data import (
     PackedDatasetStream,
@@ -35,6 +38,7 @@ from retrofit.data import (
     load_raw_dataset,
 )
 from retrofit.depth import RecurrenceSchedule, sample_num_steps
+from retrofit.distill import check_vocabularies, distillation_kl, load_teacher, teacher_logits
 from retrofit.flops import count_parameters, micro_batch_flops, model_flops_utilization, peak_tflops_of
 from retrofit.optim import build_optimizer, set_learning_rates, wsd_lr_factor
 from retrofit.rows import DataError, inputs_and_labels
@@ -312,6 +316,7 @@ class Trainer:
         self.peak_tflops = cfg.peak_tflops
         if self.peak_tflops is None and env.device.type == "cuda":
             self.peak_tflops = peak_tflops_of(torch.cuda.get_device_name(env.device))
+        self.teacher = self._prepare_modes()
 
         self.optimizer = build_optimizer(
             self.model,
@@ -343,7 +348,7 @@ class Trainer:
         # So find_unused_parameters=False is correct, and it avoids a full graph traversal per
         # backward. Every rank draws the same (n, k), so ranks run the same graph.
         self.ddp_model = self.model
-        if env.is_distributed:
+        if env.is_distributed and not self.sharded:
             device_ids = [env.device.index] if env.device.type == "cuda" else None
             self.ddp_model = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=device_ids, find_unused_parameters=False, gradient_as_bucket_view=True
@@ -397,6 +402,33 @@ class Trainer:
         )
         if env.is_main:
             write_run_record(cfg.run_dir, self.run_record)
+
+    def _prepare_modes(self):
+        """LoRA, frozen base, activation checkpointing, the teacher, FSDP sharding (before the
+        optimizer is built: it holds the shards, and before resuming). Returns the teacher or None."""
+        cfg, env = self.cfg, self.env
+        try:
+            notes = train_modes.prepare_model(self.model, cfg)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        teacher = None
+        if cfg.distill.teacher is not None:
+            teacher = load_teacher(cfg.distill.teacher, env.device, next(self.model.parameters()).dtype)
+            try:
+                check_vocabularies(teacher, self.model, cfg.distill.teacher)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
+            notes.append(f"distilling from {cfg.distill.teacher} (alpha {cfg.distill.alpha}, T {cfg.distill.temperature})")
+        self.sharded = cfg.fsdp
+        if cfg.fsdp:
+            bf16 = train_modes.uses_bf16(cfg, env.device)
+            fsdp.shard_model(self.model, bf16=bf16)
+            if teacher is not None:
+                fsdp.shard_model(teacher, bf16=bf16)
+            notes.append(f"FSDP2: sharded over {env.world_size} rank(s)" + (", bf16 compute / fp32 reduce" if bf16 else ""))
+        for note in notes:
+            self.print(note)
+        return teacher
 
     def describe(self) -> str:
         cfg, env = self.cfg, self.env
@@ -467,15 +499,26 @@ class Trainer:
                 " (--ignore_past_scheduler=true allows a new max_steps/curriculum, --ignore_past_parquet_dataset=true"
                 " a new batch_size/micro_batch_size/seed) or start a new run"
             )
-        bad = ckpt.non_finite_entries({"model": state["model"], "optimizer": state["optimizer"]})
-        if bad:
-            raise ckpt.CheckpointError(path, f"holds non-finite values ({', '.join(bad)})")
+        if bool(state.get("sharded")) != self.sharded:
+            written = "with --fsdp=true (sharded)" if state.get("sharded") else "without --fsdp"
+            raise ConfigError(f"{path} was written {written}; resume it with the same --fsdp setting")
+        if not self.sharded:
+            bad = ckpt.non_finite_entries({"model": state["model"], "optimizer": state["optimizer"]})
+            if bad:
+                raise ckpt.CheckpointError(path, f"holds non-finite values ({', '.join(bad)})")
         try:
-            self.model.load_state_dict(state["model"], strict=True)
-            self.optimizer.load_state_dict(state["optimizer"])
+            if self.sharded:  # collective: every rank reads its shards
+                fsdp.load_sharded_tensors(path, self.model, self.optimizer)
+            else:
+                self.model.load_state_dict(state["model"], strict=True)
+                self.optimizer.load_state_dict(state["optimizer"])
         except (RuntimeError, ValueError, KeyError) as exc:
             first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise ckpt.CheckpointError(path, f"does not fit this model/optimizer: {first_line[:300]}") from None
+        if self.sharded:
+            bad = self._non_finite({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()})
+            if bad:
+                raise ckpt.CheckpointError(path, f"holds non-finite values ({', '.join(bad)})")
         self.optimizer_step = state["optimizer_step"]
         self.data_step = state["data_step"]
         self.total_tokens = state["total_tokens"]
@@ -494,12 +537,20 @@ class Trainer:
         ckpt.restore_rng_state(rng_states[self.env.rank % len(rng_states)])
         self.print(f"resumed from {path} at optimizer step {self.optimizer_step} (data step {self.data_step})")
 
+    def _non_finite(self, tree) -> list[str]:
+        """Names of non-finite entries, the same list on every rank (FSDP: each rank checks its shards)."""
+        if not self.sharded:
+            return ckpt.non_finite_entries(tree)
+        found = dist_utils.all_gather_object(fsdp.local_non_finite(tree))
+        return sorted({name for names in found for name in names})[:3]
+
     def _refuse_non_finite(self, what: str, include_optimizer: bool) -> None:
-        """Every rank holds the same weights and optimizer state, so every rank raises alike."""
+        """Every rank holds the same weights and optimizer state (or, with FSDP, learns every
+        rank's findings), so every rank raises alike."""
         tree = {"model": self.model.state_dict()}
         if include_optimizer:
             tree["optimizer"] = self.optimizer.state_dict()
-        bad = ckpt.non_finite_entries(tree)
+        bad = self._non_finite(tree)
         if bad:
             raise TrainingError(
                 f"not saving {what} at optimizer step {self.optimizer_step}: non-finite values in {', '.join(bad)};"
@@ -512,10 +563,8 @@ class Trainer:
         self._refuse_non_finite(out_dir.name, include_optimizer=True)
         data_states = dist_utils.all_gather_object(self.stream.state_dict())
         rng_states = dist_utils.all_gather_object(ckpt.capture_rng_state())
-        if self.env.is_main:
+        if self.env.is_main or self.sharded:
             state = dict(
-                model=self.model.state_dict(),
-                optimizer=self.optimizer.state_dict(),
                 optimizer_step=self.optimizer_step,
                 data_step=self.data_step,
                 lr_step_offset=self.lr_step_offset,
@@ -529,16 +578,22 @@ class Trainer:
                 world_size=self.env.world_size,
                 config=dataclasses.asdict(self.cfg),
             )
-            ckpt.save_training_state(out_dir, state, add_files=self._record_writer("full"))
+            if self.sharded:  # collective: every rank writes its shards
+                fsdp.save_sharded_training_state(out_dir, self.model, self.optimizer, state, self._record_writer("full"))
+            else:
+                state.update(model=self.model.state_dict(), optimizer=self.optimizer.state_dict())
+                ckpt.save_training_state(out_dir, state, add_files=self._record_writer("full"))
             self.print(f"saved full checkpoint {out_dir}")
         dist_utils.barrier()
         return out_dir
 
     def save_model_only(self, name: str) -> None:
         self._refuse_non_finite(name, include_optimizer=False)
+        # FSDP: gathered to rank 0 (collective); --lora.merge_on_save: shared deltas folded in
+        model = train_modes.exportable_model(self.model, self.cfg, self.sharded, self.env.is_main)
         if self.env.is_main:
             kind = "final" if name == "final_checkpoint" else "model_only"
-            ckpt.save_model_only(self.model, self.tokenizer, self.cfg.run_dir / name, add_files=self._record_writer(kind))
+            ckpt.save_model_only(model, self.tokenizer, self.cfg.run_dir / name, add_files=self._record_writer(kind))
             self.print(f"saved {self.cfg.run_dir / name}")
         dist_utils.barrier()
 
@@ -567,17 +622,26 @@ class Trainer:
         labels = labels.to(self.env.device, non_blocking=True)
         # No attention_mask: rows are right-padded at most, so with causal attention real tokens
         # never see padding, and padded targets carry label -100.
-        sync_context = nullcontext() if sync or not self.env.is_distributed else self.ddp_model.no_sync()
-        with sync_context:
+        # FSDP reduce-scatters every micro-batch's gradient into the sharded one (no unsharded
+        # gradients kept for accumulation); DDP syncs on the last micro-batch only.
+        skip_sync = not sync and self.env.is_distributed and not self.sharded
+        kl = None
+        with self.ddp_model.no_sync() if skip_sync else nullcontext():
             with self.autocast:
                 if self.recurrent:
-                    loss = self.forward_model(input_ids, labels=labels, num_steps=num_steps).loss
+                    out = self.forward_model(input_ids, labels=labels, num_steps=num_steps)
                 else:
                     # HF models shift labels internally; ours are already aligned with input_ids,
                     # so hand them over as `shift_labels` (no second shift) and the loss is the
                     # same mean next-token cross-entropy as the recurrent model's.
-                    loss = self.forward_model(input_ids=input_ids, labels=labels, shift_labels=labels).loss
-            (loss / self.cfg.accumulation_steps).backward()
+                    out = self.forward_model(input_ids=input_ids, labels=labels, shift_labels=labels)
+                loss = objective = out.loss
+                if self.teacher is not None:  # the parent on the same micro-batch, no grad
+                    distill = self.cfg.distill
+                    kl = distillation_kl(out.logits, teacher_logits(self.teacher, input_ids), labels, distill.temperature)
+                    objective = loss + distill.alpha * kl
+            (objective / self.cfg.accumulation_steps).backward()
+        self.micro_kl = kl.detach().float() if kl is not None else None
         return loss.detach().float(), int(input_ids.numel()), int((labels != -100).sum())
 
     # ---- the loop ---------------------------------------------------------------------------
@@ -615,7 +679,7 @@ class Trainer:
         mean_rec, backprop = self.schedule.applied_at(step) if self.recurrent else (None, None)
         depths = [self.depth_for(self.data_step + i + 1, mean_rec, backprop) for i in range(len(batches))]
         self.set_step_lr(depths)
-        mean_loss, tokens, tokens_with_loss, flops = self.accumulate_gradients(batches, depths)
+        mean_loss, tokens, tokens_with_loss, flops, mean_kl = self.accumulate_gradients(batches, depths)
         grad_norm = self.clip_gradients()
         if not (math.isfinite(mean_loss) and math.isfinite(grad_norm)):
             self.stop_on_non_finite(step, mean_loss, grad_norm)
@@ -644,6 +708,8 @@ class Trainer:
             total_tokens=self.total_tokens,
             total_tokens_with_loss=self.total_tokens_with_loss,
             lr_recurrent=next((g["lr"] for g in self.optimizer.param_groups if g.get("recurrent")), None),
+            # --distill: `loss` stays the cross-entropy; the objective adds distill.alpha * distill_kl
+            **({"distill_kl": mean_kl} if self.teacher is not None else {}),
         )
 
     def gather_micro_batches(self) -> list | None:
@@ -678,31 +744,35 @@ class Trainer:
             divisor = max(1, int(sum(k for _, k in depths) / len(depths)))
         set_learning_rates(self.optimizer, lr_factor, recurrent_divisor=divisor)
 
-    def accumulate_gradients(self, batches: list, depths: list) -> tuple[float, int, int, float]:
+    def accumulate_gradients(self, batches: list, depths: list) -> tuple[float, int, int, float, float]:
         """Forward/backward of every micro-batch (gradients synchronised on the last); returns the
-        step's mean loss over all ranks and micro-batches, and its token counts and model FLOPs
-        over all ranks."""
+        step's mean loss over all ranks and micro-batches, its token counts and model FLOPs over all
+        ranks, and the mean distillation KL (0 without a teacher)."""
         local_loss = torch.zeros((), device=self.env.device)  # summed on device: one sync per step
+        local_kl = torch.zeros((), device=self.env.device)
         tokens, tokens_with_loss, flops = 0, 0, 0
         last = len(batches) - 1
         for i, batch in enumerate(batches):
             self.data_step += 1
             loss, n_tokens, n_with_loss = self.forward_backward(batch, depths[i], sync=(i == last))
             local_loss += loss
+            if self.micro_kl is not None:
+                local_kl += self.micro_kl
             tokens, tokens_with_loss = tokens + n_tokens, tokens_with_loss + n_with_loss
             flops += micro_batch_flops(self.param_counts, depths[i], n_tokens)
-        loss_sum, count, tokens, tokens_with_loss, flops = dist_utils.all_reduce_sum(
-            [local_loss.item(), len(batches), tokens, tokens_with_loss, float(flops)], self.env.device
+        loss_sum, count, tokens, tokens_with_loss, flops, kl_sum = dist_utils.all_reduce_sum(
+            [local_loss.item(), len(batches), tokens, tokens_with_loss, float(flops), local_kl.item()], self.env.device
         )
         # The step's loss is the mean of the micro-batch losses (what the gradient averages) and
         # log_ppl its exp; with packed rows (equal label counts) neither depends on how the
         # global batch is split over ranks and micro-batches.
-        return loss_sum / count, tokens, tokens_with_loss, flops
+        return loss_sum / count, tokens, tokens_with_loss, flops, kl_sum / count
 
     def clip_gradients(self) -> float:
         max_grad_norm = self.cfg.max_grad_norm
         max_norm = max_grad_norm if max_grad_norm and max_grad_norm > 0 else float("inf")
-        return float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
+        norm = torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.grad is not None], max_norm)
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a DTensor
 
     def stop_on_non_finite(self, step: int, mean_loss: float, grad_norm: float) -> None:
         """Drop the step's gradients, keep the weights before it in a full checkpoint, raise TrainingError."""
@@ -765,7 +835,7 @@ def run(cfg: TrainConfig) -> int:
     a run that cannot go on (TrainingError): one `error:` line, exit status 1."""
     try:
         cfg.validate()
-        env = dist_utils.setup(cfg.device)
+        env = dist_utils.setup(cfg.device, single_process_group=cfg.fsdp)  # FSDP needs a group, even of one
         trainer = Trainer(cfg, env)
         trainer.print(trainer.describe())
         try:

@@ -100,8 +100,8 @@ usage: bash $script EXPERIMENT [submit options] [-- extra flags for the command]
 ${EXPERIMENT_INTRO:-}
 Submits one named job through shells/_submit.sh on the nodes x GPUs the paper used.
 Submit options (bash shells/_submit.sh --help): --dry-run, --local, --nodes N, --gpus G,
---time HH:MM:SS, --scheduler slurm|flux, --name NAME, --no-requeue; they override the job's
-defaults. Flags after -- are appended to the command (a repeated flag overrides the earlier one).
+--time HH:MM:SS, --scheduler slurm|flux, --name NAME, --no-requeue, --fsdp (shard with FSDP2:
+bases too big to replicate per GPU); they override the job's defaults. Flags after -- are appended to the command (a repeated flag overrides the earlier one).
 
 EOF
     echo "experiments:"

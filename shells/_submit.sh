@@ -24,6 +24,8 @@ options:
   --scheduler S          slurm or flux (default: SCHEDULER from the machine config)
   --requeue              requeue and resume (the default for train.py commands)
   --no-requeue           neither requeue nor append --resume_path=auto
+  --fsdp                 train.py commands: shard model, gradients and optimizer state (FSDP2)
+                         instead of replicating them (appends --fsdp=true)
   --local                run here with torchrun --standalone --nproc_per_node G
   --dry-run              print the command lines and the generated batch script, submit nothing
   -h, --help             this message
@@ -40,7 +42,7 @@ EOF
 
 # ---------------------------------------------------------------- arguments
 nodes=1 gpus="" cpu_job=false time_limit="" job_name="" scheduler="" requeue=auto
-local_run=false dry_run=false
+local_run=false dry_run=false fsdp=false
 CMD=()
 while (($#)); do
     case "$1" in
@@ -62,6 +64,7 @@ while (($#)); do
         --requeue) requeue=true; shift ;;
         --no-requeue) requeue=false; shift ;;
         --local) local_run=true; shift ;;
+        --fsdp) fsdp=true; shift ;;
         --dry-run) dry_run=true; shift ;;
         -h | --help) usage; exit 0 ;;
         --) shift; CMD=("$@"); break ;;
@@ -87,6 +90,10 @@ is_train_command() {
     done
     return 1
 }
+if $fsdp; then
+    is_train_command || die "--fsdp shards train.py's model; '${CMD[*]}' is not a train.py command"
+    CMD+=(--fsdp=true)
+fi
 if [[ "$requeue" == auto ]]; then
     if is_train_command; then requeue=true; else requeue=false; fi
 fi

@@ -29,6 +29,11 @@
 #   QUICKSTART_BACKPROP=4          mean backprop depth     QUICKSTART_LOSS_RECS=1,...,16  val-loss depths
 #   QUICKSTART_EVAL_RECS="1 4 8"   lm-eval recurrences     QUICKSTART_LIMIT=50       lm-eval documents per task
 #   QUICKSTART_VAL_SEQUENCES=256   validation rows         QUICKSTART_THREADS=nproc  torch threads per stage
+#   QUICKSTART_MODE=               how the recurrent run trains (docs/training.md, "Bigger bases and cheaper
+#                                  training"): empty = as the paper (default); lora = per-iteration LoRA
+#                                  deltas, rank 8; fsdp = 2 processes sharded with FSDP2 (same tokens per
+#                                  step: QUICKSTART_BATCH / 2 rows per rank); distill = KL to the pretrained
+#                                  parent added to the loss (alpha 0.5, temperature 2)
 #   PYTHON=.venv/bin/python (if present, else python3)
 set -euo pipefail
 {  # the whole script is read before it runs, so editing this file never disturbs a running quickstart
@@ -60,9 +65,15 @@ EVAL_RECS="${QUICKSTART_EVAL_RECS:-1 4 8}"
 LIMIT="${QUICKSTART_LIMIT:-50}"
 VAL_SEQUENCES="${QUICKSTART_VAL_SEQUENCES:-256}"
 THREADS="${QUICKSTART_THREADS:-$(nproc 2>/dev/null || echo 2)}"
+MODE="${QUICKSTART_MODE:-}"
 for name in NUM_PROBLEMS NUM_TEST HIDDEN PRETRAIN_STEPS STEPS BATCH MAX_LENGTH MAX_REC BACKPROP LIMIT VAL_SEQUENCES THREADS; do
     [[ "${!name}" =~ ^[1-9][0-9]*$ ]] || die "QUICKSTART_$name='${!name}' is not a positive integer"
 done
+case "$MODE" in
+    "" | lora | distill) ;;
+    fsdp) (( BATCH % 2 == 0 )) || die "QUICKSTART_MODE=fsdp splits QUICKSTART_BATCH=$BATCH rows over 2 processes: use an even number" ;;
+    *) die "QUICKSTART_MODE='$MODE' is not one of: lora, fsdp, distill (or empty for the default)" ;;
+esac
 read -r -a EVAL_REC_LIST <<< "${EVAL_RECS//,/ }"
 [[ ${#EVAL_REC_LIST[@]} -gt 0 ]] || die "QUICKSTART_EVAL_RECS is empty"
 for r in "${EVAL_REC_LIST[@]}"; do
@@ -158,13 +169,24 @@ stage convert "$CONVERTED/config.json" \
     --mean_recurrence "$MAX_REC" --mean_backprop_depth "$BACKPROP"
 
 # ------------------------------------------------------- recurrent and baseline training, side by side
+# QUICKSTART_MODE: flags appended to the recurrent run (a later flag overrides an earlier one).
+recurrent_launch=("$PYTHON") recurrent_threads=$PAR_THREADS mode_flags=()
+case "$MODE" in
+    lora) mode_flags=(--lora.rank=8 --lora.per_iteration=true) ;;
+    distill) mode_flags=(--distill.teacher="$PRETRAINED" --distill.alpha=0.5 --distill.temperature=2.0) ;;
+    fsdp)
+        recurrent_launch=("$PYTHON" -m torch.distributed.run --standalone --nproc_per_node 2)
+        recurrent_threads=$(( PAR_THREADS / 2 > 0 ? PAR_THREADS / 2 : 1 ))
+        mode_flags=(--fsdp=true --micro_batch_size=$((BATCH / 2)) --batch_size=$((BATCH / 2)))
+        ;;
+esac
 train_recurrent() {
-    OMP_NUM_THREADS=$PAR_THREADS stage train_recurrent "$RECURRENT/config.json" \
-        "$PYTHON" train.py --model_name="$CONVERTED" --run_name=recurrent --max_steps="$STEPS" --save_interval="$(save_interval "$STEPS")" \
+    OMP_NUM_THREADS=$recurrent_threads stage train_recurrent "$RECURRENT/config.json" \
+        "${recurrent_launch[@]}" train.py --model_name="$CONVERTED" --run_name=recurrent --max_steps="$STEPS" --save_interval="$(save_interval "$STEPS")" \
         --optim_config.lr=1e-3 --optim_config.weight_decay=0.01 \
         --mean_recurrence_schedule.turn_on=true --mean_recurrence_schedule.warmup_type=1-sqrt \
         --mean_recurrence_schedule.warmup="$CURRICULUM_WARMUP" --mean_recurrence_schedule.max_mean_rec="$MAX_REC" \
-        "${train_common[@]}"
+        "${train_common[@]}" "${mode_flags[@]}"
 }
 train_baseline() {
     OMP_NUM_THREADS=$PAR_THREADS stage train_baseline "$BASELINE/config.json" \

@@ -1,0 +1,116 @@
+"""Training modes that change how the model is held or what it learns: FSDP2 sharding
+(`--fsdp`), per-iteration activation checkpointing (`--activation_checkpointing`), LoRA per loop
+(`--lora.*`) and distillation from the parent (`--distill.*`). The flag groups, their checks, and
+the steps the trainer calls (prepare the model, wrap it, save weights). docs/training.md, "Bigger
+bases and cheaper training", describes them for users.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from retrofit.configuration_raven import LORA_TARGETS
+
+
+@dataclass
+class LoraArgs:
+    rank: int = 0  # 0: no LoRA
+    alpha: float | None = None  # scale alpha / rank; default: rank (scale 1)
+    targets: list[str] = field(default_factory=lambda: ["core_block"])  # any of prelude, core_block, coda
+    per_iteration: bool = False  # each recurrent iteration index gets its own delta
+    num_iterations: int | None = None  # deltas with per_iteration (default: the largest mean recurrence trained)
+    train_base: bool = True  # false: only the deltas train
+    merge_on_save: bool = False  # saved weights carry shared deltas folded in
+
+
+@dataclass
+class DistillArgs:
+    teacher: str | None = None  # the base model the recurrent model was converted from
+    alpha: float = 0.5  # weight of the KL term
+    temperature: float = 1.0
+
+
+def check_flags(cfg) -> str | None:
+    """What is wrong with the mode flags of a TrainConfig, as one message (None: fine)."""
+    lora, distill = cfg.lora, cfg.distill
+    if lora.rank < 0:
+        return f"--lora.rank={lora.rank} must be >= 0 (0 = no LoRA)"
+    if lora.rank:
+        if cfg.non_recurrent_model:
+            return "--lora.rank adds deltas to a recurrent model's layers; drop it for --non_recurrent_model=true"
+        bad = [t for t in lora.targets if t not in LORA_TARGETS]
+        if bad or not lora.targets:
+            return f"--lora.targets={lora.targets} must be a non-empty subset of {list(LORA_TARGETS)}"
+        if lora.alpha is not None and lora.alpha <= 0:
+            return f"--lora.alpha={lora.alpha} must be > 0"
+        if lora.num_iterations is not None and lora.num_iterations < 1:
+            return f"--lora.num_iterations={lora.num_iterations} must be >= 1"
+    else:
+        set_without_rank = [name for name, on in (("--lora.train_base=false", not lora.train_base),
+                                                   ("--lora.merge_on_save=true", lora.merge_on_save),
+                                                   ("--lora.per_iteration=true", lora.per_iteration)) if on]
+        if set_without_rank:
+            return f"{set_without_rank[0]} needs LoRA deltas: pass --lora.rank R (R >= 1)"
+    if cfg.activation_checkpointing and cfg.non_recurrent_model:
+        return "--activation_checkpointing=true recomputes recurrent iterations; it needs a recurrent model"
+    if distill.teacher is not None:
+        if not (Path(distill.teacher) / "config.json").is_file():
+            return f"--distill.teacher={distill.teacher} is not a model folder with config.json (pass the base model directory)"
+        if distill.alpha < 0:
+            return f"--distill.alpha={distill.alpha} must be >= 0"
+        if not distill.temperature > 0:
+            return f"--distill.temperature={distill.temperature} must be > 0"
+    return None
+
+
+def lora_num_deltas(cfg, model_config) -> int:
+    if not cfg.lora.per_iteration:
+        return 1
+    if cfg.lora.num_iterations is not None:
+        return cfg.lora.num_iterations
+    schedule = cfg.mean_recurrence_schedule
+    return schedule.max_mean_rec if schedule.turn_on else int(model_config.mean_recurrence)
+
+
+def prepare_model(model, cfg) -> list[str]:
+    """LoRA deltas, frozen base, activation checkpointing; before the optimizer is built. Returns log lines."""
+    notes = []
+    if cfg.lora.rank:
+        if getattr(model.config, "lora", None):
+            raise ValueError(
+                f"--model_name={cfg.model_name} already has LoRA deltas ({model.config.lora}); drop --lora.rank to train them"
+            )
+        num_deltas = lora_num_deltas(cfg, model.config)
+        model.add_lora(cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets, num_deltas)
+        notes.append(f"LoRA rank {cfg.lora.rank} on {', '.join(model.config.lora['targets'])}"
+                     + (f", {num_deltas} per-iteration deltas" if cfg.lora.per_iteration else ", shared across iterations"))
+    if cfg.lora.rank and not cfg.lora.train_base:
+        model.freeze_base_weights()
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        notes.append(f"base weights frozen: {trainable} trainable parameters (the deltas)")
+    if cfg.activation_checkpointing:
+        model.activation_checkpointing = True
+    return notes
+
+
+def uses_bf16(cfg, device: torch.device) -> bool:
+    return cfg.bf16_true or (device.type == "cuda" and not cfg.no_amp)
+
+
+def exportable_model(model, cfg, sharded: bool, is_main: bool):
+    """Collective under FSDP. The model to `save_pretrained` on the main rank (None elsewhere):
+    the model itself, or an unsharded CPU copy (FSDP: gathered; --lora.merge_on_save: merged)."""
+    from retrofit import fsdp
+
+    if not sharded and not cfg.lora.merge_on_save:
+        return model
+    state = fsdp.full_state_dict(model) if sharded else model.state_dict()
+    if not is_main:
+        return None
+    plain = fsdp.unsharded_copy(model, state)
+    if cfg.lora.merge_on_save and hasattr(plain, "merge_lora_"):
+        plain.merge_lora_()
+    return plain
