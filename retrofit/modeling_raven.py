@@ -471,7 +471,264 @@ def describe_keys(keys) -> str:
     return shown + (f" and {len(keys) - 6} more" if len(keys) > 6 else "")
 
 
-class RavenForCausalLM(RavenPreTrainedModel):
+class RavenGenerationMixin:
+    """Decoding for RavenForCausalLM: cached `generate` (greedy or sampled, left-padded batches,
+    stopping criteria, streamer), per-token adaptive exit, the bounded cache and the compiled
+    static-shape decode step. Kept apart from the model class so that it reads like HF's
+    modeling files (layers, then the model), and in this file so that a checkpoint stays
+    self-contained. It uses the model's own pieces: `attention_context`, `run_layers`, `embed`,
+    `run_prelude`, `recur`, `run_coda`, `lm_head`."""
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        max_new_tokens: int | None = None,
+        max_length: int | None = None,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_token_id: int | list[int] | None = None,
+        pad_token_id: int | None = None,
+        stopping_criteria=None,
+        num_steps: int | None = None,
+        use_cache: bool = True,
+        streamer=None,
+        generator: torch.Generator | None = None,
+        adaptive_threshold: float | None = None,
+        adaptive_criterion: str = "kl",
+        bounded_cache: bool = False,
+        compile: bool = False,
+        **kwargs,
+    ) -> torch.Tensor:
+        """Greedy or sampled decoding with this model's own KV cache; returns prompt + new tokens.
+
+        Accepts the arguments lm-eval's HF backend passes (`max_length`, `stopping_criteria`,
+        `pad_token_id`, `do_sample`, `temperature`). A left-padded batch needs `attention_mask`;
+        without one, it is inferred from `pad_token_id` when that differs from EOS.
+        Finished sequences are padded with `pad_token_id` (or EOS).
+
+        `adaptive_threshold`: per-token early exit while decoding (Huginn-style). A new token stops
+        iterating once the KL between successive iterations' output distributions
+        (`adaptive_criterion="kl"`) or the relative change of the latent state ("latent") falls
+        below the threshold, at most `num_steps` (default `config.mean_recurrence`) iterations.
+        The prompt itself runs the full depth. `last_generation_stats["mean_depth"]` reports the
+        mean depth used per generated token. `bounded_cache=True` keeps only the latest
+        iteration's keys for the recurrent layers (memory independent of depth).
+
+        `compile=True` runs each new token through a `torch.compile`d decode step whose shapes
+        never change (attention over the whole preallocated cache, masked), so a GPU can replay
+        it as one CUDA graph; same tokens up to float rounding (attention sums over masked
+        columns too). Not with adaptive exit.
+        """
+        generation_config = kwargs.pop("generation_config", None)
+        if generation_config is not None:
+            max_new_tokens = max_new_tokens or generation_config.max_new_tokens
+            eos_token_id = eos_token_id if eos_token_id is not None else generation_config.eos_token_id
+        B, T = input_ids.shape
+        device = input_ids.device
+        if max_new_tokens is None:
+            max_new_tokens = (max_length - T) if max_length is not None else 20
+        max_new_tokens = max(max_new_tokens, 0)
+        if eos_token_id is None:
+            eos_token_id = self.config.eos_token_id
+        eos_ids = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
+        if pad_token_id is None:
+            pad_token_id = self.config.pad_token_id if self.config.pad_token_id is not None else (min(eos_ids) if eos_ids else 0)
+        if attention_mask is None:
+            if pad_token_id not in eos_ids and bool((input_ids == pad_token_id).any()):
+                attention_mask = (input_ids != pad_token_id).long()
+            else:
+                attention_mask = torch.ones_like(input_ids)
+        if temperature is not None and temperature <= 0:
+            do_sample = False
+
+        if adaptive_threshold is not None:
+            if not use_cache:
+                raise ValueError("adaptive_threshold needs use_cache=True")
+            if adaptive_criterion not in ADAPTIVE_CRITERIA:
+                raise ValueError(f"adaptive_criterion must be 'kl' or 'latent', got {adaptive_criterion!r}")
+            if num_steps is not None and not isinstance(num_steps, int):
+                raise ValueError(f"adaptive decoding takes an int num_steps (the maximum depth), got {num_steps!r}")
+        if compile and (adaptive_threshold is not None or not use_cache):
+            raise ValueError("compile=True needs use_cache=True and no adaptive_threshold")
+        n_steps, k_steps = self.resolve_num_steps(num_steps if num_steps is not None else int(self.config.mean_recurrence))
+        max_steps = n_steps + k_steps
+
+        # Everything a step needs is allocated once: the output tokens, the mask, the cache (at
+        # its final length), the RoPE tables and the EOS ids. Nothing is concatenated per token.
+        total = T + max_new_tokens
+        tokens = torch.full((B, total), pad_token_id, dtype=input_ids.dtype, device=device)
+        tokens[:, :T] = input_ids
+        mask = torch.ones((B, total), dtype=attention_mask.dtype, device=device)
+        mask[:, :T] = attention_mask
+        # Once a prompt is padded or a sequence has finished (its later tokens are masked as
+        # padding), steps need a mask and per-row positions; until then neither.
+        masked = not bool(attention_mask.all())
+        real_tokens = attention_mask.long().sum(-1)  # per row, the tokens the mask counts
+        cos_table, sin_table = self.rope_tables(total, device)
+        eos = torch.tensor(sorted(eos_ids), device=device) if eos_ids else None
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        # The compiled step's shapes include the cache capacity: round it up so that generations
+        # of similar length reuse one compiled graph.
+        capacity = -(-total // 256) * 256 if compile else total
+        cache = KVCache(bounded=bounded_cache, capacity=capacity) if use_cache else None
+        step_fn = self._compiled_decode_step() if compile else None
+        arange_total = torch.arange(capacity, device=device) if compile else None
+        depths: list[torch.Tensor] = []
+        if streamer is not None:
+            streamer.put(input_ids.cpu())  # HF streamer convention: the prompt comes first
+        length = T
+        for step in range(max_new_tokens):
+            if not use_cache:
+                out = self(tokens[:, :length], attention_mask=mask[:, :length], num_steps=num_steps, logits_to_keep=1)
+                logits = out.logits[:, -1, :]
+            elif step == 0:  # the prompt, through the cache (runs the full depth)
+                ctx = self.attention_context(input_ids, attention_mask, None, cache)
+                x, _ = self.run_layers(input_ids, ctx, n_steps, k_steps)
+                logits = self.lm_head(x[:, -1])
+            else:
+                positions = (real_tokens - 1).clamp(min=0)
+                ctx = AttentionContext(
+                    cos=cos_table.index_select(0, positions)[:, None, None],
+                    sin=sin_table.index_select(0, positions)[:, None, None],
+                    mask=None, cache=cache, past_length=length - 1,
+                )
+                if masked:
+                    # The new token sees every real token and itself, as `attention_context` does.
+                    key_mask = mask[:, :length].bool()
+                    key_mask[:, -1] = True
+                    ctx.mask = key_mask[:, None, None, :]
+                step_input = tokens[:, length - 1 : length]
+                if adaptive_threshold is not None:
+                    logits, depth = self._adaptive_decode_step(
+                        step_input, ctx, max_steps, adaptive_threshold, adaptive_criterion
+                    )
+                    depths.append(depth[~done].float())
+                elif step_fn is not None:
+                    # Static shapes: keys over the whole capacity, the columns not written yet masked.
+                    key_mask = (arange_total < length)[None].expand(B, -1).clone()
+                    if masked:
+                        key_mask[:, :total] &= mask.bool()
+                    key_mask[:, length - 1] = True
+                    ctx.mask = key_mask[:, None, None, :]
+                    ctx.cache_position = torch.full((1,), length - 1, dtype=torch.long, device=device)
+                    ctx.past_length = 0  # not a shape here: keeps the compiled step from specialising on it
+                    logits = step_fn(self, step_input, ctx, n_steps, k_steps)
+                    cache.seen_tokens = length
+                else:
+                    x, _ = self.run_layers(step_input, ctx, n_steps, k_steps)
+                    logits = self.lm_head(x[:, -1])
+            logits = logits.float()
+            next_token = self._choose_next(logits, do_sample, temperature, top_k, top_p, generator)
+            next_token = torch.where(done, pad_token_id, next_token)
+            tokens[:, length] = next_token
+            if masked or bool(done.any()):
+                masked = True
+                mask[:, length] = ~done
+                real_tokens += ~done
+            else:
+                real_tokens += 1
+            length += 1
+            if streamer is not None:
+                streamer.put(next_token.cpu())
+            if eos is not None:
+                done |= torch.isin(next_token, eos)
+            if stopping_criteria is not None:
+                done |= torch.as_tensor(stopping_criteria(tokens[:, :length], logits), device=device).bool().reshape(-1).expand(B)
+            if bool(done.all()):
+                break
+        if streamer is not None:
+            streamer.end()
+        if depths:
+            used = torch.cat(depths)
+            self.last_generation_stats = {"mean_depth": used.mean().item() if used.numel() else 0.0,
+                                          "tokens": int(used.numel())}
+        else:
+            depth = num_steps if num_steps is not None else int(self.config.mean_recurrence)
+            self.last_generation_stats = {"mean_depth": float(sum(depth) if isinstance(depth, (tuple, list)) else depth),
+                                          "tokens": int(length - T) * B}
+        return tokens[:, :length]
+
+    def _compiled_decode_step(self):
+        """The decode step with static shapes, compiled once per model (`generate(compile=True)`)."""
+        step = getattr(self, "_static_decode_step_compiled", None)
+        if step is None:
+            step = torch.compile(RavenForCausalLM._static_decode_step, dynamic=False, fullgraph=False)
+            self._static_decode_step_compiled = step
+        return step
+
+    @staticmethod
+    def _static_decode_step(model, step_input, ctx: AttentionContext, n: int, k: int) -> torch.Tensor:
+        """One token through the preallocated cache; every shape is fixed for the whole generation
+        and the write position is a tensor, so the compiled graph is reused for every token."""
+        x, _ = model.run_layers(step_input, ctx, n, k)
+        return model.lm_head(x[:, -1])
+
+    def _adaptive_decode_step(self, step_input, ctx: AttentionContext, max_steps: int, threshold: float, criterion: str):
+        """One decoding step with per-sequence early exit; returns (last-position logits, depth used)."""
+        cache = ctx.cache
+        e = self.run_prelude(self.embed(step_input), ctx)
+        state = self.initial_state(e)
+        parts = self.adapter_parts(e)
+        B = step_input.shape[0]
+        exited = torch.zeros(B, dtype=torch.bool, device=step_input.device)
+        depth = torch.full((B,), max_steps, device=step_input.device)
+        previous = None
+        last = max_steps - 1
+        for i in range(max_steps):
+            new_state = self.recur(state, e, ctx, i, adapter_parts=parts)
+            if criterion == "latent":
+                exits = should_exit(criterion, state, new_state, threshold)[:, -1]
+            # Sequences that already exited keep their state (the batch runs until all exit).
+            state = torch.where(exited[:, None, None], state, new_state)
+            if criterion == "kl":
+                x = self.run_coda(state, ctx)  # the last iteration's is also the step's output
+                logprobs = self.lm_head(x[:, -1]).float().log_softmax(-1)
+                exits = None if previous is None else should_exit(criterion, previous, logprobs, threshold)
+                previous = logprobs
+            if i > 0 and exits is not None:
+                newly = ~exited & exits
+                depth = torch.where(newly, torch.full_like(depth, i + 1), depth)
+                exited |= newly
+            if bool(exited.all()):
+                last = i
+                break
+        if not cache.bounded:
+            # Later tokens attend to every iteration's keys: fill the skipped iterations of this
+            # position with those of the last iteration run (Huginn's "latest" lookup).
+            start = ctx.past_length
+            for i in range(last + 1, max_steps):
+                for j in range(len(self.transformer.core_block)):
+                    src = cache.slot("core", j, last)
+                    k = cache.keys[src][:, :, start : start + step_input.shape[1]]
+                    v = cache.values[src][:, :, start : start + step_input.shape[1]]
+                    cache.update(cache.slot("core", j, i), k, v, start)
+        if criterion != "kl":
+            x = self.run_coda(state, ctx)
+        cache.seen_tokens = ctx.past_length + step_input.shape[1]
+        return self.lm_head(x[:, -1]), depth
+
+    @staticmethod
+    def _choose_next(logits, do_sample, temperature, top_k, top_p, generator) -> torch.Tensor:
+        if not do_sample:
+            return logits.argmax(dim=-1)
+        logits = logits / max(temperature or 1.0, 1e-5)
+        if top_k:
+            kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1, None]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if top_p is not None and top_p < 1.0:
+            sorted_logits, order = torch.sort(logits, descending=True)
+            cumulative = sorted_logits.softmax(-1).cumsum(-1)
+            remove = cumulative - sorted_logits.softmax(-1) > top_p
+            logits = logits.masked_fill(remove.scatter(1, order, remove), float("-inf"))
+        return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+
+class RavenForCausalLM(RavenGenerationMixin, RavenPreTrainedModel):
     _tied_weights_keys = {}
     # RoPE tables are recomputed from the config; checkpoints that also stored them load fine.
     _keys_to_ignore_on_load_unexpected = [r"freqs_cis$", r"rotary_emb\.inv_freq$"]
@@ -850,255 +1107,6 @@ class RavenForCausalLM(RavenPreTrainedModel):
         if ctx.cache is not None:
             ctx.cache.seen_tokens = ctx.past_length + input_ids.shape[1]
         return x, state
-
-    # -- generation ------------------------------------------------------------------------------
-
-    @torch.no_grad()
-    def generate(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        max_new_tokens: int | None = None,
-        max_length: int | None = None,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        eos_token_id: int | list[int] | None = None,
-        pad_token_id: int | None = None,
-        stopping_criteria=None,
-        num_steps: int | None = None,
-        use_cache: bool = True,
-        streamer=None,
-        generator: torch.Generator | None = None,
-        adaptive_threshold: float | None = None,
-        adaptive_criterion: str = "kl",
-        bounded_cache: bool = False,
-        compile: bool = False,
-        **kwargs,
-    ) -> torch.Tensor:
-        """Greedy or sampled decoding with this model's own KV cache; returns prompt + new tokens.
-
-        Accepts the arguments lm-eval's HF backend passes (`max_length`, `stopping_criteria`,
-        `pad_token_id`, `do_sample`, `temperature`). A left-padded batch needs `attention_mask`;
-        without one, it is inferred from `pad_token_id` when that differs from EOS.
-        Finished sequences are padded with `pad_token_id` (or EOS).
-
-        `adaptive_threshold`: per-token early exit while decoding (Huginn-style). A new token stops
-        iterating once the KL between successive iterations' output distributions
-        (`adaptive_criterion="kl"`) or the relative change of the latent state ("latent") falls
-        below the threshold, at most `num_steps` (default `config.mean_recurrence`) iterations.
-        The prompt itself runs the full depth. `last_generation_stats["mean_depth"]` reports the
-        mean depth used per generated token. `bounded_cache=True` keeps only the latest
-        iteration's keys for the recurrent layers (memory independent of depth).
-
-        `compile=True` runs each new token through a `torch.compile`d decode step whose shapes
-        never change (attention over the whole preallocated cache, masked), so a GPU can replay
-        it as one CUDA graph; same tokens up to float rounding (attention sums over masked
-        columns too). Not with adaptive exit.
-        """
-        generation_config = kwargs.pop("generation_config", None)
-        if generation_config is not None:
-            max_new_tokens = max_new_tokens or generation_config.max_new_tokens
-            eos_token_id = eos_token_id if eos_token_id is not None else generation_config.eos_token_id
-        B, T = input_ids.shape
-        device = input_ids.device
-        if max_new_tokens is None:
-            max_new_tokens = (max_length - T) if max_length is not None else 20
-        max_new_tokens = max(max_new_tokens, 0)
-        if eos_token_id is None:
-            eos_token_id = self.config.eos_token_id
-        eos_ids = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
-        if pad_token_id is None:
-            pad_token_id = self.config.pad_token_id if self.config.pad_token_id is not None else (min(eos_ids) if eos_ids else 0)
-        if attention_mask is None:
-            if pad_token_id not in eos_ids and bool((input_ids == pad_token_id).any()):
-                attention_mask = (input_ids != pad_token_id).long()
-            else:
-                attention_mask = torch.ones_like(input_ids)
-        if temperature is not None and temperature <= 0:
-            do_sample = False
-
-        if adaptive_threshold is not None:
-            if not use_cache:
-                raise ValueError("adaptive_threshold needs use_cache=True")
-            if adaptive_criterion not in ADAPTIVE_CRITERIA:
-                raise ValueError(f"adaptive_criterion must be 'kl' or 'latent', got {adaptive_criterion!r}")
-            if num_steps is not None and not isinstance(num_steps, int):
-                raise ValueError(f"adaptive decoding takes an int num_steps (the maximum depth), got {num_steps!r}")
-        if compile and (adaptive_threshold is not None or not use_cache):
-            raise ValueError("compile=True needs use_cache=True and no adaptive_threshold")
-        n_steps, k_steps = self.resolve_num_steps(num_steps if num_steps is not None else int(self.config.mean_recurrence))
-        max_steps = n_steps + k_steps
-
-        # Everything a step needs is allocated once: the output tokens, the mask, the cache (at
-        # its final length), the RoPE tables and the EOS ids. Nothing is concatenated per token.
-        total = T + max_new_tokens
-        tokens = torch.full((B, total), pad_token_id, dtype=input_ids.dtype, device=device)
-        tokens[:, :T] = input_ids
-        mask = torch.ones((B, total), dtype=attention_mask.dtype, device=device)
-        mask[:, :T] = attention_mask
-        # Once a prompt is padded or a sequence has finished (its later tokens are masked as
-        # padding), steps need a mask and per-row positions; until then neither.
-        masked = not bool(attention_mask.all())
-        real_tokens = attention_mask.long().sum(-1)  # per row, the tokens the mask counts
-        cos_table, sin_table = self.rope_tables(total, device)
-        eos = torch.tensor(sorted(eos_ids), device=device) if eos_ids else None
-        done = torch.zeros(B, dtype=torch.bool, device=device)
-        # The compiled step's shapes include the cache capacity: round it up so that generations
-        # of similar length reuse one compiled graph.
-        capacity = -(-total // 256) * 256 if compile else total
-        cache = KVCache(bounded=bounded_cache, capacity=capacity) if use_cache else None
-        step_fn = self._compiled_decode_step() if compile else None
-        arange_total = torch.arange(capacity, device=device) if compile else None
-        depths: list[torch.Tensor] = []
-        if streamer is not None:
-            streamer.put(input_ids.cpu())  # HF streamer convention: the prompt comes first
-        length = T
-        for step in range(max_new_tokens):
-            if not use_cache:
-                out = self(tokens[:, :length], attention_mask=mask[:, :length], num_steps=num_steps, logits_to_keep=1)
-                logits = out.logits[:, -1, :]
-            elif step == 0:  # the prompt, through the cache (runs the full depth)
-                ctx = self.attention_context(input_ids, attention_mask, None, cache)
-                x, _ = self.run_layers(input_ids, ctx, n_steps, k_steps)
-                logits = self.lm_head(x[:, -1])
-            else:
-                positions = (real_tokens - 1).clamp(min=0)
-                ctx = AttentionContext(
-                    cos=cos_table.index_select(0, positions)[:, None, None],
-                    sin=sin_table.index_select(0, positions)[:, None, None],
-                    mask=None, cache=cache, past_length=length - 1,
-                )
-                if masked:
-                    # The new token sees every real token and itself, as `attention_context` does.
-                    key_mask = mask[:, :length].bool()
-                    key_mask[:, -1] = True
-                    ctx.mask = key_mask[:, None, None, :]
-                step_input = tokens[:, length - 1 : length]
-                if adaptive_threshold is not None:
-                    logits, depth = self._adaptive_decode_step(
-                        step_input, ctx, max_steps, adaptive_threshold, adaptive_criterion
-                    )
-                    depths.append(depth[~done].float())
-                elif step_fn is not None:
-                    # Static shapes: keys over the whole capacity, the columns not written yet masked.
-                    key_mask = (arange_total < length)[None].expand(B, -1).clone()
-                    if masked:
-                        key_mask[:, :total] &= mask.bool()
-                    key_mask[:, length - 1] = True
-                    ctx.mask = key_mask[:, None, None, :]
-                    ctx.cache_position = torch.full((1,), length - 1, dtype=torch.long, device=device)
-                    ctx.past_length = 0  # not a shape here: keeps the compiled step from specialising on it
-                    logits = step_fn(self, step_input, ctx, n_steps, k_steps)
-                    cache.seen_tokens = length
-                else:
-                    x, _ = self.run_layers(step_input, ctx, n_steps, k_steps)
-                    logits = self.lm_head(x[:, -1])
-            logits = logits.float()
-            next_token = self._choose_next(logits, do_sample, temperature, top_k, top_p, generator)
-            next_token = torch.where(done, pad_token_id, next_token)
-            tokens[:, length] = next_token
-            if masked or bool(done.any()):
-                masked = True
-                mask[:, length] = ~done
-                real_tokens += ~done
-            else:
-                real_tokens += 1
-            length += 1
-            if streamer is not None:
-                streamer.put(next_token.cpu())
-            if eos is not None:
-                done |= torch.isin(next_token, eos)
-            if stopping_criteria is not None:
-                done |= torch.as_tensor(stopping_criteria(tokens[:, :length], logits), device=device).bool().reshape(-1).expand(B)
-            if bool(done.all()):
-                break
-        if streamer is not None:
-            streamer.end()
-        if depths:
-            used = torch.cat(depths)
-            self.last_generation_stats = {"mean_depth": used.mean().item() if used.numel() else 0.0,
-                                          "tokens": int(used.numel())}
-        else:
-            depth = num_steps if num_steps is not None else int(self.config.mean_recurrence)
-            self.last_generation_stats = {"mean_depth": float(sum(depth) if isinstance(depth, (tuple, list)) else depth),
-                                          "tokens": int(length - T) * B}
-        return tokens[:, :length]
-
-    def _compiled_decode_step(self):
-        """The decode step with static shapes, compiled once per model (`generate(compile=True)`)."""
-        step = getattr(self, "_static_decode_step_compiled", None)
-        if step is None:
-            step = torch.compile(RavenForCausalLM._static_decode_step, dynamic=False, fullgraph=False)
-            self._static_decode_step_compiled = step
-        return step
-
-    @staticmethod
-    def _static_decode_step(model, step_input, ctx: AttentionContext, n: int, k: int) -> torch.Tensor:
-        """One token through the preallocated cache; every shape is fixed for the whole generation
-        and the write position is a tensor, so the compiled graph is reused for every token."""
-        x, _ = model.run_layers(step_input, ctx, n, k)
-        return model.lm_head(x[:, -1])
-
-    def _adaptive_decode_step(self, step_input, ctx: AttentionContext, max_steps: int, threshold: float, criterion: str):
-        """One decoding step with per-sequence early exit; returns (last-position logits, depth used)."""
-        cache = ctx.cache
-        e = self.run_prelude(self.embed(step_input), ctx)
-        state = self.initial_state(e)
-        parts = self.adapter_parts(e)
-        B = step_input.shape[0]
-        exited = torch.zeros(B, dtype=torch.bool, device=step_input.device)
-        depth = torch.full((B,), max_steps, device=step_input.device)
-        previous = None
-        last = max_steps - 1
-        for i in range(max_steps):
-            new_state = self.recur(state, e, ctx, i, adapter_parts=parts)
-            if criterion == "latent":
-                exits = should_exit(criterion, state, new_state, threshold)[:, -1]
-            # Sequences that already exited keep their state (the batch runs until all exit).
-            state = torch.where(exited[:, None, None], state, new_state)
-            if criterion == "kl":
-                x = self.run_coda(state, ctx)  # the last iteration's is also the step's output
-                logprobs = self.lm_head(x[:, -1]).float().log_softmax(-1)
-                exits = None if previous is None else should_exit(criterion, previous, logprobs, threshold)
-                previous = logprobs
-            if i > 0 and exits is not None:
-                newly = ~exited & exits
-                depth = torch.where(newly, torch.full_like(depth, i + 1), depth)
-                exited |= newly
-            if bool(exited.all()):
-                last = i
-                break
-        if not cache.bounded:
-            # Later tokens attend to every iteration's keys: fill the skipped iterations of this
-            # position with those of the last iteration run (Huginn's "latest" lookup).
-            start = ctx.past_length
-            for i in range(last + 1, max_steps):
-                for j in range(len(self.transformer.core_block)):
-                    src = cache.slot("core", j, last)
-                    k = cache.keys[src][:, :, start : start + step_input.shape[1]]
-                    v = cache.values[src][:, :, start : start + step_input.shape[1]]
-                    cache.update(cache.slot("core", j, i), k, v, start)
-        if criterion != "kl":
-            x = self.run_coda(state, ctx)
-        cache.seen_tokens = ctx.past_length + step_input.shape[1]
-        return self.lm_head(x[:, -1]), depth
-
-    @staticmethod
-    def _choose_next(logits, do_sample, temperature, top_k, top_p, generator) -> torch.Tensor:
-        if not do_sample:
-            return logits.argmax(dim=-1)
-        logits = logits / max(temperature or 1.0, 1e-5)
-        if top_k:
-            kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1, None]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        if top_p is not None and top_p < 1.0:
-            sorted_logits, order = torch.sort(logits, descending=True)
-            cumulative = sorted_logits.softmax(-1).cumsum(-1)
-            remove = cumulative - sorted_logits.softmax(-1) > top_p
-            logits = logits.masked_fill(remove.scatter(1, order, remove), float("-inf"))
-        return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
 
 RavenConfig.register_for_auto_class()
