@@ -156,7 +156,7 @@ def run_mode(mode: str, args, device, rank: int) -> dict:
     return dict(tokens_per_s=tokens / step_time.item(), persistent=persistent, activations=activations)
 
 
-def main(argv=None):
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--seq", type=int, default=128)

@@ -209,7 +209,7 @@ def make_all(data_dir: str | Path, out_dir: str | Path, formats=plotting.FORMATS
     return written
 
 
-def main(argv=None):
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data_dir", default=str(DEFAULT_DATA_DIR),
@@ -224,11 +224,11 @@ def main(argv=None):
         written = make_all(args.data_dir, args.out_dir, formats)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        return 2
     for path in written:
         print(path)
-    return written
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -34,6 +34,8 @@ from retrofit.depth import RecurrenceSchedule
 
 # D of the paper's runs (the FLOPs columns of paper_plots/data); a run's own D is in its run.json.
 DEFAULT_TOKENS_PER_STEP = 2**20
+# RavenConfig.model_type, spelled out so that counting (and plotting) never imports transformers;
+# tests/test_run_record.py checks the two agree.
 RECURRENT_MODEL_TYPE = "huginn_raven"
 
 # Parameter-name prefixes of the recurrent model (the authors' checkpoint naming).

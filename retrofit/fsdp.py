@@ -39,6 +39,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from retrofit import checkpoint as ckpt
 from retrofit import distributed as dist_utils
+from retrofit.configuration_raven import RavenConfig
 
 SHARDED_DIR = "sharded"
 
@@ -79,7 +80,7 @@ def unsharded_copy(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> nn.
     """A plain (not sharded) CPU model of `model`'s class and config holding `state_dict`."""
     cls = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))  # fully_shard subclasses it
     config = copy.deepcopy(model.config)
-    if getattr(config, "model_type", None) == "huginn_raven":
+    if getattr(config, "model_type", None) == RavenConfig.model_type:
         with torch.device("meta"):  # no buffers to initialise: build without memory, then take the weights
             plain = cls(config)
         plain.load_state_dict(state_dict, assign=True)

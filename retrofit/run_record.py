@@ -21,12 +21,11 @@ This module imports neither torch nor transformers: plotting and counting read r
 from __future__ import annotations
 
 import json
-import os
 import platform
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 
+from retrofit.atomic import write_json_atomic
 from retrofit.depth import MeanBackpropDepthSchedule, MeanRecurrenceSchedule, RecurrenceSchedule
 
 RUN_FILE = "run.json"
@@ -76,19 +75,7 @@ def write_run_record(folder: str | Path, record: dict, checkpoint: dict | None =
     folder = Path(folder)
     if checkpoint is not None:
         record = {**record, "checkpoint": checkpoint}
-    path = folder / RUN_FILE
-    fd, tmp = tempfile.mkstemp(prefix=f".{RUN_FILE}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(json.dumps(record, indent=1) + "\n")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_json_atomic(folder / RUN_FILE, record, indent=1)
 
 
 def find_run_record(path: str | Path) -> Path | None:

@@ -33,23 +33,20 @@ def test_paper_plots_writes_every_figure(tmp_path, capsys):
     """From a clone, with no --data_dir: the default is the shipped copy of the authors' results."""
     assert paper_plot.DEFAULT_DATA_DIR == PAPER_DATA
     out = tmp_path / "figs"
-    written = paper_plot.main(["--out_dir", str(out), "--format", "png"])
+    assert paper_plot.main(["--out_dir", str(out), "--format", "png"]) == 0
+    printed = capsys.readouterr().out.split()
+    written = [Path(p) for p in printed]
     assert sorted(p.name for p in written) == sorted(f"{name}.png" for name in EXPECTED)
     for path in written:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 20_000, path
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in written)  # no temp files left
-    printed = capsys.readouterr().out.split()
-    assert printed == [str(p) for p in written]
 
 
 def test_paper_plots_bad_data_dir(tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        paper_plot.main(["--data_dir", str(tmp_path / "nowhere"), "--out_dir", str(tmp_path / "o")])
-    assert exit_info.value.code == 2
+    assert paper_plot.main(["--data_dir", str(tmp_path / "nowhere"), "--out_dir", str(tmp_path / "o")]) == 2
     assert "is not a folder" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
-    with pytest.raises(SystemExit):
-        paper_plot.main(["--data_dir", str(tmp_path / "empty"), "--out_dir", str(tmp_path / "o")])
+    assert paper_plot.main(["--data_dir", str(tmp_path / "empty"), "--out_dir", str(tmp_path / "o")]) == 2
     assert "holds none of the paper's files" in capsys.readouterr().err
 
 

@@ -207,3 +207,11 @@ print(sorted(m for m in ("torch", "transformers") if m in sys.modules))
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+def test_counting_knows_the_recurrent_model_type_without_importing_transformers():
+    """flops.py spells the model type out (it must not import transformers); it is the config's."""
+    from retrofit.configuration_raven import RavenConfig
+    from retrofit.flops import RECURRENT_MODEL_TYPE
+
+    assert RECURRENT_MODEL_TYPE == RavenConfig.model_type

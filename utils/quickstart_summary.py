@@ -27,7 +27,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-
 # The quickstart's lm-eval tasks (utils/make_synthetic_data.py): (headline metric, title, chance),
 # read from the one task table plot_evals.py and paper_plots share.
 from retrofit.results import TASK_CHANCE, TASK_METRICS, TASK_TITLES
@@ -55,6 +54,7 @@ def static_loss(args) -> int:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from retrofit.configuration_raven import RavenConfig
     from retrofit.evaluation import EvalError, inputs_and_labels, load_eval_rows, per_sequence_loss
 
     try:
@@ -67,7 +67,7 @@ def static_loss(args) -> int:
             print(f"skip {model_dir}: {out} exists")
             continue
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-        if getattr(model.config, "model_type", None) == "huginn_raven":
+        if getattr(model.config, "model_type", None) == RavenConfig.model_type:
             print(f"error: {model_dir} is a recurrent model; use multi_recurrence_eval.py", file=sys.stderr)
             return 2
         batches = []
