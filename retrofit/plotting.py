@@ -9,8 +9,6 @@ with units, legends outside the data, PDF (TrueType fonts embedded) and/or PNG, 
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 
@@ -21,6 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib import font_manager  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
+from retrofit.atomic import atomic_file  # noqa: E402
 from retrofit.depth import WARMUP_TYPES, MeanRecurrenceSchedule, RecurrenceSchedule  # noqa: E402
 from retrofit.results import TASK_CHANCE, TASK_TITLES  # noqa: E402
 
@@ -225,15 +224,8 @@ def save_figure(fig, out_dir: str | Path, name: str, formats=FORMATS) -> list[Pa
         if fmt not in FORMATS:
             raise ValueError(f"unknown figure format {fmt!r}; expected one of {FORMATS}")
         target = out_dir / f"{name}.{fmt}"
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=f".{fmt}", dir=out_dir)
-        os.close(fd)
-        try:
+        with atomic_file(target, suffix=f".{fmt}") as tmp:  # savefig infers nothing from the name: format given
             fig.savefig(tmp, format=fmt, bbox_inches="tight")
-            os.chmod(tmp, default_file_mode())  # mkstemp makes 0600 files; give the usual permissions
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
         written.append(target)
     plt.close(fig)
     return written
@@ -335,13 +327,6 @@ def task_grid_figure(rows: list[dict], tasks: list[str], x: str, colors: dict, *
         fig.legend(handles=rec_legend_handles(recs), title="Test recurrence (marker)", frameon=False,
                    loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=len(recs))
     return fig
-
-
-def default_file_mode() -> int:
-    """0666 minus the process umask: what open() would have created."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
 
 
 # ------------------------------------------------------------------------------------------------

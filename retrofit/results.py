@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from retrofit.atomic import write_file_atomic
 from retrofit.flops import DEFAULT_TOKENS_PER_STEP, ParamCounts, count_model_dir, read_config, training_flops
 from retrofit.run_record import checkpoint_step, counting_schedule, read_run_record, record_schedule
 
@@ -379,23 +378,12 @@ def collect_runs(specs: list[RunSpec]) -> list[dict]:
 
 def write_jsonl(rows: list[dict], path: str | Path) -> Path:
     """Write rows (paper_data column order) atomically: a temp file renamed over the target."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            for row in rows:
-                ordered = {k: row.get(k) for k in COLUMNS}
-                ordered.update({k: v for k, v in row.items() if k not in ordered})
-                f.write(json.dumps(ordered) + "\n")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    lines = []
+    for row in rows:
+        ordered = {k: row.get(k) for k in COLUMNS}
+        ordered.update({k: v for k, v in row.items() if k not in ordered})
+        lines.append(json.dumps(ordered) + "\n")
+    return write_file_atomic(path, "".join(lines))
 
 
 def read_jsonl(path: str | Path) -> list[dict]:

@@ -22,13 +22,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 # The quickstart's lm-eval tasks (utils/make_synthetic_data.py): (headline metric, title, chance),
 # read from the one task table plot_evals.py and paper_plots share.
+from retrofit.atomic import write_file_atomic
 from retrofit.results import TASK_CHANCE, TASK_METRICS, TASK_TITLES
 
 QUICKSTART_TASKS = {
@@ -36,15 +35,6 @@ QUICKSTART_TASKS = {
     for task in ("quickstart_gsm8k_cot_sean", "quickstart_arith_mc")
 }
 RUN_LABELS = {"recurrent": "recurrent", "baseline": "baseline (static)", "pretrain": "pretrained (static)"}
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------------------------ static loss
@@ -56,10 +46,11 @@ def static_loss(args) -> int:
 
     from retrofit.configuration_raven import RavenConfig
     from retrofit.evaluation import EvalError, inputs_and_labels, load_eval_rows, per_sequence_loss
+    from retrofit.rows import DataError
 
     try:
         rows, mask = load_eval_rows(args.eval_file_path, args.num_sequences)
-    except EvalError as err:
+    except (EvalError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     for model_dir, out in args.model:
@@ -77,7 +68,7 @@ def static_loss(args) -> int:
                                                                       mask[start:start + args.batch_size])
                 logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
                 batches.append(per_sequence_loss(logits, labels).tolist())
-        write_text_atomic(Path(out), json.dumps({"1": batches}))
+        write_file_atomic(Path(out), json.dumps({"1": batches}))
         flat = [x for b in batches for x in b]
         print(f"{model_dir}: {len(flat)} sequences, loss {sum(flat) / len(flat):.4f} -> {out}")
     return 0
@@ -320,7 +311,7 @@ def summary(args) -> int:
             total += seconds if seconds == max(v for n, v in times.items() if n.startswith(group + "_")) else 0.0
     lines.append(f"| **total** (all but the plots and this summary) | {total:.1f} |")
 
-    write_text_atomic(out / "summary.md", "\n".join(lines) + "\n")
+    write_file_atomic(out / "summary.md", "\n".join(lines) + "\n")
     print(f"wrote {out / 'summary.md'}")
     return 0
 
