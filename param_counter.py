@@ -14,6 +14,9 @@ docs/analysis.md (Parameters and FLOPs); the curriculum is retrofit.depth.Recurr
         --max_mean_rec 16 --warmup 0.25 --warmup_type linear
     # a static baseline: 6 N D per step
     python param_counter.py path/to/hf_model --non_recurrent --checkpoint 25000
+    # a conversion preset, from its stored base sizes (no download): base and converted counts
+    python param_counter.py --preset qwen2.5-0.5b-4-8-4 --num_rec 1 32
+    python param_counter.py --preset all
 
 With run.json, any flag given overrides the recorded value. Without it, --warmup > 0 turns the
 mean-recurrence curriculum on (train.py's default is off), and the backprop depth is the model
@@ -27,14 +30,15 @@ import json
 import sys
 
 from retrofit.depth import WARMUP_TYPES
-from retrofit.reporting import count, flops_report
+from retrofit.reporting import count, flops_report, preset_report
 from retrofit.run_record import find_run_record
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("model_dir", help="checkpoint, recurrent (converted) or plain HF model dir with config.json")
+    parser.add_argument("model_dir", nargs="?", help="checkpoint, recurrent (converted) or plain HF model dir with config.json")
+    parser.add_argument("--preset", help="count a conversion preset instead (its base and converted model; 'all' for every preset)")
     parser.add_argument("--num_rec", type=int, nargs="+", help="test recurrence(s) for effective parameters")
     parser.add_argument("--checkpoint", type=int, help="count training FLOPs up to this optimizer step"
                         " (default: the step the checkpoint was saved at, from its run.json)")
@@ -51,6 +55,19 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     try:
+        if args.preset is not None:
+            if args.model_dir is not None or args.checkpoint is not None or args.max_steps is not None:
+                raise ValueError("--preset counts a preset's models; give it without a model_dir, --checkpoint or --max_steps")
+            from retrofit.conversion import PRESET_DEFINITIONS
+
+            if args.preset != "all" and args.preset not in PRESET_DEFINITIONS:
+                raise ValueError(f"unknown --preset {args.preset!r}; choose one of {', '.join(PRESET_DEFINITIONS)} or all")
+            names = list(PRESET_DEFINITIONS) if args.preset == "all" else [args.preset]
+            reports = [preset_report(name, args.num_rec) for name in names]
+            print(json.dumps(reports if args.preset == "all" else reports[0], indent=2))
+            return 0
+        if args.model_dir is None:
+            raise ValueError("give a model_dir or --preset NAME")
         report = count(args.model_dir, args.num_rec)
         described = args.checkpoint is not None or args.max_steps is not None
         if described or find_run_record(args.model_dir) is not None:

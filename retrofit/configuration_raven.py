@@ -9,12 +9,17 @@ original release's format"):
   used only when a config has no `rope_theta`.
 - Huginn-only keys (`block_size`, `effective_expected_depth`, `sampling_scheme`, ...) are accepted
   and ignored; the few that would change the computation are checked (`HUGINN_SUPPORTED_VALUES`).
-- Two switches select the layer family of the base model:
-  `norm_placement`: "pre" (Llama: x + attn(norm_1(x))) or "post" (OLMo-2: x + norm_1(attn(x)));
-  `qk_norm`: RMSNorm on the full projected q and k before splitting into heads (OLMo-2).
-  The authors' OLMo configs carry neither (they ship a different modeling file instead); a config
-  without both is marked `layout_from_weights` and `RavenForCausalLM.from_pretrained` picks the
-  OLMo-2 layout when the checkpoint holds q/k norm weights.
+- Three switches select the layer family of the base model:
+  `norm_placement`: "pre" (Llama, Mistral, Qwen2/3, SmolLM: x + attn(norm_1(x))) or "post"
+  (OLMo-2: x + norm_1(attn(x)));
+  `qk_norm`: "none"; "whole" = RMSNorm over the full projected q and k before splitting into
+  heads (OLMo-2); "per_head" = RMSNorm over each head's q and k, before RoPE (Qwen3). The
+  booleans of older configs still load: true = "whole", false = "none";
+  `qkv_bias`: a bias on the q, k and v projections only (Qwen2/Qwen2.5).
+  The authors' OLMo configs carry neither `norm_placement` nor `qk_norm` (they ship a different
+  modeling file instead); a config without both is marked `layout_from_weights` and
+  `RavenForCausalLM.from_pretrained` picks the OLMo-2 layout when the checkpoint holds q/k norm
+  weights.
 - `lora` (None = off): low-rank deltas the model adds to the linear layers of the named parts,
   {"rank": R, "alpha": A, "targets": ["core_block", "prelude", "coda"], "num_deltas": D}. The
   recurrent block gets D deltas, one per iteration index (iterations >= D reuse the last); D = 1
@@ -38,6 +43,18 @@ HUGINN_SUPPORTED_VALUES = {
     "nonlin_name": ("SiLU",),
     "mlp_class_name": ("GatedMLP",),
 }
+QK_NORM_CHOICES = ("none", "whole", "per_head")
+
+
+def qk_norm_choice(value) -> str:
+    """`qk_norm` as one of QK_NORM_CHOICES; the booleans of older configs map to "whole" / "none"."""
+    if value is None or value is False:
+        return "none"
+    if value is True:
+        return "whole"
+    if isinstance(value, str) and value in QK_NORM_CHOICES:
+        return value
+    raise ValueError(f"qk_norm must be one of {', '.join(QK_NORM_CHOICES)} (or true/false), got {value!r}")
 
 
 def whole_number(value, name: str, minimum: int = 1) -> int:
@@ -109,7 +126,8 @@ class RavenConfig(PretrainedConfig):
         bias: bool = False,
         qk_bias: bool = False,
         norm_placement: str | None = None,
-        qk_norm: bool | None = None,
+        qk_norm: str | bool | None = None,
+        qkv_bias: bool = False,
         mean_recurrence: int = 32,
         mean_backprop_depth: int = 8,
         init_values: dict | None = None,
@@ -133,7 +151,6 @@ class RavenConfig(PretrainedConfig):
         # The authors' OLMo configs carry no layout switch: the weights decide (see from_pretrained).
         self.layout_from_weights = norm_placement is None and qk_norm is None
         norm_placement = "pre" if norm_placement is None else norm_placement
-        qk_norm = False if qk_norm is None else qk_norm
         self.n_embd = n_embd
         self.n_heads = n_heads
         self.num_key_value_heads = num_key_value_heads if num_key_value_heads is not None else n_heads
@@ -159,7 +176,8 @@ class RavenConfig(PretrainedConfig):
         self.bias = bias
         self.qk_bias = qk_bias
         self.norm_placement = norm_placement
-        self.qk_norm = qk_norm
+        self.qk_norm = qk_norm  # normalised (and checked) by validate()
+        self.qkv_bias = qkv_bias
         self.mean_recurrence = mean_recurrence
         self.mean_backprop_depth = mean_backprop_depth
         self.init_values = {"std": DEFAULT_STATE_STD, "embed_scale": 1.0, **(init_values or {})}
@@ -187,6 +205,9 @@ class RavenConfig(PretrainedConfig):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{key} must be a positive integer, got {value!r}")
+        self.qk_norm = qk_norm_choice(self.qk_norm)
+        if not isinstance(self.qkv_bias, bool):
+            raise ValueError(f"qkv_bias must be true or false, got {self.qkv_bias!r}")
         if self.norm_placement not in ("pre", "post"):
             raise ValueError(f"norm_placement must be 'pre' or 'post', got {self.norm_placement!r}")
         if self.n_heads % self.num_key_value_heads:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -43,47 +43,127 @@ class Family:
     name: str
     hf_model_types: tuple[str, ...]
     norm_placement: str
-    qk_norm: bool
+    qk_norm: str  # "none" | "whole" | "per_head" (RavenConfig.qk_norm)
     # HF per-layer key -> our per-layer key (besides the fused qkv and gate/up projections)
     layer_keys: tuple[tuple[str, str], ...]
+    qkv_bias: bool = False  # q, k, v projections carry biases (fused into attn.Wqkv.bias)
+    examples: str = ""  # bases of this family, for messages and docs
 
+
+PRE_NORM_KEYS = (
+    ("input_layernorm.weight", "norm_1.weight"),
+    ("post_attention_layernorm.weight", "norm_2.weight"),
+    ("self_attn.o_proj.weight", "attn.proj.weight"),
+    ("mlp.down_proj.weight", "mlp.proj.weight"),
+)
+QK_NORM_KEYS = (
+    ("self_attn.q_norm.weight", "attn.q_norm.weight"),
+    ("self_attn.k_norm.weight", "attn.k_norm.weight"),
+)
 
 FAMILIES = {
-    "llama": Family(
-        name="llama",
-        hf_model_types=("llama",),
-        norm_placement="pre",
-        qk_norm=False,
-        layer_keys=(
-            ("input_layernorm.weight", "norm_1.weight"),
-            ("post_attention_layernorm.weight", "norm_2.weight"),
-            ("self_attn.o_proj.weight", "attn.proj.weight"),
-            ("mlp.down_proj.weight", "mlp.proj.weight"),
-        ),
-    ),
+    # SmolLM / SmolLM2 are Llama models (model_type "llama", tied embeddings).
+    "llama": Family("llama", ("llama",), "pre", "none", PRE_NORM_KEYS,
+                    examples="TinyLlama, Llama-3.2, SmolLM, SmolLM2"),
+    # Mistral is the Llama layout plus an optional sliding window, refused when it is in use.
+    "mistral": Family("mistral", ("mistral",), "pre", "none", PRE_NORM_KEYS,
+                      examples="Mistral-7B-v0.2/v0.3 (no sliding window)"),
+    "qwen2": Family("qwen2", ("qwen2",), "pre", "none", PRE_NORM_KEYS, qkv_bias=True,
+                    examples="Qwen2, Qwen2.5"),
+    "qwen3": Family("qwen3", ("qwen3",), "pre", "per_head", PRE_NORM_KEYS + QK_NORM_KEYS, examples="Qwen3 (dense)"),
     "olmo2": Family(
-        name="olmo2",
-        hf_model_types=("olmo2",),
-        norm_placement="post",
-        qk_norm=True,
-        layer_keys=(
+        "olmo2",
+        ("olmo2",),
+        "post",
+        "whole",
+        (
             ("post_attention_layernorm.weight", "norm_1.weight"),
             ("post_feedforward_layernorm.weight", "norm_2.weight"),
             ("self_attn.o_proj.weight", "attn.proj.weight"),
             ("mlp.down_proj.weight", "mlp.proj.weight"),
-            ("self_attn.q_norm.weight", "attn.q_norm.weight"),
-            ("self_attn.k_norm.weight", "attn.k_norm.weight"),
-        ),
+        ) + QK_NORM_KEYS,
+        examples="OLMo-2",
     ),
 }
 
-# The paper's layer choices (docs/model.md, Layer choices), 0-based indices of the base model's layers.
-PRESETS = {
-    "tinyllama-4-8-4": (range(0, 4), range(10, 18), range(18, 22)),
-    "llama-2-4-2": (range(0, 2), range(10, 14), range(14, 16)),
-    "llama-4-6-4": (range(0, 4), range(6, 12), range(12, 16)),
-    "olmo-4-6-4": (range(0, 4), range(6, 12), range(12, 16)),
+# Architectures that look close but compute something this model does not: the converter names
+# what is missing instead of converting them into something that would fail verification.
+UNSUPPORTED_REASONS = {
+    "gemma": "Gemma's RMSNorm scales by (1 + weight), embeddings are multiplied by sqrt(hidden_size) and the MLP is GeLU-gated",
+    "gemma2": "Gemma's RMSNorm scales by (1 + weight), with extra pre/post-feedforward norms, logit soft-capping and sliding-window layers",
+    "gemma3": "Gemma's RMSNorm scales by (1 + weight), with per-head q/k norms, sliding-window layers and a GeLU-gated MLP",
+    "mixtral": "a mixture-of-experts MLP (this model has one dense SiLU-gated MLP per layer)",
+    "qwen2_moe": "a mixture-of-experts MLP (this model has one dense SiLU-gated MLP per layer)",
+    "qwen3_moe": "a mixture-of-experts MLP (this model has one dense SiLU-gated MLP per layer)",
+    "olmoe": "a mixture-of-experts MLP (this model has one dense SiLU-gated MLP per layer)",
+    "olmo": "OLMo-1's non-parametric LayerNorm (this model has RMSNorm with weights)",
+    "phi3": "Phi-3's fused projections with a partial rotary embedding / sliding window",
+    "smollm3": "SmolLM3 skips RoPE in every fourth layer (NoPE layers)",
 }
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+@dataclass(frozen=True)
+class Preset:
+    """A named layer choice for one base model, with the base's sizes (config.json values) so the
+    converted model can be counted without the weights (`param_counter.py --preset`)."""
+
+    base: str  # Hub id of the base model
+    family: str
+    groups: tuple[range, range, range]  # prelude, recurrent block, coda: 0-based base layer indices
+    base_config: dict  # sizes of the base (HF config keys)
+    source: str  # where the choice comes from (docs/model.md, Layer choices)
+
+    @property
+    def num_layers(self) -> int:
+        return self.base_config["num_hidden_layers"]
+
+
+def base_sizes(hidden, intermediate, layers, heads, kv_heads, vocab, tied, head_dim=None) -> dict:
+    sizes = dict(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                 num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab, tie_word_embeddings=tied)
+    if head_dim is not None:
+        sizes["head_dim"] = head_dim
+    return sizes
+
+
+PAPER = "the paper's choice (McLeish et al., 2025)"
+# The paper's TinyLlama recipe at (4,8,4): the first 4 layers are the prelude, the last 4 the coda,
+# the 8 layers right before the coda the recurrent block; the early-middle layers are dropped.
+TINYLLAMA_RECIPE = "the paper's TinyLlama recipe (4,8,4): prelude = first 4, recurrent block = the 8 before the last 4, coda = last 4"
+
+
+def recipe_4_8_4(num_layers: int) -> tuple[range, range, range]:
+    return range(0, 4), range(num_layers - 12, num_layers - 4), range(num_layers - 4, num_layers)
+
+
+# The paper's layer choices and (4,8,4) choices for common small bases (docs/model.md, Layer choices).
+PRESET_DEFINITIONS = {
+    "tinyllama-4-8-4": Preset("TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T", "llama",
+                              (range(0, 4), range(10, 18), range(18, 22)),
+                              base_sizes(2048, 5632, 22, 32, 4, 32000, False), PAPER),
+    "llama-2-4-2": Preset("meta-llama/Llama-3.2-1B", "llama", (range(0, 2), range(10, 14), range(14, 16)),
+                          base_sizes(2048, 8192, 16, 32, 8, 128256, True, head_dim=64), PAPER),
+    "llama-4-6-4": Preset("meta-llama/Llama-3.2-1B", "llama", (range(0, 4), range(6, 12), range(12, 16)),
+                          base_sizes(2048, 8192, 16, 32, 8, 128256, True, head_dim=64), PAPER),
+    "olmo-4-6-4": Preset("allenai/OLMo-2-0425-1B", "olmo2", (range(0, 4), range(6, 12), range(12, 16)),
+                         base_sizes(2048, 8192, 16, 16, 16, 100352, False), PAPER),
+    "smollm2-135m-4-8-4": Preset("HuggingFaceTB/SmolLM2-135M", "llama", recipe_4_8_4(30),
+                                 base_sizes(576, 1536, 30, 9, 3, 49152, True), TINYLLAMA_RECIPE),
+    "smollm2-360m-4-8-4": Preset("HuggingFaceTB/SmolLM2-360M", "llama", recipe_4_8_4(32),
+                                 base_sizes(960, 2560, 32, 15, 5, 49152, True), TINYLLAMA_RECIPE),
+    "smollm2-1.7b-4-8-4": Preset("HuggingFaceTB/SmolLM2-1.7B", "llama", recipe_4_8_4(24),
+                                 base_sizes(2048, 8192, 24, 32, 32, 49152, True), TINYLLAMA_RECIPE),
+    "qwen2.5-0.5b-4-8-4": Preset("Qwen/Qwen2.5-0.5B", "qwen2", recipe_4_8_4(24),
+                                 base_sizes(896, 4864, 24, 14, 2, 151936, True), TINYLLAMA_RECIPE),
+    "qwen2.5-1.5b-4-8-4": Preset("Qwen/Qwen2.5-1.5B", "qwen2", recipe_4_8_4(28),
+                                 base_sizes(1536, 8960, 28, 12, 2, 151936, True), TINYLLAMA_RECIPE),
+    "qwen3-0.6b-4-8-4": Preset("Qwen/Qwen3-0.6B-Base", "qwen3", recipe_4_8_4(28),
+                               base_sizes(1024, 3072, 28, 16, 8, 151936, True, head_dim=128), TINYLLAMA_RECIPE),
+    "qwen3-1.7b-4-8-4": Preset("Qwen/Qwen3-1.7B-Base", "qwen3", recipe_4_8_4(28),
+                               base_sizes(2048, 6144, 28, 16, 8, 151936, True, head_dim=128), TINYLLAMA_RECIPE),
+}
+# name -> (prelude, recurrent block, coda) ranges
+PRESETS = {name: preset.groups for name, preset in PRESET_DEFINITIONS.items()}
 
 
 class ConversionError(ValueError):
@@ -95,12 +175,20 @@ class LayerChoice:
     prelude: list[int]
     core: list[int]
     coda: list[int]
+    # Set for a preset: the base it was made for must have the same number of layers.
+    preset: str | None = field(default=None, compare=False)
 
     @property
     def kept(self) -> list[int]:
         return self.prelude + self.core + self.coda
 
     def validate(self, num_layers: int) -> None:
+        if self.preset is not None and PRESET_DEFINITIONS[self.preset].num_layers != num_layers:
+            definition = PRESET_DEFINITIONS[self.preset]
+            raise ConversionError(
+                f"--preset {self.preset} is for {definition.base} ({definition.num_layers} layers), but this base has"
+                f" {num_layers} layers; give --prelude_idx/--core_idx/--coda_idx instead (choose_split.py recommends them)"
+            )
         for name, group in (("prelude", self.prelude), ("core", self.core), ("coda", self.coda)):
             bad = [i for i in group if not 0 <= i < num_layers]
             if bad:
@@ -137,7 +225,7 @@ def layer_choice(preset: str | None, prelude_idx, core_idx, coda_idx) -> LayerCh
             groups[slot] = parse_indices(explicit)
     if any(g is None for g in groups):
         raise ConversionError("give --preset or all of --prelude_idx, --core_idx, --coda_idx")
-    return LayerChoice(*groups)
+    return LayerChoice(*groups, preset=preset)
 
 
 def parse_indices(value) -> list[int]:
@@ -158,30 +246,64 @@ def parse_indices(value) -> list[int]:
     return out
 
 
+def supported_model_types() -> str:
+    return ", ".join(t for f in FAMILIES.values() for t in f.hf_model_types)
+
+
 def detect_family(hf_config) -> Family:
+    """The family of a HF config, or a ConversionError naming what this model cannot compute."""
     model_type = getattr(hf_config, "model_type", None)
     for family in FAMILIES.values():
         if model_type in family.hf_model_types:
             return family
-    supported = ", ".join(t for f in FAMILIES.values() for t in f.hf_model_types)
-    raise ConversionError(f"unsupported architecture model_type={model_type!r}; supported: {supported}")
+    reason = UNSUPPORTED_REASONS.get(model_type)
+    if reason is None and (getattr(hf_config, "num_local_experts", None) or getattr(hf_config, "num_experts", None)):
+        reason = UNSUPPORTED_REASONS["mixtral"]
+    detail = f": {reason}" if reason else ""
+    raise ConversionError(f"unsupported architecture model_type={model_type!r}{detail}; supported: {supported_model_types()}")
+
+
+def sliding_window_in_use(hf_config) -> str | None:
+    """A description of the sliding-window attention `hf_config` applies, or None when it has none.
+
+    Mistral applies `sliding_window` to every layer when it is set; Qwen2/Qwen3 only to the layers
+    `layer_types` marks "sliding_attention" (`use_sliding_window`). A window at least as long as
+    `max_position_embeddings` never masks anything and counts as none.
+    """
+    window = getattr(hf_config, "sliding_window", None)
+    layer_types = getattr(hf_config, "layer_types", None)
+    if layer_types is not None:
+        sliding = [i for i, kind in enumerate(layer_types) if kind != "full_attention"]
+        if sliding and window is not None and window < hf_config.max_position_embeddings:
+            return f"sliding-window attention (sliding_window={window}) in layers {sliding[0]}-{sliding[-1]}"
+        return None
+    if window is not None and window < hf_config.max_position_embeddings:
+        return f"sliding-window attention in every layer (sliding_window={window} < max_position_embeddings={hf_config.max_position_embeddings})"
+    return None
 
 
 def raven_config_from_hf(hf_config, choice: LayerChoice, family: Family, **overrides) -> RavenConfig:
     attention_bias = bool(getattr(hf_config, "attention_bias", False))
     mlp_bias = bool(getattr(hf_config, "mlp_bias", False))
     if attention_bias or mlp_bias:
-        raise ConversionError(f"unsupported: attention_bias={attention_bias}, mlp_bias={mlp_bias} (biases are not converted)")
+        # Llama/Mistral/Qwen3's attention_bias also puts a bias on o_proj, which no family here has.
+        raise ConversionError(f"unsupported: attention_bias={attention_bias}, mlp_bias={mlp_bias} (only Qwen2's q/k/v biases are converted)")
     act = getattr(hf_config, "hidden_act", "silu")
     if act != "silu":
         raise ConversionError(f"unsupported hidden_act={act!r}; the recurrent model uses a SiLU-gated MLP")
+    window = sliding_window_in_use(hf_config)
+    if window:
+        raise ConversionError(f"unsupported: {window}; the recurrent model attends to every earlier token (full causal attention)")
     rope = dict(getattr(hf_config, "rope_parameters", None) or {})
     rope_theta = rope.pop("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ConversionError(f"unsupported RoPE scaling rope_type={rope_type!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
     head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
     kwargs = dict(
         n_embd=hf_config.hidden_size,
         n_heads=hf_config.num_attention_heads,
-        num_key_value_heads=hf_config.num_key_value_heads,
+        num_key_value_heads=getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads,
         head_dim=head_dim,
         intermediate_size=hf_config.intermediate_size,
         n_layers_in_prelude=len(choice.prelude),
@@ -191,14 +313,16 @@ def raven_config_from_hf(hf_config, choice: LayerChoice, family: Family, **overr
         vocab_size=hf_config.vocab_size,
         padded_vocab_size=hf_config.vocab_size,
         rope_theta=rope_theta,
-        rope_parameters=rope if rope.get("rope_type", "default") != "default" else None,
+        rope_parameters=rope if rope_type != "default" else None,
         max_position_embeddings=hf_config.max_position_embeddings,
         norm_placement=family.norm_placement,
         qk_norm=family.qk_norm,
+        qkv_bias=family.qkv_bias,
         bos_token_id=hf_config.bos_token_id,
         eos_token_id=hf_config.eos_token_id,
-        pad_token_id=hf_config.pad_token_id,
+        pad_token_id=getattr(hf_config, "pad_token_id", None),
         source_layers={"prelude": choice.prelude, "core_block": choice.core, "coda": choice.coda},
+        source_family=family.name,
     )
     kwargs.update(overrides)
     return RavenConfig(**kwargs)
@@ -220,6 +344,8 @@ def map_state_dict(hf_model: nn.Module, choice: LayerChoice, family: Family) -> 
                 [sd[src + f"self_attn.{p}_proj.weight"] for p in ("q", "k", "v")], dim=0
             )
             out[dst + "mlp.fc.weight"] = torch.cat([sd[src + "mlp.gate_proj.weight"], sd[src + "mlp.up_proj.weight"]], dim=0)
+            if family.qkv_bias:
+                out[dst + "attn.Wqkv.bias"] = torch.cat([sd[src + f"self_attn.{p}_proj.bias"] for p in ("q", "k", "v")], dim=0)
             for hf_key, our_key in family.layer_keys:
                 out[dst + our_key] = sd[src + hf_key]
     return out
@@ -504,17 +630,19 @@ def load_tokenizer(model_name):
         return None
 
 
-def main(default_family: str, argv: list[str] | None = None) -> int:
-    """CLI shared by convert_llama.py and convert_olmo.py."""
+def main(default_family: str | None, argv: list[str] | None = None) -> int:
+    """CLI shared by convert.py (family from the base's config.json: `default_family=None`),
+    convert_llama.py and convert_olmo.py (that family only)."""
     import argparse
     import sys
 
+    what = f"HF {default_family}" if default_family else f"HF ({', '.join(FAMILIES)}; detected from config.json)"
     parser = argparse.ArgumentParser(
-        description=f"Convert a HF {default_family} model into a (prelude, recurrent block, coda) model and verify it."
+        description=f"Convert a {what} model into a (prelude, recurrent block, coda) model and verify it."
     )
     parser.add_argument("--model_name", required=True, help="local HF model dir or Hub id (download first with utils/download_to_local.py)")
     parser.add_argument("--save_name", required=True, help="output directory")
-    parser.add_argument("--preset", choices=sorted(PRESETS), help="the paper's layer choices")
+    parser.add_argument("--preset", choices=list(PRESETS), help="a named layer choice: the paper's, or (4,8,4) for common bases (docs/model.md)")
     parser.add_argument("--prelude_idx", help="base layers for the prelude, e.g. 0,1,2,3 or 0-3")
     parser.add_argument("--core_idx", help="base layers for the recurrent block, e.g. 10-17")
     parser.add_argument("--coda_idx", help="base layers for the coda, e.g. 18-21")

@@ -226,26 +226,34 @@ def depth_sweep(
     scored = labels != -100
     result = SweepResult(token_count=int(scored.sum()))
 
+    if adaptive is None:
+        # Fixed depth: the only work per depth is the coda + head readout; nothing else is repeated.
+        for i in range(1, last + 1):
+            state = model.recur(state, e, ctx, i - 1, **extra)
+            if i in depths:
+                result.losses[i] = per_sequence_loss(model.lm_head(model.run_coda(state, ctx)), labels).cpu()
+                result.depth_sum[i] = float(i * result.token_count)
+        return result
+
     active = torch.ones(input_ids.shape, dtype=torch.bool, device=input_ids.device)
     used = torch.zeros(input_ids.shape, dtype=torch.long, device=input_ids.device)  # iterations per token
     previous_logprobs = None
     for i in range(1, last + 1):
         new_state = model.recur(state, e, ctx, i - 1, **extra)
         previous_state = state
-        # Exited tokens keep their state (with no exits this is exactly `state = new_state`).
-        state = new_state if adaptive is None else torch.where(active[..., None], new_state, state)
+        # Exited tokens keep their state.
+        state = torch.where(active[..., None], new_state, state)
         used += active
         logits = None
-        if i in depths or (adaptive is not None and adaptive.criterion == "kl"):
+        if i in depths or adaptive.criterion == "kl":
             logits = model.lm_head(model.run_coda(state, ctx))
-        if adaptive is not None:
-            if adaptive.criterion == "kl":
-                logprobs = F.log_softmax(logits.float(), dim=-1)
-                if previous_logprobs is not None:
-                    active &= ~should_exit("kl", previous_logprobs, logprobs, adaptive.threshold)
-                previous_logprobs = logprobs
-            elif i > 1:
-                active &= ~should_exit("latent", previous_state, state, adaptive.threshold)
+        if adaptive.criterion == "kl":
+            logprobs = F.log_softmax(logits.float(), dim=-1)
+            if previous_logprobs is not None:
+                active &= ~should_exit("kl", previous_logprobs, logprobs, adaptive.threshold)
+            previous_logprobs = logprobs
+        elif i > 1:
+            active &= ~should_exit("latent", previous_state, state, adaptive.threshold)
         if i in depths:
             result.losses[i] = per_sequence_loss(logits, labels).cpu()
             result.depth_sum[i] = float(used[scored].sum())

@@ -178,6 +178,26 @@ def _count_model_dir_cached(resolved_dir: str, config_mtime: float) -> ParamCoun
     return count_parameters(build_on_meta(resolved_dir))
 
 
+def count_preset(name: str) -> tuple[ParamCounts, ParamCounts]:
+    """(base, converted) parameter counts of a conversion preset (retrofit.conversion.PRESET_DEFINITIONS),
+    both built on the meta device from the preset's stored base sizes: no download, no memory."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from retrofit.conversion import FAMILIES, PRESET_DEFINITIONS, layer_choice, raven_config_from_hf
+    from retrofit.modeling_raven import RavenForCausalLM
+
+    if name not in PRESET_DEFINITIONS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESET_DEFINITIONS)}")
+    preset = PRESET_DEFINITIONS[name]
+    family = FAMILIES[preset.family]
+    hf_config = AutoConfig.for_model(family.hf_model_types[0], **preset.base_config)
+    with torch.device("meta"):
+        base = AutoModelForCausalLM.from_config(hf_config)
+        converted = RavenForCausalLM(raven_config_from_hf(hf_config, layer_choice(name, None, None, None), family))
+    return count_parameters(base), count_parameters(converted)
+
+
 def count_model_dir(model_dir: str | Path) -> ParamCounts:
     """Parameter counts of the model in `model_dir` (reads only config.json)."""
     config_path = Path(model_dir).resolve() / "config.json"
@@ -196,6 +216,46 @@ def step_flops(counts: ParamCounts, mean_rec: int, backprop_depth: int, tokens: 
         6 * tokens * (counts.applied_prelude + counts.applied_coda + with_grad * counts.applied_recurrent_block)
         + 2 * tokens * without_grad * counts.applied_recurrent_block
     )
+
+
+def micro_batch_flops(counts: ParamCounts, num_steps: tuple[int, int] | None, tokens: int) -> int:
+    """FLOPs of one forward + backward over `tokens` tokens at the depth it drew: `step_flops` with
+    mean recurrence n + k and backprop depth k, i.e. 6 D (N_prelude + N_coda + k N_rec) + 2 D n N_rec
+    (6 N D for a static model, `num_steps` None)."""
+    if num_steps is None:
+        return step_flops(counts, 1, 1, tokens)
+    n, k = num_steps
+    return step_flops(counts, n + k, k, tokens)
+
+
+# Dense BF16 tensor-core peak (TFLOP/s, no sparsity) from NVIDIA's datasheets, matched against
+# torch.cuda.get_device_name(); longest name first so "H100 PCIe" wins over "H100".
+PEAK_BF16_TFLOPS = {
+    "H100 PCIe": 756.0,
+    "H100 NVL": 835.0,
+    "GH200": 989.0,
+    "H200": 989.0,
+    "H100": 989.0,
+    "A100": 312.0,
+    "L40S": 362.0,
+    "L4": 121.0,
+    "A10": 125.0,
+}
+
+
+def peak_tflops_of(device_name: str) -> float | None:
+    """The table's peak for a GPU name such as 'NVIDIA H100 80GB HBM3', or None if unknown."""
+    for key in sorted(PEAK_BF16_TFLOPS, key=len, reverse=True):
+        if key.lower() in device_name.lower():
+            return PEAK_BF16_TFLOPS[key]
+    return None
+
+
+def model_flops_utilization(flops: float, seconds: float, peak_tflops_per_device: float | None, devices: int = 1) -> float | None:
+    """Achieved model FLOPs over the devices' peak; None when no peak is known (e.g. a CPU run)."""
+    if not peak_tflops_per_device or seconds <= 0:
+        return None
+    return flops / seconds / (peak_tflops_per_device * 1e12 * devices)
 
 
 def training_flops(

@@ -1,4 +1,4 @@
-"""A depth-recurrent causal LM in the Raven / Huginn layout, for retrofitted Llama and OLMo-2 models.
+"""A depth-recurrent causal LM in the Raven / Huginn layout, for retrofitted decoder LMs.
 
     e = prelude(wte(x))                                  # a few early layers, run once
     s_0 ~ TruncNormal(0, std^2, +-3 std)                 # random initial latent state
@@ -6,8 +6,9 @@
     logits = lm_head(ln_f(coda(s_r)))                    # a few late layers, run once
 
 Training uses truncated backprop: `num_steps=(n, k)` runs n iterations without grad, then k with
-grad. One implementation covers both layer families through two config switches
-(`norm_placement`, `qk_norm`). Parameter names follow the authors' released checkpoints.
+grad. One implementation covers every supported layer family (Llama, Mistral, SmolLM, Qwen2/2.5,
+Qwen3, OLMo-2) through three config switches (`norm_placement`, `qk_norm`, `qkv_bias`). Parameter
+names follow the authors' released checkpoints.
 
 This file is self-contained (torch + transformers only) and is copied next to saved weights, so a
 checkpoint loads with `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` anywhere.
@@ -99,10 +100,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32 (as HF Llama/OLMo-2 do), then scale in the input dtype.
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        # Normalise in float32 (as HF Llama/OLMo-2 do), then scale in the input dtype. F.rms_norm
+        # is one call instead of five small kernels (on CPU its result is bit-identical to
+        # x * rsqrt(mean(x^2) + eps)).
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
 def rope_inverse_frequencies(config: RavenConfig) -> torch.Tensor:
@@ -129,11 +130,14 @@ def rope_inverse_frequencies(config: RavenConfig) -> torch.Tensor:
     raise ValueError(f"unsupported rope_type {rope_type!r} (supported: default, linear, llama3)")
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE (the HF Llama convention, so converted q/k weights need no permutation)."""
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE (the HF Llama convention, so converted q/k weights need no permutation).
+
+    x * cos + cat(-x2, x1) * sin, with the sign folded into `signed_sin` = cat(-sin1, sin2)
+    (`rope_tables`): the same numbers bit for bit, one kernel fewer per call.
+    """
     half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    return x * cos + torch.cat((x[..., half:], x[..., :half]), dim=-1) * signed_sin
 
 
 class KVCache:
@@ -145,8 +149,11 @@ class KVCache:
     share one slot that holds the latest iteration's keys, so memory does not grow with depth.
     """
 
-    def __init__(self, bounded: bool = False):
+    def __init__(self, bounded: bool = False, capacity: int = 0):
         self.bounded = bounded
+        # Tokens to allocate on a slot's first write: `generate` knows its final length, so its
+        # cache is allocated once and written in place (no growth, no copies).
+        self.capacity = capacity
         self.keys: dict[tuple, torch.Tensor] = {}
         self.values: dict[tuple, torch.Tensor] = {}
         self.seen_tokens = 0  # advanced by the model once a forward call has written every slot
@@ -161,7 +168,7 @@ class KVCache:
         end = start + k.shape[2]
         buf_k, buf_v = self.keys.get(slot), self.values.get(slot)
         if buf_k is None or buf_k.shape[2] < end:
-            capacity = max(end, 2 * (buf_k.shape[2] if buf_k is not None else 0), 16)
+            capacity = max(end, 2 * buf_k.shape[2] if buf_k is not None else (self.capacity or 16))
             new_k = k.new_zeros(k.shape[0], k.shape[1], capacity, k.shape[3])
             new_v = v.new_zeros(new_k.shape)
             if buf_k is not None:
@@ -171,6 +178,18 @@ class KVCache:
         buf_k[:, :, start:end] = k
         buf_v[:, :, start:end] = v
         return buf_k[:, :, :end], buf_v[:, :, :end]
+
+    def update_at(self, slot: tuple, k: torch.Tensor, v: torch.Tensor, position: torch.Tensor):
+        """Static-shape write for the compiled decode step: k, v (B, H, 1, D) go to column
+        `position` (a 1-element tensor) of a buffer allocated at `capacity`; returns the whole
+        buffers (the caller masks the columns not written yet)."""
+        if slot not in self.keys:
+            shape = (k.shape[0], k.shape[1], self.capacity, k.shape[3])
+            self.keys[slot], self.values[slot] = k.new_zeros(shape), v.new_zeros(shape)
+        buf_k, buf_v = self.keys[slot], self.values[slot]
+        buf_k.index_copy_(2, position, k)
+        buf_v.index_copy_(2, position, v)
+        return buf_k, buf_v
 
     def memory_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.keys.values(), *self.values.values()))
@@ -186,11 +205,14 @@ class KVCache:
 class AttentionContext:
     """What every layer of one forward call shares: RoPE tables, the mask, the cache position."""
 
-    cos: torch.Tensor
-    sin: torch.Tensor
+    cos: torch.Tensor  # (B or 1, T, 1, head_dim): broadcast over the heads of a (B, T, H, D) tensor
+    sin: torch.Tensor  # the signed sine of `apply_rope`, same shape
     mask: torch.Tensor | None  # bool (B, 1, T, past + T), True = may attend; None = plain causal
     cache: KVCache | None = None
     past_length: int = 0
+    # Compiled decode step only: the cache column being written (a 1-element tensor, so the
+    # step's shapes never change); the mask then covers the cache's whole capacity.
+    cache_position: torch.Tensor | None = None
 
 
 class Attention(nn.Module):
@@ -201,24 +223,43 @@ class Attention(nn.Module):
         self.head_dim = config.head_dim
         q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         self.split_sizes = (q_dim, kv_dim, kv_dim)
-        self.Wqkv = nn.Linear(config.n_embd, q_dim + 2 * kv_dim, bias=config.bias)
+        # Qwen2 has a bias on q, k, v (not on the output projection); `bias` is the authors' all-linears switch.
+        self.Wqkv = nn.Linear(config.n_embd, q_dim + 2 * kv_dim, bias=config.bias or config.qkv_bias)
         self.proj = nn.Linear(q_dim, config.n_embd, bias=config.bias)
         self.qk_norm = config.qk_norm
-        if config.qk_norm:  # OLMo-2: RMSNorm over the whole projected q and k, before the head split
+        if config.qk_norm == "whole":  # OLMo-2: RMSNorm over the whole projected q and k, before the head split
             self.q_norm = RMSNorm(q_dim, config.norm_eps)
             self.k_norm = RMSNorm(kv_dim, config.norm_eps)
+        elif config.qk_norm == "per_head":  # Qwen3: RMSNorm over each head's q and k (one weight shared by all heads)
+            self.q_norm = RMSNorm(self.head_dim, config.norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.norm_eps)
 
     def forward(self, x: torch.Tensor, ctx: AttentionContext, slot: tuple | None) -> torch.Tensor:
         B, T, _ = x.shape
-        q, k, v = self.Wqkv(x).split(self.split_sizes, dim=-1)
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        qkv = self.Wqkv(x)
+        q_dim, kv_dim, _ = self.split_sizes
+        if self.qk_norm == "none":
+            # q and k heads side by side in (B, T, H, D) layout: one RoPE pass rotates both.
+            qk = qkv[..., : q_dim + kv_dim].view(B, T, self.n_heads + self.n_kv_heads, self.head_dim)
+            qk = apply_rope(qk, ctx.cos, ctx.sin)
+            q, k = qk[:, :, : self.n_heads], qk[:, :, self.n_heads :]
+            v = qkv[..., q_dim + kv_dim :]
+        else:
+            q, k, v = qkv.split(self.split_sizes, dim=-1)
+            if self.qk_norm == "whole":  # OLMo-2: over the whole projected q and k
+                q, k = self.q_norm(q), self.k_norm(k)
+            q = q.view(B, T, self.n_heads, self.head_dim)
+            k = k.view(B, T, self.n_kv_heads, self.head_dim)
+            if self.qk_norm == "per_head":  # Qwen3: each head's q and k, before RoPE
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
         if ctx.cache is not None and slot is not None:
-            k, v = ctx.cache.update(slot, k, v, ctx.past_length)
+            if ctx.cache_position is not None:
+                k, v = ctx.cache.update_at(slot, k, v, ctx.cache_position)
+            else:
+                k, v = ctx.cache.update(slot, k, v, ctx.past_length)
         y = F.scaled_dot_product_attention(
             q,
             k,
@@ -451,7 +492,7 @@ class RavenForCausalLM(RavenPreTrainedModel):
             )
             names = checkpoint_weight_names(pretrained_model_name_or_path, kwargs) if unstated else None
             if names is not None and any(n.endswith(QK_NORM_SUFFIXES) for n in names):
-                layout = {"norm_placement": "post", "qk_norm": True}
+                layout = {"norm_placement": "post", "qk_norm": "whole"}
                 if config is not None:
                     config = copy.deepcopy(config)
                     for key, value in layout.items():
@@ -470,7 +511,7 @@ class RavenForCausalLM(RavenPreTrainedModel):
         if problems:
             raise ValueError(
                 f"checkpoint {pretrained_model_name_or_path} does not match its config "
-                f"(norm_placement={model.config.norm_placement!r}, qk_norm={model.config.qk_norm}): "
+                f"(norm_placement={model.config.norm_placement!r}, qk_norm={model.config.qk_norm!r}, qkv_bias={model.config.qkv_bias}): "
                 + "; ".join(problems)
             )
         return (model, info) if want_info else model
@@ -492,7 +533,7 @@ class RavenForCausalLM(RavenPreTrainedModel):
         self.lm_head = nn.Linear(h, config.padded_vocab_size, bias=False)
         # RoPE frequencies are derived from the config, never saved: kept out of the module's
         # buffers so meta-device loading (transformers 5) cannot leave them uninitialised.
-        self._inv_freq: dict[torch.device, torch.Tensor] = {}
+        self._rope_tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self.step = 0  # counts training forwards that sampled their own depth
         # Recompute each grad iteration of the recurrent block in backward instead of keeping its
         # activations (training only; set by the trainer, not saved).
@@ -599,17 +640,13 @@ class RavenForCausalLM(RavenPreTrainedModel):
                 f"attention_mask has length {attention_mask.shape[-1]}, expected {past + T} (cached {past} + new {T})"
             )
         padded = attention_mask is not None and not bool(attention_mask.all())
+        if position_ids is None and padded:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
         if position_ids is None:
-            if padded:
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
-            else:
-                position_ids = torch.arange(past, past + T, device=device).unsqueeze(0).expand(B, T)
-        if device not in self._inv_freq:
-            self._inv_freq[device] = rope_inverse_frequencies(self.config).to(device)
-        freqs = position_ids[:, :, None].float() * self._inv_freq[device][None, None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, head_dim)
-        dtype = self.transformer.wte.weight.dtype
-        cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+            cos, sin = self.rope_tables(past + T, device)
+            cos, sin = cos[past : past + T, None], sin[past : past + T, None]  # (T, 1, D), broadcast over B
+        else:
+            cos, sin = self.rope_at(position_ids)
 
         mask = None
         if padded or (past > 0 and T > 1):
@@ -621,6 +658,33 @@ class RavenForCausalLM(RavenPreTrainedModel):
                 # A padding query would attend to nothing (NaN in SDPA): let it see itself.
                 mask = mask | (k_pos[None, :] == q_pos[:, None])[None, None]
         return AttentionContext(cos=cos, sin=sin, mask=mask, cache=cache, past_length=past)
+
+    def rope_tables(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and signed sin (`apply_rope`) of positions 0 .. >= length-1, (P, head_dim).
+
+        Computed once per device and dtype and grown by doubling, so a decode step only indexes
+        them, and every call (cached or not) reads the same numbers for the same position.
+        """
+        dtype = self.transformer.wte.weight.dtype
+        key = (torch.device(device), dtype)
+        tables = self._rope_tables.get(key)
+        if tables is None or tables[0].shape[0] < length:
+            size = max(256, 1 << (max(length, 1) - 1).bit_length())
+            inv_freq = rope_inverse_frequencies(self.config).to(device)
+            freqs = torch.arange(size, device=device).float()[:, None] * inv_freq[None, :]
+            emb = torch.cat((freqs, freqs), dim=-1)
+            sin = emb.sin()
+            half = sin.shape[-1] // 2
+            signed_sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
+            tables = self._rope_tables[key] = (emb.cos().to(dtype), signed_sin.to(dtype))
+        return tables
+
+    def rope_at(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and signed sin at `position_ids` (B, T), shaped (B, T, 1, head_dim)."""
+        cos, sin = self.rope_tables(int(position_ids.max()) + 1, position_ids.device)
+        flat = position_ids.reshape(-1)
+        shape = (*position_ids.shape, 1, cos.shape[-1])
+        return cos.index_select(0, flat).view(shape), sin.index_select(0, flat).view(shape)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         x = self.transformer.wte(input_ids)
@@ -731,7 +795,41 @@ class RavenForCausalLM(RavenPreTrainedModel):
             past_key_values = KVCache()
         ctx = self.attention_context(input_ids, attention_mask, position_ids, past_key_values)
         hidden = [] if output_hidden_states else None
+        x, state = self.run_layers(input_ids, ctx, n, k, initial_state, hidden)
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
+        logits = self.lm_head(x)
 
+        loss = log_ppl = None
+        if labels is not None:
+            loss = F.cross_entropy(
+                logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100
+            )
+            log_ppl = loss.detach().exp()
+        return RavenCausalLMOutput(
+            loss=loss,
+            log_ppl=log_ppl,
+            logits=logits,
+            cache=past_key_values if use_cache else None,
+            latent_states=state.detach(),
+            hidden_states=tuple(hidden) if hidden is not None else None,
+            stats={"num_steps_no_grad": n, "num_steps_with_grad": k},
+        )
+
+    def run_layers(
+        self,
+        input_ids: torch.Tensor,
+        ctx: AttentionContext,
+        n: int,
+        k: int,
+        initial_state: torch.Tensor | None = None,
+        hidden: list | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """prelude, n iterations without grad, k with grad, coda: (ln_f output, last state).
+
+        The forward pass without the head; `forward` and the decode steps of `generate` share it.
+        Advances the cache (if any) past these tokens.
+        """
         e = self.embed(input_ids)
         if hidden is not None:
             hidden.append(e)
@@ -749,27 +847,9 @@ class RavenForCausalLM(RavenPreTrainedModel):
             else:
                 state = self.recur(state, e, ctx, i, hidden, parts)
         x = self.run_coda(state, ctx, hidden)
-        if logits_to_keep:
-            x = x[:, -logits_to_keep:]
-        logits = self.lm_head(x)
-
-        loss = log_ppl = None
-        if labels is not None:
-            loss = F.cross_entropy(
-                logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100
-            )
-            log_ppl = loss.detach().exp()
         if ctx.cache is not None:
             ctx.cache.seen_tokens = ctx.past_length + input_ids.shape[1]
-        return RavenCausalLMOutput(
-            loss=loss,
-            log_ppl=log_ppl,
-            logits=logits,
-            cache=past_key_values if use_cache else None,
-            latent_states=state.detach(),
-            hidden_states=tuple(hidden) if hidden is not None else None,
-            stats={"num_steps_no_grad": n, "num_steps_with_grad": k},
-        )
+        return x, state
 
     # -- generation ------------------------------------------------------------------------------
 
@@ -794,6 +874,7 @@ class RavenForCausalLM(RavenPreTrainedModel):
         adaptive_threshold: float | None = None,
         adaptive_criterion: str = "kl",
         bounded_cache: bool = False,
+        compile: bool = False,
         **kwargs,
     ) -> torch.Tensor:
         """Greedy or sampled decoding with this model's own KV cache; returns prompt + new tokens.
@@ -810,14 +891,21 @@ class RavenForCausalLM(RavenPreTrainedModel):
         The prompt itself runs the full depth. `last_generation_stats["mean_depth"]` reports the
         mean depth used per generated token. `bounded_cache=True` keeps only the latest
         iteration's keys for the recurrent layers (memory independent of depth).
+
+        `compile=True` runs each new token through a `torch.compile`d decode step whose shapes
+        never change (attention over the whole preallocated cache, masked), so a GPU can replay
+        it as one CUDA graph; same tokens up to float rounding (attention sums over masked
+        columns too). Not with adaptive exit.
         """
         generation_config = kwargs.pop("generation_config", None)
         if generation_config is not None:
             max_new_tokens = max_new_tokens or generation_config.max_new_tokens
             eos_token_id = eos_token_id if eos_token_id is not None else generation_config.eos_token_id
         B, T = input_ids.shape
+        device = input_ids.device
         if max_new_tokens is None:
             max_new_tokens = (max_length - T) if max_length is not None else 20
+        max_new_tokens = max(max_new_tokens, 0)
         if eos_token_id is None:
             eos_token_id = self.config.eos_token_id
         eos_ids = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
@@ -838,42 +926,94 @@ class RavenForCausalLM(RavenPreTrainedModel):
                 raise ValueError(f"adaptive_criterion must be 'kl' or 'latent', got {adaptive_criterion!r}")
             if num_steps is not None and not isinstance(num_steps, int):
                 raise ValueError(f"adaptive decoding takes an int num_steps (the maximum depth), got {num_steps!r}")
+        if compile and (adaptive_threshold is not None or not use_cache):
+            raise ValueError("compile=True needs use_cache=True and no adaptive_threshold")
+        n_steps, k_steps = self.resolve_num_steps(num_steps if num_steps is not None else int(self.config.mean_recurrence))
+        max_steps = n_steps + k_steps
 
-        tokens = input_ids
-        mask = attention_mask
-        done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-        cache = KVCache(bounded=bounded_cache) if use_cache else None
-        step_input = input_ids
+        # Everything a step needs is allocated once: the output tokens, the mask, the cache (at
+        # its final length), the RoPE tables and the EOS ids. Nothing is concatenated per token.
+        total = T + max_new_tokens
+        tokens = torch.full((B, total), pad_token_id, dtype=input_ids.dtype, device=device)
+        tokens[:, :T] = input_ids
+        mask = torch.ones((B, total), dtype=attention_mask.dtype, device=device)
+        mask[:, :T] = attention_mask
+        # Once a prompt is padded or a sequence has finished (its later tokens are masked as
+        # padding), steps need a mask and per-row positions; until then neither.
+        masked = not bool(attention_mask.all())
+        real_tokens = attention_mask.long().sum(-1)  # per row, the tokens the mask counts
+        cos_table, sin_table = self.rope_tables(total, device)
+        eos = torch.tensor(sorted(eos_ids), device=device) if eos_ids else None
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        # The compiled step's shapes include the cache capacity: round it up so that generations
+        # of similar length reuse one compiled graph.
+        capacity = -(-total // 256) * 256 if compile else total
+        cache = KVCache(bounded=bounded_cache, capacity=capacity) if use_cache else None
+        step_fn = self._compiled_decode_step() if compile else None
+        arange_total = torch.arange(capacity, device=device) if compile else None
         depths: list[torch.Tensor] = []
         if streamer is not None:
             streamer.put(input_ids.cpu())  # HF streamer convention: the prompt comes first
-        for _ in range(max(max_new_tokens, 0)):
-            if adaptive_threshold is not None and cache.seen_tokens > 0:
-                max_steps = num_steps if num_steps is not None else int(self.config.mean_recurrence)
-                logits, depth = self._adaptive_decode_step(
-                    step_input, mask, cache, max_steps, adaptive_threshold, adaptive_criterion
-                )
-                depths.append(depth[~done].float())
-                out = RavenCausalLMOutput(logits=logits)
-            elif use_cache:
-                out = self(step_input, attention_mask=mask, num_steps=num_steps, past_key_values=cache,
-                           use_cache=True, logits_to_keep=1)
+        length = T
+        for step in range(max_new_tokens):
+            if not use_cache:
+                out = self(tokens[:, :length], attention_mask=mask[:, :length], num_steps=num_steps, logits_to_keep=1)
+                logits = out.logits[:, -1, :]
+            elif step == 0:  # the prompt, through the cache (runs the full depth)
+                ctx = self.attention_context(input_ids, attention_mask, None, cache)
+                x, _ = self.run_layers(input_ids, ctx, n_steps, k_steps)
+                logits = self.lm_head(x[:, -1])
             else:
-                out = self(tokens, attention_mask=mask, num_steps=num_steps, logits_to_keep=1)
-            logits = out.logits[:, -1, :].float()
+                positions = (real_tokens - 1).clamp(min=0)
+                ctx = AttentionContext(
+                    cos=cos_table.index_select(0, positions)[:, None, None],
+                    sin=sin_table.index_select(0, positions)[:, None, None],
+                    mask=None, cache=cache, past_length=length - 1,
+                )
+                if masked:
+                    # The new token sees every real token and itself, as `attention_context` does.
+                    key_mask = mask[:, :length].bool()
+                    key_mask[:, -1] = True
+                    ctx.mask = key_mask[:, None, None, :]
+                step_input = tokens[:, length - 1 : length]
+                if adaptive_threshold is not None:
+                    logits, depth = self._adaptive_decode_step(
+                        step_input, ctx, max_steps, adaptive_threshold, adaptive_criterion
+                    )
+                    depths.append(depth[~done].float())
+                elif step_fn is not None:
+                    # Static shapes: keys over the whole capacity, the columns not written yet masked.
+                    key_mask = (arange_total < length)[None].expand(B, -1).clone()
+                    if masked:
+                        key_mask[:, :total] &= mask.bool()
+                    key_mask[:, length - 1] = True
+                    ctx.mask = key_mask[:, None, None, :]
+                    ctx.cache_position = torch.full((1,), length - 1, dtype=torch.long, device=device)
+                    ctx.past_length = 0  # not a shape here: keeps the compiled step from specialising on it
+                    logits = step_fn(self, step_input, ctx, n_steps, k_steps)
+                    cache.seen_tokens = length
+                else:
+                    x, _ = self.run_layers(step_input, ctx, n_steps, k_steps)
+                    logits = self.lm_head(x[:, -1])
+            logits = logits.float()
             next_token = self._choose_next(logits, do_sample, temperature, top_k, top_p, generator)
-            next_token = torch.where(done, torch.full_like(next_token, pad_token_id), next_token)
-            tokens = torch.cat([tokens, next_token[:, None]], dim=-1)
-            mask = torch.cat([mask, (~done).long()[:, None]], dim=-1)
+            next_token = torch.where(done, pad_token_id, next_token)
+            tokens[:, length] = next_token
+            if masked or bool(done.any()):
+                masked = True
+                mask[:, length] = ~done
+                real_tokens += ~done
+            else:
+                real_tokens += 1
+            length += 1
             if streamer is not None:
                 streamer.put(next_token.cpu())
-            if eos_ids:
-                done |= torch.isin(next_token, torch.tensor(sorted(eos_ids), device=next_token.device))
+            if eos is not None:
+                done |= torch.isin(next_token, eos)
             if stopping_criteria is not None:
-                done |= torch.as_tensor(stopping_criteria(tokens, logits), device=done.device).bool().reshape(-1).expand(B)
+                done |= torch.as_tensor(stopping_criteria(tokens[:, :length], logits), device=device).bool().reshape(-1).expand(B)
             if bool(done.all()):
                 break
-            step_input = next_token[:, None]
         if streamer is not None:
             streamer.end()
         if depths:
@@ -883,12 +1023,27 @@ class RavenForCausalLM(RavenPreTrainedModel):
         else:
             depth = num_steps if num_steps is not None else int(self.config.mean_recurrence)
             self.last_generation_stats = {"mean_depth": float(sum(depth) if isinstance(depth, (tuple, list)) else depth),
-                                          "tokens": int(tokens.shape[1] - T) * B}
-        return tokens
+                                          "tokens": int(length - T) * B}
+        return tokens[:, :length]
 
-    def _adaptive_decode_step(self, step_input, mask, cache: KVCache, max_steps: int, threshold: float, criterion: str):
+    def _compiled_decode_step(self):
+        """The decode step with static shapes, compiled once per model (`generate(compile=True)`)."""
+        step = getattr(self, "_static_decode_step_compiled", None)
+        if step is None:
+            step = torch.compile(RavenForCausalLM._static_decode_step, dynamic=False, fullgraph=False)
+            self._static_decode_step_compiled = step
+        return step
+
+    @staticmethod
+    def _static_decode_step(model, step_input, ctx: AttentionContext, n: int, k: int) -> torch.Tensor:
+        """One token through the preallocated cache; every shape is fixed for the whole generation
+        and the write position is a tensor, so the compiled graph is reused for every token."""
+        x, _ = model.run_layers(step_input, ctx, n, k)
+        return model.lm_head(x[:, -1])
+
+    def _adaptive_decode_step(self, step_input, ctx: AttentionContext, max_steps: int, threshold: float, criterion: str):
         """One decoding step with per-sequence early exit; returns (last-position logits, depth used)."""
-        ctx = self.attention_context(step_input, mask, None, cache)
+        cache = ctx.cache
         e = self.run_prelude(self.embed(step_input), ctx)
         state = self.initial_state(e)
         parts = self.adapter_parts(e)
@@ -928,7 +1083,7 @@ class RavenForCausalLM(RavenPreTrainedModel):
         if criterion != "kl":
             x = self.run_coda(state, ctx)
         cache.seen_tokens = ctx.past_length + step_input.shape[1]
-        return self.lm_head(x[:, -1:]), depth
+        return self.lm_head(x[:, -1]), depth
 
     @staticmethod
     def _choose_next(logits, do_sample, temperature, top_k, top_p, generator) -> torch.Tensor:

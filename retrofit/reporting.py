@@ -13,7 +13,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from retrofit.flops import DEFAULT_TOKENS_PER_STEP, ParamCounts, count_model_dir, read_config, summed_mean_recurrence, training_flops
+from retrofit.flops import (
+    DEFAULT_TOKENS_PER_STEP,
+    ParamCounts,
+    count_model_dir,
+    count_preset,
+    read_config,
+    summed_mean_recurrence,
+    training_flops,
+)
 from retrofit.run_record import checkpoint_step, counting_schedule, find_run_record, read_run_record
 
 
@@ -43,6 +51,20 @@ def count(model_dir: str | Path, num_rec: list[int] | None = None) -> dict:
     report = {"model_dir": str(model_dir), **parts_report(counts)}
     if num_rec:
         report["effective_params"] = {str(r): counts.non_embedding(r) for r in num_rec}
+    return report
+
+
+def preset_report(name: str, num_rec: list[int] | None = None) -> dict:
+    """Counts of a conversion preset: the base (static) and the converted model, by part."""
+    from retrofit.conversion import PRESET_DEFINITIONS
+
+    base, converted = count_preset(name)
+    preset = PRESET_DEFINITIONS[name]
+    layers = dict(zip(("prelude", "recurrent_block", "coda"), (list(group) for group in preset.groups)))
+    report = {"preset": name, "base": preset.base, "family": preset.family, "layers": layers,
+              "base_model": parts_report(base), "converted": parts_report(converted)}
+    if num_rec:
+        report["converted"]["effective_params"] = {str(r): converted.non_embedding(r) for r in num_rec}
     return report
 
 

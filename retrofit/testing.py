@@ -45,12 +45,55 @@ def tiny_olmo2_config(vocab_size: int, **overrides):
     return tiny_hf_config("olmo2", vocab_size, **overrides)
 
 
-def save_hf_model(config, out_dir: Path, tokenizer_dir: Path | None = None, seed: int = 0) -> Path:
-    """Build a randomly initialised HF causal LM from `config` and save it (with a tokenizer)."""
+# Tiny bases of the other supported families, built with the real HF classes (SmolLM2 is a Llama
+# with tied embeddings; Mistral without a sliding window; Qwen2 with q/k/v biases; Qwen3 with
+# per-head q/k norms and a head_dim that is not hidden_size / heads, as in the real Qwen3).
+FAMILY_OVERRIDES = {
+    "smollm2": dict(model_type="llama", tie_word_embeddings=True, num_attention_heads=8, num_key_value_heads=4,
+                    head_dim=8, rope_theta=100000.0),
+    "mistral": dict(model_type="mistral", sliding_window=None, rope_theta=1000000.0),
+    "qwen2": dict(model_type="qwen2", tie_word_embeddings=True, rope_theta=1000000.0),
+    "qwen3": dict(model_type="qwen3", tie_word_embeddings=True, head_dim=32, rope_theta=1000000.0),
+}
+
+
+def tiny_family_config(family: str, vocab_size: int, **overrides):
+    """A tiny config of `family` (FAMILY_OVERRIDES) with the shape of tiny_hf_config."""
+    from transformers import AutoConfig
+
+    kwargs = dict(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=8, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, bos_token_id=0, eos_token_id=1, pad_token_id=2,
+    )
+    kwargs.update(FAMILY_OVERRIDES[family])
+    kwargs.update(overrides)
+    model_type = kwargs.pop("model_type")
+    theta = kwargs.pop("rope_theta")
+    kwargs.setdefault("rope_parameters", {"rope_type": "default", "rope_theta": theta})
+    return AutoConfig.for_model(model_type, **kwargs)
+
+
+def randomize_norms_and_biases(model, seed: int = 0) -> None:
+    """HF initialises norm weights to 1 and biases to 0: a swapped norm or a dropped bias would
+    not change the output. Random values make every converted tensor count."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.copy_(torch.rand(param.shape, generator=generator) + 0.5)
+            elif name.endswith(".bias"):
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+
+
+def save_hf_model(config, out_dir: Path, tokenizer_dir: Path | None = None, seed: int = 0, randomize: bool = False) -> Path:
+    """Build a randomly initialised HF causal LM from `config` and save it (with a tokenizer);
+    `randomize` also gives norms and biases random values."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
+    if randomize:
+        randomize_norms_and_biases(model, seed)
     model.save_pretrained(out_dir)
     if tokenizer_dir is not None:
         AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out_dir)

@@ -78,6 +78,9 @@ class TrainConfig:
     micro_batch_size: int = 2
     compile: bool = False
     device: str = "auto"
+    # Peak TFLOP/s of one device for the `mfu` metric; default: looked up from the GPU's name
+    # (retrofit.flops.PEAK_BF16_TFLOPS); on a CPU or an unknown GPU `mfu` is logged as null.
+    peak_tflops: float | None = None
     # training
     max_steps: int = 0
     epochs: int = 1
@@ -141,6 +144,8 @@ class TrainConfig:
             )
         if self.max_length is not None and self.max_length < 1:
             raise ConfigError(f"max_length must be >= 1, got {self.max_length}")
+        if self.peak_tflops is not None and not self.peak_tflops > 0:
+            raise ConfigError(f"peak_tflops must be > 0 (TFLOP/s of one device), got {self.peak_tflops}")
         if self.max_steps < 0:
             raise ConfigError(f"max_steps must be >= 0 (0 = derive it from the data), got {self.max_steps}")
         if self.epochs < 1:

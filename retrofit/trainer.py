@@ -39,6 +39,7 @@ from retrofit.data import (
 )
 from retrofit.depth import RecurrenceSchedule, sample_num_steps
 from retrofit.distill import check_vocabularies, distillation_kl, load_teacher, teacher_logits
+from retrofit.flops import count_parameters, micro_batch_flops, model_flops_utilization, peak_tflops_of
 from retrofit.optim import build_optimizer, set_learning_rates, wsd_lr_factor
 from retrofit.rows import DataError, inputs_and_labels
 from retrofit.run_record import build_run_record, write_run_record
@@ -309,6 +310,12 @@ class Trainer:
         self.recurrent = not cfg.non_recurrent_model
         self.max_steps = compute_max_steps(cfg, env, self.max_length, micro_steps_per_epoch)
         self.schedule = build_schedule(cfg, self.model.config, self.max_steps) if self.recurrent else None
+        # Model FLOPs per micro-batch are counted as param_counter.py counts them (non-embedding
+        # parameters, recurrent iterations at the drawn (n, k)); mfu divides by the devices' peak.
+        self.param_counts = count_parameters(self.model)
+        self.peak_tflops = cfg.peak_tflops
+        if self.peak_tflops is None and env.device.type == "cuda":
+            self.peak_tflops = peak_tflops_of(torch.cuda.get_device_name(env.device))
         self.teacher = self._prepare_modes()
 
         self.optimizer = build_optimizer(
@@ -346,7 +353,17 @@ class Trainer:
             self.ddp_model = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=device_ids, find_unused_parameters=False, gradient_as_bucket_view=True
             )
-        self.forward_model = torch.compile(self.ddp_model) if cfg.compile else self.ddp_model
+        self.forward_model = self.ddp_model
+        if cfg.compile and self.recurrent:
+            # Compile each layer, not the whole model: the unrolled recurrence would be traced
+            # (and recompiled) anew for every (n, k) the depth sampler draws.
+            from retrofit.modeling_raven import Block
+
+            for module in self.model.modules():
+                if isinstance(module, Block):
+                    module.compile()
+        elif cfg.compile:
+            self.forward_model = torch.compile(self.ddp_model)
         self.autocast = (
             torch.autocast(device_type="cuda", dtype=torch.bfloat16)
             if env.device.type == "cuda" and not cfg.no_amp
@@ -662,7 +679,7 @@ class Trainer:
         mean_rec, backprop = self.schedule.applied_at(step) if self.recurrent else (None, None)
         depths = [self.depth_for(self.data_step + i + 1, mean_rec, backprop) for i in range(len(batches))]
         self.set_step_lr(depths)
-        mean_loss, tokens, tokens_with_loss, mean_kl = self.accumulate_gradients(batches, depths)
+        mean_loss, tokens, tokens_with_loss, flops, mean_kl = self.accumulate_gradients(batches, depths)
         grad_norm = self.clip_gradients()
         if not (math.isfinite(mean_loss) and math.isfinite(grad_norm)):
             self.stop_on_non_finite(step, mean_loss, grad_norm)
@@ -687,6 +704,7 @@ class Trainer:
             num_steps_no_grad=last_depth[0],
             num_steps_with_grad=last_depth[1],
             tokens_per_second=tokens / step_time,
+            mfu=model_flops_utilization(flops, step_time, self.peak_tflops, self.env.world_size),
             total_tokens=self.total_tokens,
             total_tokens_with_loss=self.total_tokens_with_loss,
             lr_recurrent=next((g["lr"] for g in self.optimizer.param_groups if g.get("recurrent")), None),
@@ -726,13 +744,13 @@ class Trainer:
             divisor = max(1, int(sum(k for _, k in depths) / len(depths)))
         set_learning_rates(self.optimizer, lr_factor, recurrent_divisor=divisor)
 
-    def accumulate_gradients(self, batches: list, depths: list) -> tuple[float, int, int, float]:
+    def accumulate_gradients(self, batches: list, depths: list) -> tuple[float, int, int, float, float]:
         """Forward/backward of every micro-batch (gradients synchronised on the last); returns the
-        step's mean loss over all ranks and micro-batches, its token counts over all ranks, and the
-        mean distillation KL (0 without a teacher)."""
+        step's mean loss over all ranks and micro-batches, its token counts and model FLOPs over all
+        ranks, and the mean distillation KL (0 without a teacher)."""
         local_loss = torch.zeros((), device=self.env.device)  # summed on device: one sync per step
         local_kl = torch.zeros((), device=self.env.device)
-        tokens, tokens_with_loss = 0, 0
+        tokens, tokens_with_loss, flops = 0, 0, 0
         last = len(batches) - 1
         for i, batch in enumerate(batches):
             self.data_step += 1
@@ -741,13 +759,14 @@ class Trainer:
             if self.micro_kl is not None:
                 local_kl += self.micro_kl
             tokens, tokens_with_loss = tokens + n_tokens, tokens_with_loss + n_with_loss
-        loss_sum, count, tokens, tokens_with_loss, kl_sum = dist_utils.all_reduce_sum(
-            [local_loss.item(), len(batches), tokens, tokens_with_loss, local_kl.item()], self.env.device
+            flops += micro_batch_flops(self.param_counts, depths[i], n_tokens)
+        loss_sum, count, tokens, tokens_with_loss, flops, kl_sum = dist_utils.all_reduce_sum(
+            [local_loss.item(), len(batches), tokens, tokens_with_loss, float(flops), local_kl.item()], self.env.device
         )
         # The step's loss is the mean of the micro-batch losses (what the gradient averages) and
         # log_ppl its exp; with packed rows (equal label counts) neither depends on how the
         # global batch is split over ranks and micro-batches.
-        return loss_sum / count, tokens, tokens_with_loss, kl_sum / count
+        return loss_sum / count, tokens, tokens_with_loss, flops, kl_sum / count
 
     def clip_gradients(self) -> float:
         max_grad_norm = self.cfg.max_grad_norm

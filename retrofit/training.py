@@ -200,4 +200,6 @@ def format_step_line(record: dict, max_steps: int) -> str:
             f"(n,k)=({record['num_steps_no_grad']},{record['num_steps_with_grad']})",
         ]
     parts.append(f"tok/s {record['tokens_per_second']:,.0f}")
+    if record.get("mfu") is not None:
+        parts.append(f"mfu {record['mfu']:.1%}")
     return " | ".join(parts)

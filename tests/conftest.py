@@ -28,7 +28,9 @@ from retrofit.synthetic import arithmetic_problems, problem_text, train_tokenize
 from retrofit.testing import (  # noqa: E402
     pack_token_rows,
     save_hf_model,
+    FAMILY_OVERRIDES,
     save_raven_model,
+    tiny_family_config,
     tiny_llama_config,
     tiny_olmo2_config,
     tiny_raven_config,
@@ -66,6 +68,16 @@ def tiny_llama_dir(tmp_path_factory, tokenizer_dir, tokenizer) -> Path:
 def tiny_olmo2_dir(tmp_path_factory, tokenizer_dir, tokenizer) -> Path:
     out = tmp_path_factory.mktemp("tiny_olmo2")
     return save_hf_model(tiny_olmo2_config(len(tokenizer)), out, tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_family_dirs(tmp_path_factory, tokenizer_dir, tokenizer) -> dict[str, Path]:
+    """Tiny random SmolLM2 / Mistral / Qwen2 / Qwen3 bases (random norms and biases), with the test tokenizer."""
+    root = tmp_path_factory.mktemp("tiny_families")
+    return {
+        family: save_hf_model(tiny_family_config(family, len(tokenizer)), root / family, tokenizer_dir, randomize=True)
+        for family in FAMILY_OVERRIDES
+    }
 
 
 @pytest.fixture(scope="session")

@@ -20,6 +20,9 @@ from retrofit.flops import (
     ParamCounts,
     build_on_meta,
     count_model_dir,
+    micro_batch_flops,
+    model_flops_utilization,
+    peak_tflops_of,
     step_flops,
     summed_mean_recurrence,
     training_flops,
@@ -130,6 +133,13 @@ def test_step_and_schedule_flops_by_hand():
     assert summed_mean_recurrence(sqrt, 5) == 11 and summed_mean_recurrence(linear, 5) == 14
     static = ParamCounts(recurrent=False, embeddings=5, layers=100)
     assert training_flops(static, 7, None, tokens_per_step=3) == 6 * 100 * 3 * 7
+    # One micro-batch at its drawn depth (n without grad, k with grad) is step_flops at r = n + k, s = k.
+    assert micro_batch_flops(counts, (2, 2), 3) == 6 * 3 * (1 + 2 + 2 * 10) + 2 * 3 * 2 * 10 == 534
+    assert micro_batch_flops(static, None, 3) == 6 * 100 * 3
+    assert model_flops_utilization(1e12, 2.0, 250.0, devices=2) == pytest.approx(1e12 / 2 / 500e12)
+    assert model_flops_utilization(1e12, 2.0, None) is None
+    assert peak_tflops_of("NVIDIA H100 PCIe") == 756.0 and peak_tflops_of("NVIDIA H100 80GB HBM3") == 989.0
+    assert peak_tflops_of("NVIDIA A100-SXM4-80GB") == 312.0 and peak_tflops_of("cpu") is None
     with pytest.raises(ValueError, match="needs a recurrence schedule"):
         training_flops(counts, 3, None)
     with pytest.raises(ValueError, match="mean_recurrence_schedule.warmup=1.5"):

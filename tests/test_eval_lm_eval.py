@@ -207,3 +207,31 @@ def test_gsm8k_cot_sean_on_local_rows(monkeypatch):
     scores = [task.process_results(inst.doc, [inst.filtered_resps["flexible-extract"]])["exact_match"]
               for inst in task.instances]
     assert scores == [1.0, 0.0]
+
+
+@pytest.mark.slow
+def test_lm_eval_on_a_converted_qwen3_is_batch_independent(tmp_path, tiny_family_dirs):
+    """A new family through the same path: Qwen3 (per-head q/k norms) converted, then eval.sh at
+    recurrence 2 with batch 4 (padded) and batch 1, concurrently; same scores and generations."""
+    from retrofit.conversion import LayerChoice, convert
+
+    ckpt = tmp_path / "qwen3_run" / "model_only_chkpt_10"
+    convert(tiny_family_dirs["qwen3"], ckpt, LayerChoice([0, 1], [4, 5], [6, 7]), dtype="float32", mean_recurrence=2)
+    config = json.loads((ckpt / "config.json").read_text())
+    config["init_values"]["std"] = 0.0
+    (ckpt / "config.json").write_text(json.dumps(config))
+    single = tmp_path / "qwen3_bs1" / "model_only_chkpt_10"
+    shutil.copytree(ckpt, single)
+    jobs = {"batched": eval_sh_args("--recurrences", "2", ckpt, "--", "--log_samples"),
+            "single": eval_sh_args("--recurrences", "2", single, "--", "--log_samples", batch_size=1)}
+    procs = {name: subprocess.Popen(cmd, cwd=ROOT, env=eval_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for name, cmd in jobs.items()}
+    logs = {name: proc.communicate(timeout=600)[0] for name, proc in procs.items()}
+    for name, proc in procs.items():
+        assert proc.returncode == 0, f"eval.sh ({name}) failed:\n{logs[name][-4000:]}"
+    batched, alone = ckpt / "eval" / "rec_2", single / "eval" / "rec_2"
+    assert results_file(batched)[1]["config"]["model_args"]["mean_recurrence"] in (2, "2")
+    for a, b in zip(loglikelihoods(samples(batched, "arith_mc_local")), loglikelihoods(samples(alone, "arith_mc_local"))):
+        assert a == pytest.approx(b, abs=1e-4)
+    assert [r["resps"] for r in samples(batched, "gsm8k_cot_sean_local")] == [r["resps"] for r in samples(alone, "gsm8k_cot_sean_local")]
+    assert results_file(batched)[1]["results"] == results_file(alone)[1]["results"]

@@ -33,6 +33,8 @@ def tiny_model(seed: int = 0, **overrides) -> RavenForCausalLM:
 FAMILIES = [
     pytest.param({}, id="llama"),
     pytest.param({"norm_placement": "post", "qk_norm": True}, id="olmo2"),
+    pytest.param({"qkv_bias": True}, id="qwen2"),
+    pytest.param({"qk_norm": "per_head", "head_dim": 16}, id="qwen3"),
 ]
 
 
@@ -303,6 +305,7 @@ def test_mean_recurrence_override_changes_the_result(tmp_path):
     (dict(n_heads=4, num_key_value_heads=3), "num_key_value_heads"),
     (dict(mean_recurrence=0), "mean_recurrence"),
     (dict(tie_embeddings=True), "tie_embeddings"),
+    (dict(qk_norm="heads"), "qk_norm must be one of none, whole, per_head"),
 ])
 def test_config_errors_name_the_bad_value(bad, match):
     with pytest.raises(ValueError, match=match):

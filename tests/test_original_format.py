@@ -152,7 +152,7 @@ def test_original_format_loads_and_computes_what_the_original_computes(tmp_path,
     for model in (direct, auto):
         assert model.config.rope_theta == c["rope_theta"]  # never rope_base (500000)
         assert model.config.rope_parameters["rope_type"] == (c.get("rope_scaling") or {}).get("rope_type", "default")
-        assert (model.config.norm_placement, model.config.qk_norm) == (("post", True) if name == "olmo2" else ("pre", False))
+        assert (model.config.norm_placement, model.config.qk_norm) == (("post", "whole") if name == "olmo2" else ("pre", "none"))
         assert model.config.effective_expected_depth == c["n_layers_in_prelude"] + c["n_layers_in_coda"] + 32 * c["n_layers_in_recurrent_block"]
     ids, s0 = inputs(name)
     for r in (1, 4):

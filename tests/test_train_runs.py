@@ -19,7 +19,7 @@ from retrofit.testing import pack_token_rows, save_raven_model, tiny_raven_confi
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = str(ROOT / "train.py")
-VOLATILE_KEYS = {"tokens_per_second"}  # wall-clock dependent
+VOLATILE_KEYS = {"tokens_per_second", "mfu"}  # wall-clock dependent
 
 
 def run_env(**extra) -> dict:
@@ -222,6 +222,7 @@ def test_chat_sft_mode_on_plain_hf_model(tmp_path, tiny_llama_dir):
     assert len(records) == 3  # 24 rows / 8 per step, max_steps derived from epochs
     assert all(0 < r["total_tokens_with_loss"] < r["total_tokens"] / 2 for r in records)  # answers only
     assert records[0]["mean_recurrence"] is None
+    assert all(r["mfu"] is None for r in records)  # a CPU run with no --peak_tflops: no peak to divide by
     assert (tmp_path / "sft" / "final_checkpoint" / "tokenizer_config.json").exists()
 
 
@@ -253,16 +254,23 @@ def test_error_cases_exit_2_with_a_clear_message(tmp_path, capsys, train_raven_d
 
 def test_init_from_scratch_ellis_adam_fixed_steps(tmp_path, train_raven_dir, train_parquet_dir):
     from retrofit.checkpoint import load_training_state
+    from retrofit.flops import count_model_dir
     from retrofit.modeling_raven import RavenForCausalLM
 
     code = main_in_process([f"--model_name={train_raven_dir}", f"--preprocessed_data_path={train_parquet_dir}",
                             "--is_parquet_dataset=true", "--max_steps=2", "--save_interval=1", "--micro_batch_size=2",
                             "--batch_size=2", "--init_from_scratch=true", "--fix_num_steps=true",
                             "--use_ellis_adam.use_ellis_adam=true", "--optim_config.lr=1e-3",
-                            f"--out_path={tmp_path}", "--run_name=scratch"])
+                            "--peak_tflops=1e-6", f"--out_path={tmp_path}", "--run_name=scratch"])
     assert code == 0
     records = read_metrics(tmp_path / "scratch")
     assert [(r["num_steps_no_grad"], r["num_steps_with_grad"]) for r in records] == [(0, 1), (0, 1)]
+    # mfu = model FLOPs of the step (param_counter's count at the drawn depth) / time / peak.
+    counts = count_model_dir(train_raven_dir)
+    tokens = 2 * 32  # batch 2 x max_length 32
+    flops = 6 * tokens * (counts.prelude + counts.coda + counts.recurrent_block)  # (n, k) = (0, 1)
+    for r in records:
+        assert r["mfu"] == pytest.approx(flops * r["tokens_per_second"] / tokens / 1e6, rel=1e-6)
     state = load_training_state(tmp_path / "scratch" / "checkpoint_2")
     assert {"exp_avg", "exp_avg_sq", "step"} <= set(next(iter(state["optimizer"]["state"].values())))
     pretrained = RavenForCausalLM.from_pretrained(train_raven_dir).state_dict()["transformer.wte.weight"]

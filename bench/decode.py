@@ -1,0 +1,142 @@
+"""Cached greedy decoding of the recurrent model against HF `LlamaForCausalLM.generate`, in one run.
+
+Both models have the same number of layer applications per token (prelude + r * core + coda
+recurrent layers = that many HF Llama layers), the same width, heads and vocabulary, random
+weights, float32. Each configuration is timed `--repeats` times, interleaved (ours, HF, ours, HF,
+...) so load changes on a shared machine hit both alike; the median of each is printed with the
+ratio ours / HF in tokens per second (higher is better; the issue's goals: >= 2.0 at batch 1, >= 1.5
+at batch 16). Also checks that the cached decode gives the same tokens as recomputing the whole
+sequence every step (`use_cache=False`, the reference path), at batch 1 and for a left-padded batch.
+
+    python bench/decode.py [--batches 1,16] [--repeats 5] [--threads 2] [--compile]
+
+`--compile` adds a row for `generate(..., compile=True)` (a torch.compile'd decode step with static
+shapes; on CPU this mostly measures inductor's CPU code, the point of the flag is CUDA graphs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+
+from retrofit.configuration_raven import RavenConfig
+from retrofit.modeling_raven import RavenForCausalLM
+
+# The issue's shape: hidden 256, intermediate 704, 4 heads / 2 KV heads, (2, 2, 2), vocab 4096.
+SHAPE = dict(hidden=256, intermediate=704, heads=4, kv_heads=2, vocab=4096, prelude=2, core=2, coda=2)
+
+
+def recurrent_model(device, dtype, shape=SHAPE) -> RavenForCausalLM:
+    config = RavenConfig(
+        n_embd=shape["hidden"], n_heads=shape["heads"], num_key_value_heads=shape["kv_heads"],
+        intermediate_size=shape["intermediate"], n_layers_in_prelude=shape["prelude"],
+        n_layers_in_recurrent_block=shape["core"], n_layers_in_coda=shape["coda"],
+        vocab_size=shape["vocab"], rope_theta=10000.0, max_position_embeddings=2048,
+        init_values={"std": 0.0}, bos_token_id=0, eos_token_id=1, pad_token_id=2,
+    )
+    torch.manual_seed(0)
+    return RavenForCausalLM(config).to(device=device, dtype=dtype).eval()
+
+
+def hf_model(num_layers: int, device, dtype, shape=SHAPE):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        hidden_size=shape["hidden"], intermediate_size=shape["intermediate"], num_attention_heads=shape["heads"],
+        num_key_value_heads=shape["kv_heads"], num_hidden_layers=num_layers, vocab_size=shape["vocab"],
+        max_position_embeddings=2048, tie_word_embeddings=False, attn_implementation="sdpa",
+        bos_token_id=0, eos_token_id=1, pad_token_id=2,
+    )
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).to(device=device, dtype=dtype).eval()
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device) -> float:
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", default="1,16")
+    parser.add_argument("--recurrence", type=int, default=8)
+    parser.add_argument("--prompt", type=int, default=32)
+    parser.add_argument("--new_tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--compile", action="store_true", help="also time generate(compile=True)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    r = args.recurrence
+    ours = recurrent_model(device, dtype)
+    layers = SHAPE["prelude"] + r * SHAPE["core"] + SHAPE["coda"]
+    hf = hf_model(layers, device, dtype)
+    new = args.new_tokens
+    print(f"device {device}, {args.dtype}, torch threads {torch.get_num_threads()}, shape {SHAPE}, recurrence {r} "
+          f"({layers} layer applications; HF Llama with {layers} layers), prompt {args.prompt}, {new} new tokens, "
+          f"greedy, median of {args.repeats} interleaved repeats")
+
+    torch.manual_seed(1)
+    batches = [int(b) for b in args.batches.split(",")]
+    print(f"{'batch':>5} {'path':>16} {'tokens/s':>10} {'vs HF':>7}")
+    with torch.no_grad():
+        for batch in batches:
+            prompt = torch.randint(3, SHAPE["vocab"], (batch, args.prompt), device=device)
+            mask = torch.ones_like(prompt)
+
+            def run_ours(compile_step=False):
+                return ours.generate(prompt, attention_mask=mask, max_new_tokens=new, num_steps=r,
+                                     eos_token_id=[], pad_token_id=2, **({"compile": True} if compile_step else {}))
+
+            def run_hf():
+                return hf.generate(prompt, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
+                                   do_sample=False, eos_token_id=None, pad_token_id=2)
+
+            paths = {"ours (cached)": run_ours, "HF Llama": run_hf}
+            if args.compile:
+                paths["ours (compiled)"] = lambda: run_ours(True)
+            times = {name: [] for name in paths}
+            outputs = {name: fn() for name, fn in paths.items()}  # warm-up (and compilation)
+            for _ in range(args.repeats):
+                for name, fn in paths.items():
+                    times[name].append(timed(fn, device))
+            hf_tps = batch * new / statistics.median(times["HF Llama"])
+            for name in paths:
+                tps = batch * new / statistics.median(times[name])
+                print(f"{batch:>5} {name:>16} {tps:10.1f} {tps / hf_tps:7.2f}x")
+            assert outputs["ours (cached)"].shape == (batch, args.prompt + new)
+            if "ours (compiled)" in outputs:
+                same = torch.equal(outputs["ours (compiled)"], outputs["ours (cached)"])
+                print(f"      compiled tokens == eager cached tokens: {same}")
+
+        # Same tokens as the reference path: recompute the whole sequence every step (no cache),
+        # for one prompt and for a left-padded batch.
+        prompt = torch.randint(3, SHAPE["vocab"], (3, args.prompt), device=device)
+        mask = torch.ones_like(prompt)
+        mask[1, : args.prompt // 2] = 0
+        mask[2, : args.prompt - 3] = 0
+        prompt = prompt.masked_fill(mask == 0, 2)
+        check = min(new, 16)
+        kw = dict(attention_mask=mask, max_new_tokens=check, num_steps=r, eos_token_id=[], pad_token_id=2)
+        same = torch.equal(ours.generate(prompt, use_cache=True, **kw), ours.generate(prompt, use_cache=False, **kw))
+        print(f"cached == uncached (full recompute) tokens, left-padded batch of 3, {check} new tokens: {same}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""Fast decoding keeps its tokens: the cached decode loop against a from-scratch greedy reference,
+the torch.compile'd static-shape decode step (inductor on CPU), and the bf16 autocast and compiled
+training paths on a tiny model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_model import FAMILIES, VOCAB, tiny_model
+
+from retrofit.modeling_raven import Block, KVCache
+
+
+@torch.no_grad()
+def reference_greedy(model, ids, mask, new_tokens, num_steps, eos, pad):
+    """Greedy decoding with no cache and no generate(): every step runs the model's forward on the
+    whole sequence so far. Finished rows are padded and their later tokens masked out."""
+    ids, mask = ids.clone(), mask.clone()
+    done = torch.zeros(ids.shape[0], dtype=torch.bool)
+    for _ in range(new_tokens):
+        logits = model(ids, attention_mask=mask, num_steps=num_steps).logits[:, -1]
+        token = torch.where(done, torch.tensor(pad), logits.argmax(-1))
+        ids = torch.cat([ids, token[:, None]], 1)
+        mask = torch.cat([mask, (~done).long()[:, None]], 1)
+        done |= token == eos
+        if done.all():
+            break
+    return ids
+
+
+def left_padded_batch(lengths, width, pad=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.full((len(lengths), width), pad)
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        ids[b, width - n :] = torch.randint(3, VOCAB, (n,), generator=g)
+        mask[b, width - n :] = 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("num_steps", [1, 5])
+def test_cached_decode_equals_full_recompute_reference(family, num_steps):
+    model = tiny_model(seed=1, **family)
+    ids, mask = left_padded_batch([7, 3, 5, 7], 7)
+    # An EOS that one row emits part-way through, so masking of finished rows is exercised too.
+    free = reference_greedy(model, ids, mask, 10, num_steps, eos=-1, pad=2)
+    eos = int(free[1, 7 + 3])
+    expected = reference_greedy(model, ids, mask, 10, num_steps, eos=eos, pad=2)
+    got = model.generate(ids, attention_mask=mask, max_new_tokens=10, num_steps=num_steps, eos_token_id=eos, pad_token_id=2)
+    assert torch.equal(got, expected)
+    assert (got[1, 7 + 4 :] == 2).all()  # row 1 finished at its EOS and is padded from there
+    # Unpadded prompts take the path without a mask: same tokens as the reference too.
+    plain = ids[[0, 3]]
+    ones = torch.ones_like(plain)
+    assert torch.equal(model.generate(plain, max_new_tokens=10, num_steps=num_steps, eos_token_id=[]),
+                       reference_greedy(model, plain, ones, 10, num_steps, eos=-1, pad=2))
+
+
+def test_cache_with_capacity_is_written_in_place_and_still_grows():
+    model = tiny_model()
+    ids = torch.randint(3, VOCAB, (2, 8))
+    cache = KVCache(capacity=7)
+    with torch.no_grad():
+        model(ids[:, :5], num_steps=2, past_key_values=cache, use_cache=True)
+        assert {t.shape[2] for t in cache.keys.values()} == {7}  # allocated once, at the capacity
+        buffers = {slot: t.data_ptr() for slot, t in cache.keys.items()}
+        model(ids[:, 5:7], num_steps=2, past_key_values=cache, use_cache=True)
+        assert {slot: t.data_ptr() for slot, t in cache.keys.items()} == buffers  # written in place
+        last = model(ids[:, 7:], num_steps=2, past_key_values=cache, use_cache=True).logits
+        assert cache.seen_tokens == 8 and {t.shape[2] for t in cache.keys.values()} == {14}  # grew by doubling
+        torch.testing.assert_close(last[:, -1], model(ids, num_steps=2).logits[:, -1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow  # inductor compiles C++ on the CPU: about a minute
+def test_compiled_decode_step_gives_the_same_tokens():
+    model = tiny_model(seed=2, n_layers_in_recurrent_block=1)
+    ids, mask = left_padded_batch([6, 2, 4], 6, seed=3)
+    kw = dict(attention_mask=mask, max_new_tokens=6, num_steps=3, eos_token_id=[], pad_token_id=2)
+    eager = model.generate(ids, **kw)
+    compiled = model.generate(ids, compile=True, **kw)
+    assert torch.equal(compiled, eager)
+    again = model.generate(ids, compile=True, **{**kw, "max_new_tokens": 9})  # same capacity bucket: no new graph
+    assert torch.equal(again[:, :12], eager)
+    with pytest.raises(ValueError, match="compile=True"):
+        model.generate(ids, compile=True, adaptive_threshold=1e-3, **kw)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bf16_autocast_training_step(family):
+    model = tiny_model(**family).train()
+    ids = torch.randint(3, VOCAB, (2, 12))
+    with torch.no_grad():
+        reference = model(ids, labels=ids, num_steps=(1, 2)).loss
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(ids, labels=ids, num_steps=(1, 2))
+    assert out.logits.dtype == torch.bfloat16
+    out.loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert abs(out.loss.item() - reference.item()) < 0.05 * reference.item()
+
+
+def test_bf16_weights_generate():
+    model = tiny_model().to(torch.bfloat16)
+    ids, mask = left_padded_batch([5, 3], 5)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=4, num_steps=3, eos_token_id=[], pad_token_id=2)
+    assert out.shape == (2, 9) and int(out.max()) < VOCAB
+
+
+@pytest.mark.slow  # inductor compiles forward and backward: one to two minutes
+def test_compiled_layers_training_step_matches_eager():
+    """train.py --compile compiles each layer, so the depths the sampler draws reuse one graph."""
+    model = tiny_model(n_layers_in_recurrent_block=1).train()
+    ids = torch.randint(3, VOCAB, (2, 8))
+    expected = {}
+    for num_steps in ((1, 1), (0, 3)):
+        loss = model(ids, labels=ids, num_steps=num_steps).loss
+        loss.backward()
+        expected[num_steps] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
+        model.zero_grad(set_to_none=True)
+    for module in model.modules():
+        if isinstance(module, Block):
+            module.compile()
+    for num_steps, (eager_loss, grads) in expected.items():
+        loss = model(ids, labels=ids, num_steps=num_steps).loss
+        loss.backward()
+        torch.testing.assert_close(loss, eager_loss, rtol=1e-4, atol=1e-5)
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(p.grad, grads[name], rtol=1e-3, atol=1e-5, msg=name)
+        model.zero_grad(set_to_none=True)
+
+
+@pytest.mark.slow  # runs the GPU check script end to end at tiny shapes
+def test_gpu_check_script_smoke_run_on_cpu(capsys):
+    import importlib.util
+
+    from conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "bench" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    assert gpu_check.main(["--tiny", "--device", "cpu", "--skip_compile", "--peak_tflops", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "MFU against 1.0 TFLOP/s (--peak_tflops)" in out
+    assert "  False   (2, 2)" in out  # the training row at (n, k) = (mean - backprop, backprop)
+    assert [line.split()[:2] for line in out.splitlines() if line.strip().endswith("x")] == [["1", "10"], ["4", "10"]]
