@@ -5,7 +5,8 @@ Two ranks (gloo on CPU, NCCL on GPU; the script relaunches itself under torchrun
 plainly). Per mode, on a scaled-down TinyLlama shape (hidden 256, GQA 8/2, (2, 2, 2) layers,
 vocab 4096, 2 x micro-batch 4 x 128 tokens, depth (n, k) = (4, 8), AdamW), it prints:
 
-- tokens/s of whole optimizer steps (forward, backward, optimizer step; median of --steps),
+- tokens/s of whole optimizer steps (forward, backward, optimizer step; median of --steps, the
+  modes' steps interleaved round by round so machine noise hits them alike),
 - persistent training memory per rank: this rank's parameters + gradients + optimizer state bytes
   (what sharding divides), counted exactly from the tensors (local shards under FSDP),
 - activation memory saved for backward during one micro-batch forward (saved-tensor hooks, as
@@ -100,7 +101,9 @@ def saved_activation_bytes(fn, model) -> int:
     return total
 
 
-def run_mode(mode: str, args, device, rank: int) -> dict:
+def build_mode(mode: str, args, device, rank: int) -> dict:
+    """The model, optimizer and step of one mode (all modes live side by side, so their steps can
+    be interleaved and machine noise hits every mode alike)."""
     from retrofit import fsdp
     from retrofit.distill import distillation_kl
 
@@ -136,24 +139,37 @@ def run_mode(mode: str, args, device, rank: int) -> dict:
         optimizer.zero_grad(set_to_none=True)
 
     step()  # warm-up (creates the optimizer state)
-    times = []
-    for _ in range(args.steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        dist.barrier()
-        start = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    loss_of().backward()  # gradients present: count them with the state
-    persistent = state_bytes(model, optimizer)
-    optimizer.zero_grad(set_to_none=True)
-    activations = saved_activation_bytes(loss_of, model)
-    step_time = torch.tensor([statistics.median(times)], dtype=torch.float64, device=device)
-    dist.all_reduce(step_time, op=dist.ReduceOp.MAX)  # a step ends when the slowest rank does
+    return dict(model=model, optimizer=optimizer, loss_of=loss_of, step=step, times=[])
+
+
+def timed(step, device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    dist.barrier()
+    start = time.perf_counter()
+    step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64, device=device)
+    dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)  # a step ends when the slowest rank does
+    return elapsed.item()
+
+
+def measure(modes: dict, args, device) -> dict:
+    for _ in range(args.steps):  # interleaved rounds
+        for built in modes.values():
+            built["times"].append(timed(built["step"], device))
     tokens = args.micro_batch * args.seq * dist.get_world_size()
-    return dict(tokens_per_s=tokens / step_time.item(), persistent=persistent, activations=activations)
+    results = {}
+    for mode, built in modes.items():
+        model, optimizer = built["model"], built["optimizer"]
+        built["loss_of"]().backward()  # gradients present: count them with the state
+        persistent = state_bytes(model, optimizer)
+        optimizer.zero_grad(set_to_none=True)
+        activations = saved_activation_bytes(built["loss_of"], model)
+        results[mode] = dict(tokens_per_s=tokens / statistics.median(built["times"]), persistent=persistent,
+                             activations=activations)
+    return results
 
 
 def main(argv=None) -> int:
@@ -174,13 +190,12 @@ def main(argv=None) -> int:
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     rank = dist.get_rank()
-    results = {}
-    for mode in (["ddp"] + [m for m in args.modes if m != "ddp"]):
-        results[mode] = run_mode(mode, args, device, rank)
+    modes = {mode: build_mode(mode, args, device, rank) for mode in ["ddp"] + [m for m in args.modes if m != "ddp"]}
+    results = measure(modes, args, device)
     if rank == 0:
         base = results["ddp"]
         print(f"device {device.type}, 2 ranks, shape {SHAPE}, micro-batch {args.micro_batch} x {args.seq} per rank,"
-              f" (n, k) = {DEPTH}, LoRA {LORA} with frozen base, median of {args.steps} steps")
+              f" (n, k) = {DEPTH}, LoRA {LORA} with frozen base, median of {args.steps} interleaved steps")
         print(f"{'mode':<30} {'tokens/s':>9} {'x DDP':>6} {'state MiB/rank':>15} {'x DDP':>6} {'saved act. MiB':>15} {'x DDP':>6}")
         for mode, r in results.items():
             print(f"{mode:<30} {r['tokens_per_s']:9.0f} {r['tokens_per_s'] / base['tokens_per_s']:6.2f}"

@@ -310,13 +310,14 @@ class Trainer:
         self.recurrent = not cfg.non_recurrent_model
         self.max_steps = compute_max_steps(cfg, env, self.max_length, micro_steps_per_epoch)
         self.schedule = build_schedule(cfg, self.model.config, self.max_steps) if self.recurrent else None
+        self.teacher = self._prepare_modes()
         # Model FLOPs per micro-batch are counted as param_counter.py counts them (non-embedding
-        # parameters, recurrent iterations at the drawn (n, k)); mfu divides by the devices' peak.
+        # parameters and LoRA deltas, recurrent iterations at the drawn (n, k)); mfu divides by the
+        # devices' peak. (FSDP shards report their global sizes.)
         self.param_counts = count_parameters(self.model)
         self.peak_tflops = cfg.peak_tflops
         if self.peak_tflops is None and env.device.type == "cuda":
             self.peak_tflops = peak_tflops_of(torch.cuda.get_device_name(env.device))
-        self.teacher = self._prepare_modes()
 
         self.optimizer = build_optimizer(
             self.model,
