@@ -6,7 +6,6 @@ import importlib.util
 import sys
 from pathlib import Path
 
-import pytest
 from conftest import PAPER_DATA, ROOT
 
 
