@@ -29,6 +29,8 @@ import time
 import torch
 import torch.distributed as dist
 
+from retrofit.benchmarking import saved_activation_bytes
+
 SHAPE = dict(hidden=256, intermediate=704, heads=8, kv_heads=2, vocab=4096, prelude=2, core=2, coda=2)
 DEPTH = (4, 8)
 MODES = ["ddp", "fsdp", "ddp+activation_checkpointing", "fsdp+activation_checkpointing", "ddp+lora_shared",
@@ -78,26 +80,6 @@ def state_bytes(model, optimizer) -> int:
         for value in state.values():
             if torch.is_tensor(value) and value.dim() > 0:
                 total += local(value).numel() * local(value).element_size()
-    return total
-
-
-def saved_activation_bytes(fn, model) -> int:
-    """Bytes autograd saves for backward during fn(), weights excluded (they are counted in the
-    persistent state; FSDP's gathered copies are freed after each unit's forward)."""
-    total, seen = 0, set()
-
-    def pack(t):
-        nonlocal total
-        key = t.untyped_storage().data_ptr()
-        # plain tensors: DDP's weights, or an FSDP unit's gathered weights while it runs
-        weights = {p.untyped_storage().data_ptr() for p in model.parameters() if type(p.data) is torch.Tensor}
-        if key not in seen and key not in weights and not isinstance(t, torch.nn.Parameter):
-            seen.add(key)
-            total += t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
     return total
 
 

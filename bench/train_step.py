@@ -21,7 +21,7 @@ import sys
 
 import torch
 
-from retrofit.benchmarking import SCALED_TINYLLAMA, scaled_tinyllama_model, time_call
+from retrofit.benchmarking import SCALED_TINYLLAMA, saved_activation_bytes, scaled_tinyllama_model, time_call
 from retrofit.modeling_raven import RavenForCausalLM
 
 SHAPE = SCALED_TINYLLAMA
@@ -80,24 +80,6 @@ def iteration_costs(ours: RavenForCausalLM, ids, repeats: int, device, dtype) ->
             best[f] = min(best[f], time_call(f, device))
     ours.zero_grad(set_to_none=True)
     return best[ours_grad], best[hf_grad], best[ours_nograd]
-
-
-def saved_activation_bytes(fn) -> int:
-    """Bytes of tensors autograd saves for backward during fn() (the truncated-backprop memory)."""
-    total = 0
-    seen: set[int] = set()
-
-    def pack(t):
-        nonlocal total
-        key = t.untyped_storage().data_ptr()
-        if key not in seen:  # count each storage once (views share one)
-            seen.add(key)
-            total += t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return total
 
 
 def main(argv=None) -> int:

@@ -40,3 +40,28 @@ def time_call(fn, device) -> float:
     fn()
     sync(device)
     return time.perf_counter() - start
+
+
+def saved_activation_bytes(fn, model: torch.nn.Module | None = None) -> int:
+    """Bytes of the tensors autograd saves for backward during fn(), each storage counted once
+    (views share one). With `model`, its weights are left out (they are persistent state, not
+    activations): plain-tensor weights (DDP, or an FSDP unit's gathered copy while it runs) and
+    Parameters."""
+    total, seen = 0, set()
+
+    def pack(t):
+        nonlocal total
+        key = t.untyped_storage().data_ptr()
+        if key in seen:
+            return t
+        if model is not None:
+            weights = {p.untyped_storage().data_ptr() for p in model.parameters() if type(p.data) is torch.Tensor}
+            if key in weights or isinstance(t, torch.nn.Parameter):
+                return t
+        seen.add(key)
+        total += t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total
