@@ -167,7 +167,7 @@ log_dir=${LOG_DIR:-$REPO_ROOT/logs}
 # The log path goes into #SBATCH / #flux: lines inside double quotes (both parsers strip them, so
 # spaces are fine); a double quote, backslash or newline in it could not be written there.
 case "$log_dir" in
-    *'"'* | *'\'* | *$'\n'*) die "LOG_DIR '$log_dir' contains a double quote, backslash or newline; choose another folder" ;;
+    *'"'* | *\\* | *$'\n'*) die "LOG_DIR '$log_dir' contains a double quote, backslash or newline; choose another folder" ;;
 esac
 ext=$([[ "$scheduler" == slurm ]] && echo sbatch || echo flux)
 script_path="$log_dir/$job_name-$(date +%Y%m%d-%H%M%S)-$$.$ext"
