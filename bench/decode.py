@@ -19,10 +19,10 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 
 import torch
 
+from retrofit.benchmarking import time_call
 from retrofit.configuration_raven import RavenConfig
 from retrofit.modeling_raven import RavenForCausalLM
 
@@ -53,19 +53,6 @@ def hf_model(num_layers: int, device, dtype, shape=SHAPE):
     )
     torch.manual_seed(0)
     return LlamaForCausalLM(config).to(device=device, dtype=dtype).eval()
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn, device) -> float:
-    sync(device)
-    start = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - start
 
 
 def main(argv=None) -> int:
@@ -114,7 +101,7 @@ def main(argv=None) -> int:
             outputs = {name: fn() for name, fn in paths.items()}  # warm-up (and compilation)
             for _ in range(args.repeats):
                 for name, fn in paths.items():
-                    times[name].append(timed(fn, device))
+                    times[name].append(time_call(fn, device))
             hf_tps = batch * new / statistics.median(times["HF Llama"])
             for name in paths:
                 tps = batch * new / statistics.median(times[name])
