@@ -21,8 +21,9 @@ import time
 
 import torch
 
+from retrofit.benchmarking import time_call
 from retrofit.configuration_raven import RavenConfig
-from retrofit.evaluation import loss_over_depth, parse_recurrences
+from retrofit.evaluation import loss_over_depth, parse_recurrences, per_sequence_loss
 from retrofit.modeling_raven import RavenForCausalLM
 
 
@@ -52,6 +53,27 @@ def timed_pair(fn_a, fn_b, repeats: int):
             times[k].append(time.perf_counter() - start)
     ratio = statistics.median(b / a for a, b in zip(*times))
     return [statistics.median(t) for t in times], ratio, outs
+
+
+@torch.no_grad()
+def component_costs(model, rows: torch.Tensor, repeats: int) -> dict[str, float]:
+    """Median seconds of the sweep's parts on one batch: embedding + prelude (with the adapter's
+    prelude half), one recurrent iteration, one readout (coda, head, per-sequence loss)."""
+    inputs, labels = rows[:, :-1].to(model.device), rows[:, 1:].to(model.device)
+    ctx = model.attention_context(inputs)
+    e = model.run_prelude(model.embed(inputs), ctx)
+    parts = model.adapter_parts(e)
+    state = model.initial_state(e)
+    parts_fns = {
+        "prelude": lambda: model.adapter_parts(model.run_prelude(model.embed(inputs), ctx)),
+        "iteration": lambda: model.recur(state, e, ctx, 0, adapter_parts=parts),
+        "readout": lambda: per_sequence_loss(model.lm_head(model.run_coda(state, ctx)), labels).cpu(),
+    }
+    times = {name: [] for name in parts_fns}
+    for _ in range(repeats + 1):  # the first round warms up
+        for name, fn in parts_fns.items():
+            times[name].append(time_call(fn, model.device))
+    return {name: statistics.median(t[1:]) for name, t in times.items()}
 
 
 @torch.no_grad()
@@ -91,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
                                independent_runs=independent, progress=False)
 
     (t_one, t_ind), ratio, (one, ind) = timed_pair(lambda: sweep(False), lambda: sweep(True), args.repeats)
+    cost = component_costs(model, rows[: args.batch_size], args.repeats)
     diff = max(abs(a - b) for r in recurrences for ba, bb in zip(one.losses[r], ind.losses[r]) for a, b in zip(ba, bb))
     iters_one, iters_ind = max(recurrences), sum(recurrences)
     print(f"\nloss over depth: {args.num_sequences} sequences x {args.seq_len} tokens, batch {args.batch_size}, "
@@ -100,6 +123,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  speedup one pass / independent: {ratio:.2f}x median of pairs, {t_ind / t_one:.2f}x of medians "
           f"(goal >= 1.9x; iteration ratio {iters_ind / iters_one:.2f}x); "
           f"max |loss difference| {diff:.2e}")
+    # What no implementation of the one pass can beat: both sides pay one coda + head readout per
+    # depth, only the independent runs repeat the prelude and the earlier iterations.
+    n = len(recurrences)
+    ideal = ((n * cost["prelude"] + iters_ind * cost["iteration"] + n * cost["readout"])
+             / (cost["prelude"] + iters_one * cost["iteration"] + n * cost["readout"]))
+    print(f"  per batch: prelude {cost['prelude'] * 1e3:.1f} ms, iteration {cost['iteration'] * 1e3:.1f} ms, "
+          f"readout (coda + head + loss) {cost['readout'] * 1e3:.1f} ms = {cost['readout'] / cost['iteration']:.2f} "
+          f"iterations; ideal one pass / independent at this shape: {ideal:.2f}x")
 
     # -- 2. generation with and without the KV cache -----------------------------------------------
     # Zero initial state here, so cached and uncached decoding can be compared token for token.

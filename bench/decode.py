@@ -55,6 +55,52 @@ def hf_model(num_layers: int, device, dtype, shape=SHAPE):
     return LlamaForCausalLM(config).to(device=device, dtype=dtype).eval()
 
 
+def decode_matmuls(model, r: int) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """(weight, bias) of every matrix multiply one decode step runs, in order: ours (prelude,
+    r x (adapter state half + core block), coda, head) or HF Llama (7 projections per layer, head).
+    The same weight tensors the models use, so the replay sees the same memory."""
+    def ours_layer(block):
+        return [block.attn.Wqkv, block.attn.proj, block.mlp.fc, block.mlp.proj]
+
+    def hf_layer(layer):
+        a, m = layer.self_attn, layer.mlp
+        return [a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj]
+
+    if isinstance(model, RavenForCausalLM):
+        t = model.transformer
+        h = t.adapter.weight.shape[0]
+        adapter_state_half = t.adapter.weight[:, :h].contiguous()  # what `adapter_parts` multiplies per iteration
+        linears = [lin for b in t.prelude for lin in ours_layer(b)]
+        for _ in range(r):
+            linears.append((adapter_state_half, None))
+            linears += [lin for b in t.core_block for lin in ours_layer(b)]
+        linears += [lin for b in t.coda for lin in ours_layer(b)]
+    else:
+        linears = [lin for layer in model.model.layers for lin in hf_layer(layer)]
+    linears.append(model.lm_head)
+    return [lin if isinstance(lin, tuple) else (lin.weight, lin.bias) for lin in linears]
+
+
+def matmul_floor(matmuls, batch: int, prompt: int, new_tokens: int, device, dtype):
+    """A function replaying one generation's matrix multiplies and nothing else: the prompt's
+    (batch x prompt rows; the head on the last position only, as both generate loops do) and
+    new_tokens - 1 decode steps' (batch rows). That is the time a decode loop with zero per-op
+    overhead would take, reading the same weights in the same order."""
+    widths = {w.shape[1] for w, _ in matmuls}
+    step_in = {d: torch.randn(batch, d, device=device, dtype=dtype) for d in widths}
+    prompt_in = {d: torch.randn(batch * prompt, d, device=device, dtype=dtype) for d in widths}
+    head = matmuls[-1]
+
+    def replay():
+        for w, b in matmuls[:-1]:
+            torch.nn.functional.linear(prompt_in[w.shape[1]], w, b)
+        torch.nn.functional.linear(step_in[head[0].shape[1]], *head)
+        for _ in range(new_tokens - 1):
+            for w, b in matmuls:
+                torch.nn.functional.linear(step_in[w.shape[1]], w, b)
+    return replay
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", default="1,16")
@@ -64,6 +110,9 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--compile", action="store_true", help="also time generate(compile=True)")
+    parser.add_argument("--floor", action="store_true",
+                        help="also time the decode steps' matrix multiplies alone, for both models (the "
+                             "zero-overhead floor), and print the ceiling it puts on ours / HF")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = parser.parse_args(argv)
@@ -80,7 +129,7 @@ def main(argv=None) -> int:
 
     torch.manual_seed(1)
     batches = [int(b) for b in args.batches.split(",")]
-    print(f"{'batch':>5} {'path':>16} {'tokens/s':>10} {'vs HF':>7}")
+    print(f"{'batch':>5} {'path':>18} {'tokens/s':>10} {'vs HF':>7}")
     with torch.no_grad():
         for batch in batches:
             prompt = torch.randint(3, SHAPE["vocab"], (batch, args.prompt), device=device)
@@ -97,6 +146,10 @@ def main(argv=None) -> int:
             paths = {"ours (cached)": run_ours, "HF Llama": run_hf}
             if args.compile:
                 paths["ours (compiled)"] = lambda: run_ours(True)
+            if args.floor:
+                # The same generation's matrix multiplies alone, for each model.
+                for name, model in (("ours matmuls only", ours), ("HF matmuls only", hf)):
+                    paths[name] = matmul_floor(decode_matmuls(model, r), batch, args.prompt, new, device, dtype)
             times = {name: [] for name in paths}
             outputs = {name: fn() for name, fn in paths.items()}  # warm-up (and compilation)
             for _ in range(args.repeats):
@@ -105,7 +158,12 @@ def main(argv=None) -> int:
             hf_tps = batch * new / statistics.median(times["HF Llama"])
             for name in paths:
                 tps = batch * new / statistics.median(times[name])
-                print(f"{batch:>5} {name:>16} {tps:10.1f} {tps / hf_tps:7.2f}x")
+                print(f"{batch:>5} {name:>18} {tps:10.1f} {tps / hf_tps:7.2f}x")
+            if args.floor:
+                # With no overhead at all, ours could run at its matmul-only rate: against HF's
+                # measured generate, that is the most any decode loop over these weights can reach.
+                ceiling = statistics.median(h / o for h, o in zip(times["HF Llama"], times["ours matmuls only"]))
+                print(f"      ceiling (HF generate time / our matmul-only time, median of pairs): {ceiling:.2f}x")
             assert outputs["ours (cached)"].shape == (batch, args.prompt + new)
             if "ours (compiled)" in outputs:
                 same = torch.equal(outputs["ours (compiled)"], outputs["ours (cached)"])

@@ -161,8 +161,38 @@ def only_right_padded(mask: torch.Tensor) -> bool:
 def per_sequence_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross entropy of each row over its scored targets (labels != -100)."""
     loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="none")
+    return mean_over_scored(loss.view(labels.shape), labels)
+
+
+def mean_over_scored(token_loss: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     scored = (labels != -100).float()
-    return (loss.view_as(scored) * scored).sum(1) / scored.sum(1).clamp(min=1)
+    return (token_loss * scored).sum(1) / scored.sum(1).clamp(min=1)
+
+
+# The depth sweep's readout computes logits for at most this many (token, vocabulary) entries at a
+# time. Unchunked, a batch of 64 x 1024 tokens over Llama-3.2's 128,256-token vocabulary makes
+# 8.4e9 logits (34 GB in float32, twice that with the cross entropy's temporaries) per depth;
+# chunked, about 0.5 GB, while each chunk still has over a thousand rows, so re-reading the head's
+# weights per chunk costs little. Small vocabularies (the tests, the bench) fit in one chunk.
+READOUT_LOGITS_PER_CHUNK = 1 << 27
+
+
+def readout_loss(model, state: torch.Tensor, ctx, labels: torch.Tensor) -> torch.Tensor:
+    """Per-sequence loss of the model's output at `state`: coda, head and cross entropy, the head
+    and loss taken over chunks of tokens (`READOUT_LOGITS_PER_CHUNK`). Each token's loss is the
+    same computation as `per_sequence_loss` on the whole logits tensor (bit for bit on CPU)."""
+    x = model.run_coda(state, ctx).flatten(0, 1)
+    targets = labels.flatten()
+    rows = max(1, READOUT_LOGITS_PER_CHUNK // model.lm_head.out_features)
+    if rows >= x.shape[0]:
+        return per_sequence_loss(model.lm_head(x).view(*labels.shape, -1), labels)
+    token_loss = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+    for start in range(0, x.shape[0], rows):
+        logits = model.lm_head(x[start : start + rows]).float()
+        token_loss[start : start + rows] = F.cross_entropy(
+            logits, targets[start : start + rows], ignore_index=-100, reduction="none"
+        )
+    return mean_over_scored(token_loss.view(labels.shape), labels)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -231,7 +261,7 @@ def depth_sweep(
         for i in range(1, last + 1):
             state = model.recur(state, e, ctx, i - 1, **extra)
             if i in depths:
-                result.losses[i] = per_sequence_loss(model.lm_head(model.run_coda(state, ctx)), labels).cpu()
+                result.losses[i] = readout_loss(model, state, ctx, labels).cpu()
                 result.depth_sum[i] = float(i * result.token_count)
         return result
 

@@ -102,7 +102,10 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in float32 (as HF Llama/OLMo-2 do), then scale in the input dtype. F.rms_norm
         # is one call instead of five small kernels (on CPU its result is bit-identical to
-        # x * rsqrt(mean(x^2) + eps)).
+        # x * rsqrt(mean(x^2) + eps)); in float32 it also takes the weight, bit-identical to
+        # scaling afterwards, and skips the no-op casts (three fewer ops per norm when decoding).
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
@@ -138,6 +141,16 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> 
     """
     half = x.shape[-1] // 2
     return x * cos + torch.cat((x[..., half:], x[..., :half]), dim=-1) * signed_sin
+
+
+def compiled_cache_capacity(total: int) -> int:
+    """Cache length of `generate(compile=True)` for a prompt + new tokens of `total`: the next
+    power of two, at least 64. The compiled step attends over the whole (masked) capacity, so the
+    capacity trades graphs against wasted attention: powers of two give few graphs (one per
+    doubling, each reused by every shorter generation in it) and waste under half the columns.
+    A fixed multiple of 256 made the compiled step slower than eager at batch 16 on CPU (a
+    96-token generation attended 256 columns)."""
+    return max(64, 1 << (max(total, 1) - 1).bit_length())
 
 
 class KVCache:
@@ -573,9 +586,9 @@ class RavenGenerationMixin:
         done = torch.zeros(B, dtype=torch.bool, device=device)
         # The compiled step's shapes include the cache capacity: round it up so that generations
         # of similar length reuse one compiled graph.
-        capacity = -(-total // 256) * 256 if compile else total
+        capacity = compiled_cache_capacity(total) if compile else total
         cache = KVCache(bounded=bounded_cache, capacity=capacity) if use_cache else None
-        step_fn = self._compiled_decode_step() if compile else None
+        step_fn = self._compiled_decode_step(device) if compile else None
         arange_total = torch.arange(capacity, device=device) if compile else None
         depths: list[torch.Tensor] = []
         if streamer is not None:
@@ -652,12 +665,17 @@ class RavenGenerationMixin:
                                           "tokens": int(length - T) * B}
         return tokens[:, :length]
 
-    def _compiled_decode_step(self):
-        """The decode step with static shapes, compiled once per model (`generate(compile=True)`)."""
-        step = getattr(self, "_static_decode_step_compiled", None)
+    def _compiled_decode_step(self, device: torch.device):
+        """The decode step with static shapes, compiled once per model and device type
+        (`generate(compile=True)`). On CPU, inductor's C++ wrapper calls the step's kernels
+        without going through Python per kernel: per-token overhead is what a small decode step
+        is made of (measured: 1.3-2.2x the eager step at batch 1, against 1.3-1.7x without it)."""
+        steps = self.__dict__.setdefault("_static_decode_steps", {})
+        step = steps.get(device.type)
         if step is None:
-            step = torch.compile(RavenForCausalLM._static_decode_step, dynamic=False, fullgraph=False)
-            self._static_decode_step_compiled = step
+            options = {"cpp_wrapper": True} if device.type == "cpu" else None
+            step = torch.compile(RavenForCausalLM._static_decode_step, dynamic=False, fullgraph=False, options=options)
+            steps[device.type] = step
         return step
 
     @staticmethod

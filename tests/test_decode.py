@@ -8,7 +8,7 @@ import pytest
 import torch
 from test_model import FAMILIES, VOCAB, tiny_model
 
-from retrofit.modeling_raven import Block, KVCache
+from retrofit.modeling_raven import Block, KVCache, compiled_cache_capacity
 
 
 @torch.no_grad()
@@ -70,6 +70,10 @@ def test_cache_with_capacity_is_written_in_place_and_still_grows():
         last = model(ids[:, 7:], num_steps=2, past_key_values=cache, use_cache=True).logits
         assert cache.seen_tokens == 8 and {t.shape[2] for t in cache.keys.values()} == {14}  # grew by doubling
         torch.testing.assert_close(last[:, -1], model(ids, num_steps=2).logits[:, -1], rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_cache_capacity_is_a_power_of_two_of_at_least_64():
+    assert [compiled_cache_capacity(n) for n in (1, 12, 64, 65, 96, 128, 129, 2049)] == [64, 64, 64, 128, 128, 128, 256, 4096]
 
 
 @pytest.mark.slow  # inductor compiles C++ on the CPU: about a minute

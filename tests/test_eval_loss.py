@@ -93,6 +93,20 @@ def test_one_pass_equals_independent_runs(model, shard, random_state):
     assert not torch.allclose(flat(other.losses[2]), flat(one.losses[2]))
 
 
+def test_readout_in_chunks_equals_one_chunk(model, shard, monkeypatch):
+    """The sweep's head + loss over chunks of tokens (bounded logits memory at real vocabulary
+    sizes) gives the losses of the whole-batch readout; 7 rows per chunk leaves a ragged last
+    chunk and crosses the padded rows."""
+    import retrofit.evaluation as evaluation
+
+    ids, mask = load_eval_rows(shard, 10)
+    whole = loss_over_depth(model, ids, mask, RECURRENCES, batch_size=5, progress=False)
+    monkeypatch.setattr(evaluation, "READOUT_LOGITS_PER_CHUNK", 7 * model.lm_head.out_features)
+    chunked = loss_over_depth(model, ids, mask, RECURRENCES, batch_size=5, progress=False)
+    for r in RECURRENCES:
+        torch.testing.assert_close(flat(chunked.losses[r]), flat(whole.losses[r]), rtol=1e-6, atol=1e-7)
+
+
 def test_padding_is_not_scored(model, shard):
     """A padded row scores exactly its real tokens: same loss as the unpadded prefix on its own."""
     ids, mask = load_eval_rows(shard, 10)

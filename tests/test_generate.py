@@ -48,6 +48,26 @@ def test_generate_baseline_and_errors(tiny_llama_dir, tmp_path, capsys):
     assert exit_info.value.code == 2 and "no config.json" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # inductor compiles the decode step (C++ on the CPU): about a minute
+def test_generate_compile_streams_the_same_completion(recurrent_dir, capsys):
+    gen = load_generate()
+    argv = [str(recurrent_dir), "--prompt", "Ava has 3 apples.", "--num_steps", "2", "--max_new_tokens", "6", "--no_chat"]
+    assert gen.main(argv) == 0
+    eager = capsys.readouterr().out
+    assert gen.main(argv + ["--compile"]) == 0
+    compiled = capsys.readouterr()
+    assert compiled.out == eager and eager.strip() and "mean depth 2.00" in compiled.err
+
+
+def test_generate_compile_errors(recurrent_dir, tiny_llama_dir, capsys):
+    gen = load_generate()
+    with pytest.raises(SystemExit) as exit_info:
+        gen.main([str(recurrent_dir), "--prompt", "x", "--compile", "--adaptive", "1e-3"])
+    assert exit_info.value.code == 2 and "--compile cannot be combined with --adaptive" in capsys.readouterr().err
+    assert gen.main([str(tiny_llama_dir), "--prompt", "x", "--compile"]) == 2
+    assert "need a recurrent checkpoint" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_generate_shell_wrapper(recurrent_dir):
     env = {**os.environ, "PYTHON": sys.executable}

@@ -13,7 +13,7 @@ import torch
 
 from retrofit.configuration_raven import RavenConfig
 from retrofit.depth import sample_num_steps
-from retrofit.modeling_raven import KVCache, RavenForCausalLM
+from retrofit.modeling_raven import KVCache, RavenForCausalLM, RMSNorm
 from retrofit.testing import tiny_raven_config
 
 VOCAB = 97
@@ -90,6 +90,20 @@ def test_authors_config_keys_load():
                       injection_type="linear", init_values={"std": 0.01, "out_proj": 0.001})
     assert cfg.rope_theta == 500000.0 and cfg.init_values["std"] == 0.01 and cfg.init_values["embed_scale"] == 1.0
     assert cfg.injection_type == "linear"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_is_exactly_hf_llamas_formula(dtype):
+    """The float32 fast path (weight passed into F.rms_norm) and the general path both give HF
+    Llama's RMSNorm bit for bit: normalise in float32, cast, then scale."""
+    torch.manual_seed(0)
+    norm = RMSNorm(256, 1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(256) * 0.3 + 1)
+    x = (torch.randn(3, 5, 256) * 4).to(dtype)
+    xf = x.float()
+    expected = norm.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype)
+    assert torch.equal(norm(x), expected)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
