@@ -8,10 +8,11 @@ ratio ours / HF in tokens per second (higher is better; the issue's goals: >= 2.
 at batch 16). Also checks that the cached decode gives the same tokens as recomputing the whole
 sequence every step (`use_cache=False`, the reference path), at batch 1 and for a left-padded batch.
 
-    python bench/decode.py [--batches 1,16] [--repeats 5] [--threads 2] [--compile]
+    python bench/decode.py [--batches 1,16] [--repeats 5] [--threads 2] [--compile] [--floor]
 
-`--compile` adds a row for `generate(..., compile=True)` (a torch.compile'd decode step with static
-shapes; on CPU this mostly measures inductor's CPU code, the point of the flag is CUDA graphs).
+`--compile` adds a row for `generate(..., compile=True)` (a torch.compile'd decode step; on CPU with
+inductor's C++ wrapper and a dynamic attended length, on CUDA with static shapes). `--floor` adds
+each model's matrix multiplies alone and the ceiling they put on ours / HF.
 """
 
 from __future__ import annotations

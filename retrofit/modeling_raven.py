@@ -153,6 +153,15 @@ def compiled_cache_capacity(total: int) -> int:
     return max(64, 1 << (max(total, 1) - 1).bit_length())
 
 
+def static_decode_shapes(device: torch.device) -> bool:
+    """Whether `generate(compile=True)` keeps every shape of its decode step fixed. On CUDA yes:
+    attention runs over the whole (masked) cache capacity, so one graph serves a generation and
+    can be replayed as a CUDA graph. Elsewhere the attended length is a dynamic dimension of one
+    graph: each token attends only the columns written so far (on CPU, reading the padded
+    capacity was about a tenth of a batch-16 step)."""
+    return torch.device(device).type == "cuda"
+
+
 class KVCache:
     """Keys and values per attention "slot", grown by doubling so decoding costs amortised O(1).
 
@@ -224,7 +233,7 @@ class AttentionContext:
     cache: KVCache | None = None
     past_length: int = 0
     # Compiled decode step only: the cache column being written (a 1-element tensor, so the
-    # step's shapes never change); the mask then covers the cache's whole capacity.
+    # position is not a shape); the mask covers the columns attended, `static_decode_shapes`.
     cache_position: torch.Tensor | None = None
 
 
@@ -271,6 +280,9 @@ class Attention(nn.Module):
         if ctx.cache is not None and slot is not None:
             if ctx.cache_position is not None:
                 k, v = ctx.cache.update_at(slot, k, v, ctx.cache_position)
+                # The columns the mask covers: all of the capacity with static shapes, else the
+                # tokens so far (a dynamic length).
+                k, v = k[:, :, : ctx.mask.shape[-1]], v[:, :, : ctx.mask.shape[-1]]
             else:
                 k, v = ctx.cache.update(slot, k, v, ctx.past_length)
         y = F.scaled_dot_product_attention(
@@ -531,10 +543,11 @@ class RavenGenerationMixin:
         mean depth used per generated token. `bounded_cache=True` keeps only the latest
         iteration's keys for the recurrent layers (memory independent of depth).
 
-        `compile=True` runs each new token through a `torch.compile`d decode step whose shapes
-        never change (attention over the whole preallocated cache, masked), so a GPU can replay
-        it as one CUDA graph; same tokens up to float rounding (attention sums over masked
-        columns too). Not with adaptive exit.
+        `compile=True` runs each new token through a `torch.compile`d decode step, one graph per
+        batch size, depth and cache capacity (`compiled_cache_capacity`): on CUDA with static
+        shapes (attention over the whole cache, masked), so it can be replayed as a CUDA graph;
+        elsewhere over the columns written so far, a dynamic length (`static_decode_shapes`).
+        Same tokens up to float rounding. Not with adaptive exit.
         """
         generation_config = kwargs.pop("generation_config", None)
         if generation_config is not None:
@@ -588,6 +601,7 @@ class RavenGenerationMixin:
         # of similar length reuse one compiled graph.
         capacity = compiled_cache_capacity(total) if compile else total
         cache = KVCache(bounded=bounded_cache, capacity=capacity) if use_cache else None
+        static_shapes = compile and static_decode_shapes(device)
         step_fn = self._compiled_decode_step(device) if compile else None
         arange_total = torch.arange(capacity, device=device) if compile else None
         depths: list[torch.Tensor] = []
@@ -621,15 +635,24 @@ class RavenGenerationMixin:
                     )
                     depths.append(depth[~done].float())
                 elif step_fn is not None:
-                    # Static shapes: keys over the whole capacity, the columns not written yet masked.
-                    key_mask = (arange_total < length)[None].expand(B, -1).clone()
-                    if masked:
-                        key_mask[:, :total] &= mask.bool()
+                    if static_shapes:
+                        # Keys over the whole capacity, the columns not written yet masked.
+                        key_mask = (arange_total < length)[None].expand(B, -1).clone()
+                        if masked:
+                            key_mask[:, :total] &= mask.bool()
+                    else:
+                        key_mask = mask[:, :length].to(torch.bool, copy=True)
                     key_mask[:, length - 1] = True
                     ctx.mask = key_mask[:, None, None, :]
+                    if not static_shapes:
+                        # The attended length (the mask's, `Attention` slices the cache to it) is a
+                        # dynamic dimension: one graph for every length.
+                        torch._dynamo.maybe_mark_dynamic(ctx.mask, 3)
                     ctx.cache_position = torch.full((1,), length - 1, dtype=torch.long, device=device)
                     ctx.past_length = 0  # not a shape here: keeps the compiled step from specialising on it
-                    logits = step_fn(self, step_input, ctx, n_steps, k_steps)
+                    # contiguous: a column of `tokens` has its row stride, which differs with
+                    # the generation's length, and a new stride means a new graph.
+                    logits = step_fn(self, step_input.contiguous(), ctx, n_steps, k_steps)
                     cache.seen_tokens = length
                 else:
                     x, _ = self.run_layers(step_input, ctx, n_steps, k_steps)
@@ -666,22 +689,24 @@ class RavenGenerationMixin:
         return tokens[:, :length]
 
     def _compiled_decode_step(self, device: torch.device):
-        """The decode step with static shapes, compiled once per model and device type
-        (`generate(compile=True)`). On CPU, inductor's C++ wrapper calls the step's kernels
-        without going through Python per kernel: per-token overhead is what a small decode step
-        is made of (measured: 1.3-2.2x the eager step at batch 1, against 1.3-1.7x without it)."""
-        steps = self.__dict__.setdefault("_static_decode_steps", {})
+        """The decode step, compiled once per model and device type (`generate(compile=True)`).
+        On CPU, inductor's C++ wrapper calls the step's kernels without going through Python per
+        kernel: per-token overhead is what a small decode step is made of (measured: 1.3-2.2x
+        the eager step at batch 1, against 1.3-1.7x without it)."""
+        steps = self.__dict__.setdefault("_compiled_decode_steps", {})
         step = steps.get(device.type)
         if step is None:
             options = {"cpp_wrapper": True} if device.type == "cpu" else None
-            step = torch.compile(RavenForCausalLM._static_decode_step, dynamic=False, fullgraph=False, options=options)
+            dynamic = False if static_decode_shapes(device) else None  # None: honour maybe_mark_dynamic
+            step = torch.compile(RavenForCausalLM._decode_step, dynamic=dynamic, fullgraph=False, options=options)
             steps[device.type] = step
         return step
 
     @staticmethod
-    def _static_decode_step(model, step_input, ctx: AttentionContext, n: int, k: int) -> torch.Tensor:
-        """One token through the preallocated cache; every shape is fixed for the whole generation
-        and the write position is a tensor, so the compiled graph is reused for every token."""
+    def _decode_step(model, step_input, ctx: AttentionContext, n: int, k: int) -> torch.Tensor:
+        """One token through the preallocated cache, for `torch.compile`: the write position is a
+        tensor and the attended length a static or a dynamic shape, so one compiled graph serves
+        every token of a generation."""
         x, _ = model.run_layers(step_input, ctx, n, k)
         return model.lm_head(x[:, -1])
 

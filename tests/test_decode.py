@@ -76,16 +76,26 @@ def test_compiled_cache_capacity_is_a_power_of_two_of_at_least_64():
     assert [compiled_cache_capacity(n) for n in (1, 12, 64, 65, 96, 128, 129, 2049)] == [64, 64, 64, 128, 128, 128, 256, 4096]
 
 
-@pytest.mark.slow  # inductor compiles C++ on the CPU: about a minute
-def test_compiled_decode_step_gives_the_same_tokens():
+@pytest.mark.slow  # inductor compiles C++ on the CPU: about a minute per variant
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic_length", "static_shapes_as_on_cuda"])
+def test_compiled_decode_step_gives_the_same_tokens(static, monkeypatch):
+    """Both variants of the compiled step: CPU's (attends the written columns, a dynamic length)
+    and CUDA's (static shapes, the whole capacity masked), forced here on CPU."""
+    from torch._dynamo.utils import counters
+
+    import retrofit.modeling_raven as modeling
+
+    monkeypatch.setattr(modeling, "static_decode_shapes", lambda device: static)
     model = tiny_model(seed=2, n_layers_in_recurrent_block=1)
     ids, mask = left_padded_batch([6, 2, 4], 6, seed=3)
     kw = dict(attention_mask=mask, max_new_tokens=6, num_steps=3, eos_token_id=[], pad_token_id=2)
     eager = model.generate(ids, **kw)
     compiled = model.generate(ids, compile=True, **kw)
     assert torch.equal(compiled, eager)
-    again = model.generate(ids, compile=True, **{**kw, "max_new_tokens": 9})  # same capacity bucket: no new graph
+    graphs = counters["stats"]["unique_graphs"]
+    again = model.generate(ids, compile=True, **{**kw, "max_new_tokens": 9})  # another length, same capacity
     assert torch.equal(again[:, :12], eager)
+    assert counters["stats"]["unique_graphs"] == graphs  # no new graph for it
     with pytest.raises(ValueError, match="compile=True"):
         model.generate(ids, compile=True, adaptive_threshold=1e-3, **kw)
 
