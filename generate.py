@@ -26,8 +26,8 @@ def parse_args(argv=None):
     parser.add_argument("--adaptive", type=float, default=None, metavar="THRESHOLD", help="per-token early exit threshold")
     parser.add_argument("--criterion", choices=["kl", "latent"], default="kl")
     parser.add_argument("--compile", action="store_true",
-                        help="decode through a torch.compile'd static-shape step (recurrent models; not with "
-                             "--adaptive): compiles once per depth and cache size, then each token is faster")
+                        help="decode through a torch.compile'd step (recurrent models; not with --adaptive): "
+                             "compiles once per depth and cache size, then each token is faster")
     parser.add_argument("--no_chat", action="store_true", help="do not apply the chat template")
     parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     parser.add_argument("--temperature", type=float, default=0.7)

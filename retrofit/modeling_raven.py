@@ -145,10 +145,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> 
 
 def compiled_cache_capacity(total: int) -> int:
     """Cache length of `generate(compile=True)` for a prompt + new tokens of `total`: the next
-    power of two, at least 64. The compiled step attends over the whole (masked) capacity, so the
-    capacity trades graphs against wasted attention: powers of two give few graphs (one per
-    doubling, each reused by every shorter generation in it) and waste under half the columns.
-    A fixed multiple of 256 made the compiled step slower than eager at batch 16 on CPU (a
+    power of two, at least 64. The capacity is a shape of the compiled step, so powers of two give
+    few graphs (one per doubling, each reused by every shorter generation in it); with static
+    shapes (CUDA) the step attends over the whole (masked) capacity, and under half of it is
+    padding. A fixed multiple of 256 made that step slower than eager at batch 16 on CPU (a
     96-token generation attended 256 columns)."""
     return max(64, 1 << (max(total, 1) - 1).bit_length())
 
@@ -603,7 +603,7 @@ class RavenGenerationMixin:
         cache = KVCache(bounded=bounded_cache, capacity=capacity) if use_cache else None
         static_shapes = compile and static_decode_shapes(device)
         step_fn = self._compiled_decode_step(device) if compile else None
-        arange_total = torch.arange(capacity, device=device) if compile else None
+        arange_total = torch.arange(capacity, device=device) if static_shapes else None
         depths: list[torch.Tensor] = []
         if streamer is not None:
             streamer.put(input_ids.cpu())  # HF streamer convention: the prompt comes first
