@@ -57,9 +57,10 @@ def hf_model(num_layers: int, device, dtype, shape=SHAPE):
 
 
 def decode_matmuls(model, r: int) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-    """(weight, bias) of every matrix multiply one decode step runs, in order: ours (prelude,
-    r x (adapter state half + core block), coda, head) or HF Llama (7 projections per layer, head).
-    The same weight tensors the models use, so the replay sees the same memory."""
+    """(weight, bias) of every matrix multiply one decode step runs, in order: ours (prelude, the
+    adapter's prelude half, r x (adapter state half + core block), coda, head) or HF Llama (7
+    projections per layer, head). The same weight tensors the models use, so the replay sees the
+    same memory."""
     def ours_layer(block):
         return [block.attn.Wqkv, block.attn.proj, block.mlp.fc, block.mlp.proj]
 
@@ -72,6 +73,7 @@ def decode_matmuls(model, r: int) -> list[tuple[torch.Tensor, torch.Tensor | Non
         h = t.adapter.weight.shape[0]
         adapter_state_half = t.adapter.weight[:, :h].contiguous()  # what `adapter_parts` multiplies per iteration
         linears = [lin for b in t.prelude for lin in ours_layer(b)]
+        linears.append((t.adapter.weight[:, h:], None))  # the prelude half, once per step (`adapter_parts`)
         for _ in range(r):
             linears.append((adapter_state_half, None))
             linears += [lin for b in t.core_block for lin in ours_layer(b)]

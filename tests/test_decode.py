@@ -145,6 +145,37 @@ def test_compiled_layers_training_step_matches_eager():
         model.zero_grad(set_to_none=True)
 
 
+def test_decode_bench_floor_replays_exactly_the_generations_matmuls():
+    """bench/decode.py --floor times each model's matrix multiplies alone: check, by counting
+    FLOPs, that its replay does the same multiplies as a real generate of both models."""
+    import importlib.util
+
+    from conftest import ROOT
+    from torch.utils.flop_counter import FlopCounterMode
+
+    spec = importlib.util.spec_from_file_location("decode_bench", ROOT / "bench" / "decode.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    shape = dict(hidden=32, intermediate=48, heads=4, kv_heads=2, vocab=64, prelude=1, core=2, coda=1)
+    r, batch, prompt_len, new = 3, 2, 5, 4
+    ours = bench.recurrent_model("cpu", torch.float32, shape)
+    hf = bench.hf_model(shape["prelude"] + r * shape["core"] + shape["coda"], "cpu", torch.float32, shape)
+    prompt = torch.randint(3, shape["vocab"], (batch, prompt_len))
+
+    def matmul_flops(fn) -> int:
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            fn()
+        counts = counter.get_flop_counts()["Global"]
+        return sum(v for op, v in counts.items() if "mm" in str(op))  # mm, addmm, bmm: attention's are SDPA
+
+    kw = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=new, eos_token_id=[], pad_token_id=2)
+    real = {"ours": matmul_flops(lambda: ours.generate(prompt, num_steps=r, **kw)),
+            "hf": matmul_flops(lambda: hf.generate(prompt, min_new_tokens=new, do_sample=False, **kw))}
+    for name, model in (("ours", ours), ("hf", hf)):
+        replay = bench.matmul_floor(bench.decode_matmuls(model, r), batch, prompt_len, new, "cpu", torch.float32)
+        assert matmul_flops(replay) == real[name] > 0, name
+
+
 @pytest.mark.slow  # runs the GPU check script end to end at tiny shapes
 def test_gpu_check_script_smoke_run_on_cpu(capsys):
     import importlib.util
