@@ -21,20 +21,15 @@ import time
 
 import torch
 
-from retrofit.benchmarking import time_call
-from retrofit.configuration_raven import RavenConfig
+from retrofit.benchmarking import raven_config, time_call
 from retrofit.evaluation import loss_over_depth, parse_recurrences, per_sequence_loss
 from retrofit.modeling_raven import RavenForCausalLM
 
 
 def small_model(vocab: int, device: str) -> RavenForCausalLM:
     """Shaped like the paper's models, scaled down: 1 prelude, 2 recurrent, 1 coda layer."""
-    config = RavenConfig(
-        n_embd=128, n_heads=4, num_key_value_heads=2, intermediate_size=384,
-        n_layers_in_prelude=1, n_layers_in_recurrent_block=2, n_layers_in_coda=1,
-        vocab_size=vocab, max_position_embeddings=2048, rope_theta=10000.0,
-        mean_recurrence=8, bos_token_id=0, eos_token_id=1, pad_token_id=2,
-    )
+    shape = dict(hidden=128, intermediate=384, heads=4, kv_heads=2, vocab=vocab, prelude=1, core=2, coda=1)
+    config = raven_config(shape, mean_recurrence=8)
     torch.manual_seed(0)
     return RavenForCausalLM(config).to(device).eval()
 

@@ -23,8 +23,7 @@ import sys
 
 import torch
 
-from retrofit.benchmarking import time_call
-from retrofit.configuration_raven import RavenConfig
+from retrofit.benchmarking import llama_config, raven_config, time_call
 from retrofit.modeling_raven import RavenForCausalLM
 
 # The shape: hidden 256, intermediate 704, 4 heads / 2 KV heads, (2, 2, 2), vocab 4096.
@@ -32,28 +31,16 @@ SHAPE = dict(hidden=256, intermediate=704, heads=4, kv_heads=2, vocab=4096, prel
 
 
 def recurrent_model(device, dtype, shape=SHAPE) -> RavenForCausalLM:
-    config = RavenConfig(
-        n_embd=shape["hidden"], n_heads=shape["heads"], num_key_value_heads=shape["kv_heads"],
-        intermediate_size=shape["intermediate"], n_layers_in_prelude=shape["prelude"],
-        n_layers_in_recurrent_block=shape["core"], n_layers_in_coda=shape["coda"],
-        vocab_size=shape["vocab"], rope_theta=10000.0, max_position_embeddings=2048,
-        init_values={"std": 0.0}, bos_token_id=0, eos_token_id=1, pad_token_id=2,
-    )
     torch.manual_seed(0)
+    config = raven_config(shape, init_values={"std": 0.0})
     return RavenForCausalLM(config).to(device=device, dtype=dtype).eval()
 
 
 def hf_model(num_layers: int, device, dtype, shape=SHAPE):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    config = LlamaConfig(
-        hidden_size=shape["hidden"], intermediate_size=shape["intermediate"], num_attention_heads=shape["heads"],
-        num_key_value_heads=shape["kv_heads"], num_hidden_layers=num_layers, vocab_size=shape["vocab"],
-        max_position_embeddings=2048, tie_word_embeddings=False, attn_implementation="sdpa",
-        bos_token_id=0, eos_token_id=1, pad_token_id=2,
-    )
     torch.manual_seed(0)
-    return LlamaForCausalLM(config).to(device=device, dtype=dtype).eval()
+    return LlamaForCausalLM(llama_config(shape, num_layers)).to(device=device, dtype=dtype).eval()
 
 
 def decode_matmuls(model, r: int) -> list[tuple[torch.Tensor, torch.Tensor | None]]:

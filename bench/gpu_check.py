@@ -27,7 +27,7 @@ import time
 import torch
 
 
-from retrofit.configuration_raven import RavenConfig
+from retrofit.benchmarking import llama_config, raven_config, sync
 from retrofit.flops import count_parameters, micro_batch_flops, peak_tflops_of
 from retrofit.modeling_raven import Block, RavenForCausalLM
 
@@ -37,11 +37,6 @@ REAL = dict(hidden=2048, heads=32, kv_heads=4, intermediate=5632, vocab=32000, l
 TINY = dict(hidden=64, heads=4, kv_heads=2, intermediate=128, vocab=256, layers=(1, 2, 1),
             batch=2, seq=32, steps=2, warmup=1, mean_rec=4, backprop=2,
             gen_batches=(1, 4), prompt=8, new_tokens=4, gen_repeats=2)
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def reset_memory(device):
@@ -69,11 +64,7 @@ def measured_matmul_tflops(device, dtype) -> float:
 
 def recurrent_model(shape, device, dtype, compile_layers: bool) -> RavenForCausalLM:
     prelude, core, coda = shape["layers"]
-    config = RavenConfig(n_embd=shape["hidden"], n_heads=shape["heads"], num_key_value_heads=shape["kv_heads"],
-                         intermediate_size=shape["intermediate"], n_layers_in_prelude=prelude,
-                         n_layers_in_recurrent_block=core, n_layers_in_coda=coda, vocab_size=shape["vocab"],
-                         rope_theta=10000.0, max_position_embeddings=2048, init_values={"std": 0.0},
-                         bos_token_id=0, eos_token_id=1, pad_token_id=2)
+    config = raven_config({**shape, "prelude": prelude, "core": core, "coda": coda}, init_values={"std": 0.0})
     torch.manual_seed(0)
     with torch.device(device):
         model = RavenForCausalLM(config).to(dtype)
@@ -85,13 +76,9 @@ def recurrent_model(shape, device, dtype, compile_layers: bool) -> RavenForCausa
 
 
 def hf_model(shape, num_layers: int, device, dtype):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    config = LlamaConfig(hidden_size=shape["hidden"], intermediate_size=shape["intermediate"],
-                         num_attention_heads=shape["heads"], num_key_value_heads=shape["kv_heads"],
-                         num_hidden_layers=num_layers, vocab_size=shape["vocab"], max_position_embeddings=2048,
-                         tie_word_embeddings=False, attn_implementation="sdpa", bos_token_id=0, eos_token_id=1,
-                         pad_token_id=2)
+    config = llama_config(shape, num_layers)
     torch.manual_seed(0)
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # built directly in bf16 on the device: no fp32 copy of 11B weights

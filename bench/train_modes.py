@@ -29,7 +29,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from retrofit.benchmarking import saved_activation_bytes
+from retrofit.benchmarking import llama_config, raven_config, saved_activation_bytes
 
 SHAPE = dict(hidden=256, intermediate=704, heads=8, kv_heads=2, vocab=4096, prelude=2, core=2, coda=2)
 DEPTH = (4, 8)
@@ -39,29 +39,18 @@ LORA = dict(rank=16, alpha=32, targets=["core_block"])
 
 
 def raven(device):
-    from retrofit.configuration_raven import RavenConfig
     from retrofit.modeling_raven import RavenForCausalLM
 
-    config = RavenConfig(
-        n_embd=SHAPE["hidden"], n_heads=SHAPE["heads"], num_key_value_heads=SHAPE["kv_heads"],
-        intermediate_size=SHAPE["intermediate"], n_layers_in_prelude=SHAPE["prelude"],
-        n_layers_in_recurrent_block=SHAPE["core"], n_layers_in_coda=SHAPE["coda"], vocab_size=SHAPE["vocab"],
-        rope_theta=10000.0, max_position_embeddings=1024, init_values={"std": 0.0},
-    )
     torch.manual_seed(0)
-    return RavenForCausalLM(config).to(device).train()
+    return RavenForCausalLM(raven_config(SHAPE, init_values={"std": 0.0})).to(device).train()
 
 
 def teacher(device):
     """A Llama with as many layers as prelude + recurrent block + coda (the parent of a conversion)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    config = LlamaConfig(
-        hidden_size=SHAPE["hidden"], intermediate_size=SHAPE["intermediate"], num_attention_heads=SHAPE["heads"],
-        num_key_value_heads=SHAPE["kv_heads"], num_hidden_layers=SHAPE["prelude"] + SHAPE["core"] + SHAPE["coda"],
-        vocab_size=SHAPE["vocab"], max_position_embeddings=1024, tie_word_embeddings=False,
-    )
     torch.manual_seed(1)
+    config = llama_config(SHAPE, SHAPE["prelude"] + SHAPE["core"] + SHAPE["coda"])
     return LlamaForCausalLM(config).to(device).eval().requires_grad_(False)
 
 

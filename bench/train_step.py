@@ -21,7 +21,13 @@ import sys
 
 import torch
 
-from retrofit.benchmarking import SCALED_TINYLLAMA, saved_activation_bytes, scaled_tinyllama_model, time_call
+from retrofit.benchmarking import (
+    SCALED_TINYLLAMA,
+    llama_config,
+    saved_activation_bytes,
+    scaled_tinyllama_model,
+    time_call,
+)
 from retrofit.modeling_raven import RavenForCausalLM
 
 SHAPE = SCALED_TINYLLAMA
@@ -29,20 +35,14 @@ DEPTHS = [(0, 1), (0, 4), (3, 4), (24, 8)]
 
 
 def hf_model(num_layers: int, device, dtype):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    config = LlamaConfig(
-        hidden_size=SHAPE["hidden"], intermediate_size=SHAPE["intermediate"], num_attention_heads=SHAPE["heads"],
-        num_key_value_heads=SHAPE["kv_heads"], num_hidden_layers=num_layers, vocab_size=SHAPE["vocab"],
-        max_position_embeddings=2048, tie_word_embeddings=False, attn_implementation="sdpa",
-    )
     torch.manual_seed(0)
-    return LlamaForCausalLM(config).to(device=device, dtype=dtype).train()
+    return LlamaForCausalLM(llama_config(SHAPE, num_layers)).to(device=device, dtype=dtype).train()
 
 
 def iteration_costs(ours: RavenForCausalLM, ids, repeats: int, device, dtype) -> tuple[float, float, float]:
     """Best-of-`repeats` seconds of: one grad iteration, the equivalent HF layers, one no-grad iteration."""
-    from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
     ctx = ours.attention_context(ids)
@@ -50,9 +50,7 @@ def iteration_costs(ours: RavenForCausalLM, ids, repeats: int, device, dtype) ->
         e = ours.run_prelude(ours.embed(ids), ctx)
         parts = tuple(p.detach() for p in ours.adapter_parts(e))
     state = torch.randn_like(e)
-    config = LlamaConfig(hidden_size=SHAPE["hidden"], intermediate_size=SHAPE["intermediate"],
-                         num_attention_heads=SHAPE["heads"], num_key_value_heads=SHAPE["kv_heads"],
-                         num_hidden_layers=SHAPE["core"], attn_implementation="sdpa")
+    config = llama_config(SHAPE, SHAPE["core"])
     torch.manual_seed(0)
     hf_block = torch.nn.ModuleList(LlamaDecoderLayer(config, i) for i in range(SHAPE["core"])).to(device, dtype)
     positions = torch.arange(ids.shape[1], device=device)[None].expand(ids.shape[0], -1)

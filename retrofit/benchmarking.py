@@ -14,17 +14,36 @@ from retrofit.modeling_raven import RavenForCausalLM
 SCALED_TINYLLAMA = dict(hidden=512, intermediate=1408, heads=8, kv_heads=2, vocab=4096, prelude=2, core=2, coda=2)
 
 
-def scaled_tinyllama_model(device, dtype) -> RavenForCausalLM:
-    """A random recurrent model of shape `SCALED_TINYLLAMA` (seed 0), in train mode."""
-    shape = SCALED_TINYLLAMA
-    config = RavenConfig(
+def raven_config(shape: dict, **overrides) -> RavenConfig:
+    """The recurrent model of a bench shape (keys hidden, intermediate, heads, kv_heads, vocab,
+    prelude, core, coda), token ids bos 0 / eos 1 / pad 2; `overrides` are RavenConfig keys."""
+    kwargs = dict(
         n_embd=shape["hidden"], n_heads=shape["heads"], num_key_value_heads=shape["kv_heads"],
         intermediate_size=shape["intermediate"], n_layers_in_prelude=shape["prelude"],
         n_layers_in_recurrent_block=shape["core"], n_layers_in_coda=shape["coda"],
         vocab_size=shape["vocab"], rope_theta=10000.0, max_position_embeddings=2048,
+        bos_token_id=0, eos_token_id=1, pad_token_id=2,
     )
+    return RavenConfig(**{**kwargs, **overrides})
+
+
+def llama_config(shape: dict, num_layers: int, **overrides):
+    """The HF Llama baseline of a bench shape with `num_layers` layers (untied head, SDPA)."""
+    from transformers import LlamaConfig
+
+    kwargs = dict(
+        hidden_size=shape["hidden"], intermediate_size=shape["intermediate"], num_attention_heads=shape["heads"],
+        num_key_value_heads=shape["kv_heads"], num_hidden_layers=num_layers, vocab_size=shape["vocab"],
+        max_position_embeddings=2048, tie_word_embeddings=False, attn_implementation="sdpa",
+        bos_token_id=0, eos_token_id=1, pad_token_id=2,
+    )
+    return LlamaConfig(**{**kwargs, **overrides})
+
+
+def scaled_tinyllama_model(device, dtype) -> RavenForCausalLM:
+    """A random recurrent model of shape `SCALED_TINYLLAMA` (seed 0), in train mode."""
     torch.manual_seed(0)
-    return RavenForCausalLM(config).to(device=device, dtype=dtype).train()
+    return RavenForCausalLM(raven_config(SCALED_TINYLLAMA)).to(device=device, dtype=dtype).train()
 
 
 def sync(device) -> None:

@@ -184,8 +184,6 @@ def readout_loss(model, state: torch.Tensor, ctx, labels: torch.Tensor) -> torch
     x = model.run_coda(state, ctx).flatten(0, 1)
     targets = labels.flatten()
     rows = max(1, READOUT_LOGITS_PER_CHUNK // model.lm_head.out_features)
-    if rows >= x.shape[0]:
-        return per_sequence_loss(model.lm_head(x).view(*labels.shape, -1), labels)
     token_loss = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
     for start in range(0, x.shape[0], rows):
         logits = model.lm_head(x[start : start + rows]).float()

@@ -644,9 +644,7 @@ class RavenGenerationMixin:
                         key_mask = mask[:, :length].to(torch.bool, copy=True)
                     key_mask[:, length - 1] = True
                     ctx.mask = key_mask[:, None, None, :]
-                    if not static_shapes:
-                        # The attended length (the mask's, `Attention` slices the cache to it) is a
-                        # dynamic dimension: one graph for every length.
+                    if not static_shapes:  # the attended length (`Attention` slices the cache to the mask's) is dynamic
                         torch._dynamo.maybe_mark_dynamic(ctx.mask, 3)
                     ctx.cache_position = torch.full((1,), length - 1, dtype=torch.long, device=device)
                     ctx.past_length = 0  # not a shape here: keeps the compiled step from specialising on it

@@ -312,9 +312,12 @@ def test_nan_weights_are_never_saved(tmp_path, capsys, tokenizer, tokenizer_dir,
     with torch.no_grad():
         model.lm_head.weight[3, 0] = float("nan")
     model.save_pretrained(model_dir)
-    code = run_train([f"--model_name={model_dir}", f"--preprocessed_data_path={train_parquet_dir}",
-                      "--is_parquet_dataset=true", "--max_steps=3", f"--out_path={tmp_path}", "--run_name=nan"])
-    assert code == 1
+
+    def train(run_name: str) -> int:
+        return run_train([f"--model_name={model_dir}", f"--preprocessed_data_path={train_parquet_dir}",
+                          "--is_parquet_dataset=true", "--max_steps=3", f"--out_path={tmp_path}", f"--run_name={run_name}"])
+
+    assert train("nan") == 1
     errors, _ = error_lines(capsys)
     assert len(errors) == 1 and "non-finite loss at optimizer step 1" in errors[0]
     assert "not saving checkpoint_0" in errors[0] and "lm_head.weight" in errors[0]
@@ -325,9 +328,7 @@ def test_nan_weights_are_never_saved(tmp_path, capsys, tokenizer, tokenizer_dir,
     with torch.no_grad():
         model.lm_head.weight[3] = 3e38
     model.save_pretrained(model_dir)
-    code = run_train([f"--model_name={model_dir}", f"--preprocessed_data_path={train_parquet_dir}",
-                      "--is_parquet_dataset=true", "--max_steps=3", f"--out_path={tmp_path}", "--run_name=overflow"])
-    assert code == 1
+    assert train("overflow") == 1
     errors, _ = error_lines(capsys)
     assert len(errors) == 1 and "non-finite loss at optimizer step 1" in errors[0]
     assert "the weights before this step are in" in errors[0]
