@@ -15,6 +15,9 @@ import sys
 import time
 from pathlib import Path
 
+from retrofit.openmp import passive_openmp_wait
+
+passive_openmp_wait()  # before torch starts OpenMP: --compile's kernels would slow later eager ops
 
 
 def parse_args(argv=None):
@@ -56,9 +59,9 @@ def main(argv=None) -> int:
 
     from retrofit.checkpoint import load_saved_model
     from retrofit.configuration_raven import RavenConfig
+    from retrofit.distributed import resolve_device
 
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = resolve_device(args.device)
     dtype = (torch.bfloat16 if device.type == "cuda" else torch.float32) if args.dtype == "auto" else getattr(torch, args.dtype)
     torch.manual_seed(args.seed)
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
