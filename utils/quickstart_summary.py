@@ -28,10 +28,10 @@ from pathlib import Path
 # The quickstart's lm-eval tasks (utils/make_synthetic_data.py): (headline metric, title, chance),
 # read from the one task table plot_evals.py and paper_plots share.
 from retrofit.atomic import write_file_atomic
-from retrofit.results import TASK_CHANCE, TASK_METRICS, TASK_TITLES
+from retrofit.results import task_chance, task_metric, task_title
 
 QUICKSTART_TASKS = {
-    task: (TASK_METRICS[task], TASK_TITLES[task], TASK_CHANCE[task])
+    task: (task_metric(task), task_title(task), task_chance(task))
     for task in ("quickstart_gsm8k_cot_sean", "quickstart_arith_mc")
 }
 RUN_LABELS = {"recurrent": "recurrent", "baseline": "baseline (static)", "pretrain": "pretrained (static)"}
