@@ -3,10 +3,10 @@
 #
 #   bash shells/generate.sh MODEL_DIR PROMPT [generate.py flags...]
 #
-# e.g. on the quickstart's recurrent model, in the Q:/A: format of its synthetic corpus:
+# e.g. on the quickstart's recurrent model, in the Q:/A: format of its synthetic corpus (no chat format):
 #   bash shells/generate.sh runs/quickstart/runs/recurrent/final_checkpoint \
 #       $'Q: Ava has 23 books. Ava buys 30 more and then gives away 9. How many books does Ava have now?\nA:' \
-#       --num_steps 8 --max_new_tokens 40
+#       --no_chat --num_steps 8 --max_new_tokens 40
 # Environment: PYTHON (default: the repo's .venv, else python3); OMP_WAIT_POLICY (default PASSIVE).
 set -euo pipefail
 # shellcheck source=shells/_common.sh
