@@ -320,3 +320,32 @@ def test_first_hour_commands_run_as_written(tmp_path):
         assert not bad, f"{command}\nstderr:\n" + "\n".join(bad)
     plots = work / "runs" / "first_hour" / "plots"
     assert {p.name for p in plots.glob("*.png")} == {f"quickstart_gsm8k_cot_sean_vs_{x}.png" for x in ("num_rec", "chkpt", "FLOPs")}
+
+
+def test_launchers_share_one_interpreter_rule(tmp_path):
+    """PYTHON if set, else the repository's .venv/bin/python, else python3: the same for every
+    launcher, since they all take it from shells/_common.sh."""
+    shells = tmp_path / "repo" / "shells"
+    shutil.copytree(ROOT / "shells", shells)
+    probe = 'source shells/_common.sh; use_repo_python; passive_openmp_wait; echo "$PYTHON $OMP_WAIT_POLICY"'
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHON", "OMP_WAIT_POLICY")}
+
+    def resolved(**extra):
+        return subprocess.run(["bash", "-c", probe], cwd=shells.parent, env={**env, **extra}, capture_output=True,
+                              text=True, check=True).stdout.split()
+
+    assert resolved() == [shutil.which("python3"), "PASSIVE"]
+    venv_python = shells.parent / ".venv" / "bin" / "python"
+    venv_python.parent.mkdir(parents=True)
+    venv_python.symlink_to(sys.executable)
+    assert resolved() == [str(venv_python), "PASSIVE"]
+    assert resolved(PYTHON="/opt/py", OMP_WAIT_POLICY="ACTIVE") == ["/opt/py", "ACTIVE"]
+    for launcher in ("eval.sh", "generate.sh", "quickstart.sh"):
+        text = (ROOT / "shells" / launcher).read_text()
+        assert "use_repo_python" in text and "passive_openmp_wait" in text, launcher
+        assert not re.search(r"^[^#]*\.venv/bin/python", text, flags=re.M), f"{launcher} has its own rule"
+
+
+def test_generate_sh_without_a_prompt_is_a_one_line_usage_error():
+    run = subprocess.run(["bash", str(ROOT / "shells" / "generate.sh"), "runs/x"], capture_output=True, text=True)
+    assert run.returncode == 2 and run.stderr.count("\n") == 1 and run.stderr.startswith("error: usage: bash shells/generate.sh")
