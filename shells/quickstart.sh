@@ -21,7 +21,7 @@
 #               OUT_DIR/summary.md: steps, FLOPs (param_counter.py), losses, accuracies, stage times;
 #               how each run trained comes from the run.json train.py writes, never from flags here
 #
-# Knobs (environment; the defaults take about 7 minutes on 2 cores, see the README's measured table):
+# Knobs (environment; the defaults take about 11 minutes on 2 busy cores, 3 on quiet ones; the README's table):
 #   QUICKSTART_NUM_PROBLEMS=20000  training problems       QUICKSTART_HIDDEN=64      base Llama width (8 layers)
 #   QUICKSTART_PRETRAIN_STEPS=300  pretraining steps       QUICKSTART_STEPS=200      recurrent / baseline steps
 #   QUICKSTART_BATCH=16            rows per step           QUICKSTART_MAX_LENGTH=128 tokens per row
