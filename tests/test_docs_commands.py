@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
+from test_quickstart import SMALL  # docs/first_hour.md's small version: the suite's shrunken quickstart
 
 DOC_PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 USAGE_FILES = [ROOT / "generate.py", *sorted((ROOT / "shells").glob("*.sh"))]
@@ -284,13 +285,6 @@ def test_first_hour_page_is_linked_and_starts_from_the_quickstart():
 UNACTIONABLE = [r"\[y/N\]", r"Traceback \(most recent call last\)", r"\b[A-Z]\w*Warning: ", r"Graph break",
                 r"You are using a model of type"]
 
-# docs/first_hour.md's small version: the quickstart shrunk as tests/test_quickstart.py shrinks it.
-SMALL_QUICKSTART = dict(
-    QUICKSTART_NUM_PROBLEMS="400", QUICKSTART_NUM_TEST="12", QUICKSTART_HIDDEN="32",
-    QUICKSTART_PRETRAIN_STEPS="3", QUICKSTART_STEPS="3", QUICKSTART_BATCH="4", QUICKSTART_MAX_LENGTH="64",
-    QUICKSTART_MAX_REC="2", QUICKSTART_BACKPROP="1", QUICKSTART_LOSS_RECS="1,2", QUICKSTART_EVAL_RECS="2",
-    QUICKSTART_LIMIT="3", QUICKSTART_VAL_SEQUENCES="8",
-)
 
 
 @pytest.mark.slow  # the quickstart, then every stage of the page through bash: several minutes
@@ -302,7 +296,7 @@ def test_first_hour_commands_run_as_written(tmp_path):
     ignore = shutil.ignore_patterns(".git", ".venv", "runs", "__pycache__", ".pytest_cache", "*.egg-info", "figs")
     shutil.copytree(ROOT, work, ignore=ignore, symlinks=True)
     bin_dir = Path(sys.executable).parent
-    env = {**os.environ, **SMALL_QUICKSTART, "PYTHON": sys.executable, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+    env = {**os.environ, **SMALL, "PYTHON": sys.executable, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
            "PYTHONPATH": str(work), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "WANDB_MODE": "disabled", "MPLBACKEND": "Agg"}
     env.pop("OMP_WAIT_POLICY", None)  # the scripts set it themselves
