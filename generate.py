@@ -65,9 +65,13 @@ def main(argv=None) -> int:
 
     from retrofit.checkpoint import load_saved_model
     from retrofit.configuration_raven import RavenConfig
-    from retrofit.distributed import resolve_device
+    from retrofit.distributed import LaunchError, resolve_device
 
-    device = resolve_device(args.device)
+    try:
+        device = resolve_device(args.device)
+    except LaunchError as err:  # e.g. --device cuda on a machine without one
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     dtype = (torch.bfloat16 if device.type == "cuda" else torch.float32) if args.dtype == "auto" else getattr(torch, args.dtype)
     torch.manual_seed(args.seed)
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
