@@ -604,6 +604,8 @@ class RavenGenerationMixin:
         static_shapes = compile and static_decode_shapes(device)
         step_fn = self._compiled_decode_step(device) if compile else None
         arange_total = torch.arange(capacity, device=device) if static_shapes else None
+        # The shape and dtype of one decode step's prelude output, for its initial state.
+        state_like = torch.zeros(B, 1, self.config.n_embd, dtype=self.transformer.wte.weight.dtype, device=device) if compile else None
         depths: list[torch.Tensor] = []
         if streamer is not None:
             streamer.put(input_ids.cpu())  # HF streamer convention: the prompt comes first
@@ -648,9 +650,13 @@ class RavenGenerationMixin:
                         torch._dynamo.maybe_mark_dynamic(ctx.mask, 3)
                     ctx.cache_position = torch.full((1,), length - 1, dtype=torch.long, device=device)
                     ctx.past_length = 0  # not a shape here: keeps the compiled step from specialising on it
+                    # The random initial state is drawn here, eagerly: truncated-normal sampling
+                    # rejects and redraws until every value is in range (`Tensor.item()` and a
+                    # data-dependent loop), which would break the compiled graph on every call.
+                    state = self.initial_state(state_like)
                     # contiguous: a column of `tokens` has its row stride, which differs with
                     # the generation's length, and a new stride means a new graph.
-                    logits = step_fn(self, step_input.contiguous(), ctx, n_steps, k_steps)
+                    logits = step_fn(self, step_input.contiguous(), ctx, n_steps, k_steps, state)
                     cache.seen_tokens = length
                 else:
                     x, _ = self.run_layers(step_input, ctx, n_steps, k_steps)
@@ -701,11 +707,11 @@ class RavenGenerationMixin:
         return step
 
     @staticmethod
-    def _decode_step(model, step_input, ctx: AttentionContext, n: int, k: int) -> torch.Tensor:
+    def _decode_step(model, step_input, ctx: AttentionContext, n: int, k: int, initial_state: torch.Tensor) -> torch.Tensor:
         """One token through the preallocated cache, for `torch.compile`: the write position is a
         tensor and the attended length a static or a dynamic shape, so one compiled graph serves
-        every token of a generation."""
-        x, _ = model.run_layers(step_input, ctx, n, k)
+        every token of a generation. The caller draws `initial_state` (`initial_state()`, eager)."""
+        x, _ = model.run_layers(step_input, ctx, n, k, initial_state=initial_state)
         return model.lm_head(x[:, -1])
 
     def _adaptive_decode_step(self, step_input, ctx: AttentionContext, max_steps: int, threshold: float, criterion: str):

@@ -18,34 +18,37 @@
 #   --zeroshot_tasks LIST           replace the zero-shot task list
 #   --math_tasks LIST               replace the math task list
 #   --batch_size B                  lm-eval batch size for every group (default: auto / 32)
-#   --device DEV                    cuda (default), cuda:1, cpu, ...
+#   --device DEV                    auto (default: cuda if available, else cpu), cpu, cuda, cuda:1, ...
 #   --limit N                       only N documents per task (testing only)
 #   --include_path DIR              extra lm-eval task folder (repeatable; eval_yamls/ is always in)
 #   --non_recurrent                 a non-recurrent baseline: no mean_recurrence, one run per group
 #   --dry_run                       print the lm_eval commands that would run, run nothing
-# Environment: PYTHON, the interpreter with lm-eval installed (default: the repo's .venv, else python).
+# Environment: PYTHON, the interpreter with lm-eval installed (default: the repo's .venv, else python3);
+# OMP_WAIT_POLICY (default PASSIVE: see retrofit/openmp.py).
+# Example, on the quickstart's recurrent model (CPU, 5 documents per task, about a minute):
+#   bash shells/eval.sh --recurrences 1,4 --groups math --limit 5 --batch_size 8 \
+#       --math_tasks quickstart_gsm8k_cot_sean --include_path runs/quickstart/data/tasks runs/quickstart/runs/recurrent/final_checkpoint
 # The two groups are independent: run them at once on two GPUs with
 #   CUDA_VISIBLE_DEVICES=0 bash shells/eval.sh --groups zeroshot CKPT & CUDA_VISIBLE_DEVICES=1 bash shells/eval.sh --groups math CKPT
 set -euo pipefail
 
-REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-die() { echo "error: $*" >&2; exit 2; }
+# shellcheck source=shells/_common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"  # REPO_ROOT, die, use_repo_python, passive_openmp_wait
+use_repo_python
+passive_openmp_wait
 
 RECURRENCES="1 2 4 8 16 32"
 TASK_GROUPS="zeroshot,math"
 ZEROSHOT_TASKS="lambada_openai,hellaswag,arc_easy,arc_challenge,mmlu,openbookqa,piqa,social_iqa,winogrande,asdiv"
 MATH_TASKS="gsm8k_cot_sean,minerva_math"
 BATCH_SIZE=""
-DEVICE="cuda"
+DEVICE="auto"
 LIMIT=""
 INCLUDE_PATHS=()
 NON_RECURRENT=0
 DRY_RUN=0
 CHECKPOINTS=()
 EXTRA_ARGS=()
-if [[ -z "${PYTHON:-}" ]]; then  # the repo's venv (README: Fresh machine), else whatever python is on PATH
-    if [[ -x "$REPO_ROOT/.venv/bin/python" ]]; then PYTHON="$REPO_ROOT/.venv/bin/python"; else PYTHON="$(command -v python || command -v python3 || echo python)"; fi
-fi
 
 need_value() { [[ $# -ge 2 && -n "$2" ]] || die "$1 needs a value"; }
 while [[ $# -gt 0 ]]; do
@@ -93,6 +96,17 @@ done
 if (( ! DRY_RUN )); then
     "$PYTHON" -c "import lm_eval" 2>/dev/null || die "lm-eval is not installed for $PYTHON (pip install -r requirements.txt, or set PYTHON=/path/to/python)"
 fi
+# auto -> cuda if available, else cpu; a CUDA device on a machine without one is a one-line error.
+# The rule train.py, generate.py and multi_recurrence_eval.py use (retrofit/distributed.py).
+RESOLVE_DEVICE_PY='
+import sys
+from retrofit.distributed import LaunchError, resolve_device
+try:
+    print(resolve_device(sys.argv[1]))
+except LaunchError as err:
+    sys.exit(f"error: {err}")
+'
+DEVICE="$(cd "$REPO_ROOT" && "$PYTHON" -c "$RESOLVE_DEVICE_PY" "$DEVICE")" || exit 2
 
 # lm-eval takes one --include_path: several folders are mirrored (symlinks) under one temp folder.
 INCLUDE="$REPO_ROOT/eval_yamls"

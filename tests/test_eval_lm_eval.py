@@ -167,6 +167,7 @@ def test_default_sweep_is_the_papers(tmp_path, eval_run_dir):
     (["--recurrences", "two", "{ckpt}"], "recurrence 'two' is not an integer"),
     (["--groups", "fewshot", "{ckpt}"], "unknown task group 'fewshot'"),
     (["--bogus", "{ckpt}"], "unknown option --bogus"),
+    (["--device", "gpu0", "{ckpt}"], "--device=gpu0 is not a device; use auto, cpu, cuda or cuda:N"),
     ([], "no checkpoint directory given"),
 ])
 def test_eval_sh_errors(tmp_path, eval_run_dir, args, message):

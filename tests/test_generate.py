@@ -92,3 +92,14 @@ def test_generate_runs_this_repos_model_code_unless_asked(recurrent_dir, tmp_pat
     assert gen.main(args) == 0 and not marker.exists()
     assert "mean depth 2.00" in capsys.readouterr().err
     assert gen.main(args + ["--trust_remote_code"]) == 0 and marker.read_text() == "ran"
+
+
+def test_generate_cuda_without_a_gpu_is_a_one_line_error(recurrent_dir, capsys):
+    """--device follows the one rule of every script here (retrofit.distributed.resolve_device)."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    gen = load_generate()
+    assert gen.main([str(recurrent_dir), "--prompt", "x", "--device", "cuda"]) == 2
+    assert capsys.readouterr().err == "error: --device=cuda but no CUDA device is visible; use --device=cpu (or auto)\n"
