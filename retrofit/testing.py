@@ -158,3 +158,13 @@ def write_token_parquet(rows, out_dir: Path, num_shards: int = 2, row_group_size
         table = pa.table({"input_ids": rows[part], "attention_mask": masks[part]})
         pq.write_table(table, out_dir / f"shard-{shard:05d}.parquet", row_group_size=row_group_size)
     return out_dir
+
+
+# What a user must never see on stderr from a documented command: transformers' remote-code
+# prompt, a traceback, or a deprecation warning the user cannot act on.
+STDERR_NOISE = ("custom code", "Traceback", "deprecated", "DeprecationWarning", "FutureWarning", "[y/N]")
+
+
+def stderr_noise(stderr: str) -> list[str]:
+    """The lines of `stderr` holding any of STDERR_NOISE (empty when it is clean)."""
+    return [line for line in stderr.splitlines() if any(marker in line for marker in STDERR_NOISE)]

@@ -126,10 +126,8 @@ def check_model_name(name: str) -> None:
 
 
 def load_tokenizer(cfg: TrainConfig):
-    from transformers import AutoTokenizer
-
     try:
-        tokenizer = AutoTokenizer.from_pretrained(cfg.model_name)
+        tokenizer = ckpt.load_saved_tokenizer(cfg.model_name)
     except OSError as exc:
         first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ConfigError(f"cannot load the tokenizer of --model_name={cfg.model_name}: {first_line}") from None
