@@ -165,9 +165,9 @@ def test_generate_with_the_chat_template(smollm2_dir, converted_dir, capsys):
     """generate.py renders the prompt with SmolLM2's chat template: on the 30-layer base its greedy
     completion is HF's own on the same chat prompt; on the converted model it runs without a
     terminal, stderr clean."""
-    import importlib.util
-
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import generate
 
     prompt = "What is the capital of Italy?"
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
@@ -179,9 +179,6 @@ def test_generate_with_the_chat_template(smollm2_dir, converted_dir, capsys):
         out = model.generate(chat, attention_mask=torch.ones_like(chat), max_new_tokens=12, do_sample=False)
     expected = tokenizer.decode(out[0, chat.shape[1]:], skip_special_tokens=True)
 
-    spec = importlib.util.spec_from_file_location("generate_cli", ROOT / "generate.py")
-    generate = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(generate)
     capsys.readouterr()
     assert generate.main([str(smollm2_dir), "--prompt", prompt, "--max_new_tokens", "12", "--device", "cpu"]) == 0
     assert capsys.readouterr().out.strip() == expected.strip()
