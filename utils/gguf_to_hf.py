@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from retrofit.atomic import atomic_directory, atomic_file
+from retrofit.conversion import first_line
 
 
 @dataclass(frozen=True)
@@ -60,11 +61,6 @@ DTYPES = ("float32", "bfloat16")
 
 class GGUFError(Exception):
     """A problem with the input, the download or the output, reported as one line."""
-
-
-def first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def default_cache_dir() -> Path:
