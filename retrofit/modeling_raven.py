@@ -1074,7 +1074,6 @@ class RavenForCausalLM(RavenGenerationMixin, RavenPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         num_steps=None,
-        shift_labels: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         past_key_values: KVCache | None = None,
         use_cache: bool = False,
@@ -1082,6 +1081,7 @@ class RavenForCausalLM(RavenGenerationMixin, RavenPreTrainedModel):
         output_hidden_states: bool = False,
         logits_to_keep: int = 0,
         return_dict: bool = True,
+        shift_labels: torch.Tensor | None = None,
         **kwargs,
     ) -> RavenCausalLMOutput:
         """The loss follows HF's causal LMs: `labels` are shifted inside (`labels=input_ids` scores
