@@ -61,9 +61,9 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
-    from transformers import AutoTokenizer, TextStreamer
+    from transformers import TextStreamer
 
-    from retrofit.checkpoint import load_saved_model
+    from retrofit.checkpoint import load_saved_model, load_saved_tokenizer
     from retrofit.configuration_raven import RavenConfig
     from retrofit.distributed import LaunchError, resolve_device
 
@@ -74,7 +74,7 @@ def main(argv=None) -> int:
         return 2
     dtype = (torch.bfloat16 if device.type == "cuda" else torch.float32) if args.dtype == "auto" else getattr(torch, args.dtype)
     torch.manual_seed(args.seed)
-    tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+    tokenizer = load_saved_tokenizer(args.model_dir)
     model = load_saved_model(args.model_dir, dtype, checkpoint_code=args.trust_remote_code).to(device).eval()
     recurrent = getattr(model.config, "model_type", "") == RavenConfig.model_type
     if not recurrent and (args.num_steps is not None or args.adaptive is not None or args.compile):

@@ -81,7 +81,8 @@ def process_data(
         progress: Show progress bars.
     """
     import pyarrow as pa
-    from transformers import AutoTokenizer
+
+    from retrofit.checkpoint import load_saved_tokenizer
 
     if wrapped_packing and not pack:
         raise DataError("wrapped_packing=true needs pack=true (pass --wrapped_packing=false with --pack=false)")
@@ -96,7 +97,7 @@ def process_data(
     check_output_folder(target, overwrite, "--overwrite=true")
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_name)
+        tokenizer = load_saved_tokenizer(tokenizer_name)
     except (OSError, ValueError) as err:
         raise DataError(f"cannot load tokenizer {tokenizer_name!r} ({str(err).splitlines()[0]})") from None
     tokenizer.model_max_length = int(1e30)  # documents are longer than a row before packing

@@ -126,10 +126,8 @@ def check_model_name(name: str) -> None:
 
 
 def load_tokenizer(cfg: TrainConfig):
-    from transformers import AutoTokenizer
-
     try:
-        tokenizer = AutoTokenizer.from_pretrained(cfg.model_name)
+        tokenizer = ckpt.load_saved_tokenizer(cfg.model_name)
     except OSError as exc:
         first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ConfigError(f"cannot load the tokenizer of --model_name={cfg.model_name}: {first_line}") from None
@@ -629,13 +627,10 @@ class Trainer:
         kl = None
         with self.ddp_model.no_sync() if skip_sync else nullcontext():
             with self.autocast:
-                if self.recurrent:
-                    out = self.forward_model(input_ids, labels=labels, num_steps=num_steps)
-                else:
-                    # HF models shift labels internally; ours are already aligned with input_ids,
-                    # so hand them over as `shift_labels` (no second shift) and the loss is the
-                    # same mean next-token cross-entropy as the recurrent model's.
-                    out = self.forward_model(input_ids=input_ids, labels=labels, shift_labels=labels)
+                # Our labels are already aligned with input_ids (inputs_and_labels), so both the
+                # recurrent model and HF models take them as `shift_labels` (no second shift).
+                depth = {"num_steps": num_steps} if self.recurrent else {}
+                out = self.forward_model(input_ids=input_ids, labels=labels, shift_labels=labels, **depth)
                 loss = objective = out.loss
                 if self.teacher is not None:  # the parent on the same micro-batch, no grad
                     distill = self.cfg.distill

@@ -7,7 +7,7 @@
 #   zeroshot  lambada_openai,hellaswag,arc_easy,arc_challenge,mmlu,openbookqa,piqa,social_iqa,winogrande,asdiv
 #             (task defaults = 0-shot; batch size auto)
 #   math      gsm8k_cot_sean,minerva_math, 1-shot, max_length=1024 (batch size 32)
-# with --model hf --model_args pretrained=CKPT,mean_recurrence=R,trust_remote_code=True,add_bos_token=True,dtype=float32
+# with --model hf --model_args pretrained=CKPT,mean_recurrence=R,trust_remote_code=True,add_bos_token=B,dtype=float32
 # writing {CKPT}/eval/rec_{R}/{group}/<model>/results_<time>.json, the layout plot_evals.py reads
 # (--non_recurrent: no mean_recurrence, {CKPT}/eval/non_recurrent/{group}/). Runs whose results
 # already exist (same tasks, same --limit) are skipped, so an interrupted sweep just reruns.
@@ -23,6 +23,8 @@
 #   --include_path DIR              extra lm-eval task folder (repeatable; eval_yamls/ is always in)
 #   --non_recurrent                 a non-recurrent baseline: no mean_recurrence, one run per group
 #   --dry_run                       print the lm_eval commands that would run, run nothing
+#   --add_bos_token auto|true|false start every context with BOS (auto: when the tokenizer adds BOS
+#                                   itself, as in training, or its BOS is its EOS, as OLMo-2's)
 # Environment: PYTHON, the interpreter with lm-eval installed (default: the repo's .venv, else python3);
 # OMP_WAIT_POLICY (default PASSIVE: see retrofit/openmp.py).
 # Example, on the quickstart's recurrent model (CPU, 5 documents per task, about a minute):
@@ -47,6 +49,7 @@ LIMIT=""
 INCLUDE_PATHS=()
 NON_RECURRENT=0
 DRY_RUN=0
+ADD_BOS="auto"
 CHECKPOINTS=()
 EXTRA_ARGS=()
 
@@ -63,6 +66,7 @@ while [[ $# -gt 0 ]]; do
         --include_path) need_value "$@"; INCLUDE_PATHS+=("$2"); shift 2 ;;
         --non_recurrent) NON_RECURRENT=1; shift ;;
         --dry_run) DRY_RUN=1; shift ;;
+        --add_bos_token) need_value "$@"; ADD_BOS="$2"; shift 2 ;;
         -h|--help) sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
         --) shift; EXTRA_ARGS=("$@"); break ;;
         -*) die "unknown option $1 (see --help)" ;;
@@ -92,6 +96,7 @@ for g in "${GROUP_LIST[@]}"; do
     [[ "$g" == zeroshot || "$g" == math ]] || die "unknown task group '$g' (choose zeroshot and/or math)"
 done
 [[ -z "$LIMIT" || "$LIMIT" =~ ^[0-9]+(\.[0-9]+)?$ ]] || die "--limit '$LIMIT' is not a number"
+[[ "$ADD_BOS" =~ ^(auto|true|false)$ ]] || die "--add_bos_token must be auto, true or false, got '$ADD_BOS'"
 
 if (( ! DRY_RUN )); then
     "$PYTHON" -c "import lm_eval" 2>/dev/null || die "lm-eval is not installed for $PYTHON (pip install -r requirements.txt, or set PYTHON=/path/to/python)"
@@ -141,9 +146,32 @@ sys.exit(1)
 '
 run_done() { "$PYTHON" -c "$RUN_DONE_PY" "$1" "$2" "$LIMIT"; }
 
+# add_bos CKPT: True or False for lm-eval's add_bos_token (retrofit.evaluation.eval_prepends_bos);
+# the paper's True when the tokenizer cannot be read (lm-eval then names the problem).
+ADD_BOS_PY='
+import sys
+sys.path.insert(0, sys.argv[1])
+from retrofit.checkpoint import load_saved_tokenizer
+from retrofit.evaluation import eval_prepends_bos
+try:
+    tokenizer = load_saved_tokenizer(sys.argv[2])
+except (OSError, ValueError):
+    print(True)
+else:
+    print(eval_prepends_bos(tokenizer))
+'
+add_bos() {
+    case "$ADD_BOS" in
+        true) echo True ;;
+        false) echo False ;;
+        *) "$PYTHON" -c "$ADD_BOS_PY" "$REPO_ROOT" "$1" ;;
+    esac
+}
+
 ran=0
 skipped=0
 for ckpt in "${CHECKPOINTS[@]}"; do
+    bos="$(add_bos "$ckpt")" || die "cannot read the tokenizer of $ckpt"
     for rec in "${REC_LIST[@]}"; do
         for group in "${GROUP_LIST[@]}"; do
             model_args="pretrained=$ckpt"
@@ -153,7 +181,7 @@ for ckpt in "${CHECKPOINTS[@]}"; do
                 out="$ckpt/eval/rec_$rec/$group"
                 model_args+=",mean_recurrence=$rec"
             fi
-            model_args+=",trust_remote_code=True,add_bos_token=True,dtype=float32"
+            model_args+=",trust_remote_code=True,add_bos_token=$bos,dtype=float32"
             if [[ "$group" == zeroshot ]]; then
                 tasks="$ZEROSHOT_TASKS"; batch="${BATCH_SIZE:-auto}"; group_args=()
             else

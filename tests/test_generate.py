@@ -77,6 +77,20 @@ def test_generate_shell_wrapper(recurrent_dir):
     assert "mean depth 2.00" in result.stderr
 
 
+@pytest.mark.slow
+def test_generate_without_a_terminal_never_asks_to_run_checkpoint_code(recurrent_dir):
+    """stdin closed, no controlling terminal (a batch job): the tokenizer of a freshly converted
+    checkpoint loads without transformers' remote-code prompt, and stderr is clean."""
+    from retrofit.testing import stderr_noise
+
+    result = subprocess.run([sys.executable, str(ROOT / "generate.py"), str(recurrent_dir), "--prompt", "Q: 2 + 3?",
+                             "--max_new_tokens", "4", "--num_steps", "2"], stdin=subprocess.DEVNULL,
+                            capture_output=True, text=True, start_new_session=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert stderr_noise(result.stderr) == []
+    assert "mean depth 2.00" in result.stderr
+
+
 def test_generate_runs_this_repos_model_code_unless_asked(recurrent_dir, tmp_path, capsys):
     """The modeling file copied beside the weights is not executed by default (a checkpoint from
     someone else could put anything there); --trust_remote_code runs it."""
