@@ -232,8 +232,8 @@ def outputs_of(argv: list[str]) -> list[str]:
         if flag in OUTPUT_FLAGS:
             outs.append(value or (args[i + 1] if i + 1 < len(args) else ""))
     named = {a.split("=", 1)[0]: a.split("=", 1)[1] for a in args if a.startswith("--") and "=" in a}
-    if "--out_path" in named:  # train.py: OUT_PATH/RUN_NAME
-        outs.append(f"{named['--out_path']}/{named.get('--run_name', '')}")
+    if "--out_path" in named:  # train.py writes OUT_PATH/RUN_NAME (and so creates OUT_PATH)
+        outs += [named["--out_path"], f"{named['--out_path']}/{named.get('--run_name', '')}"]
     if args and args[0] == "shells/quickstart.sh":
         outs.append(args[1] if len(args) > 1 else "runs/quickstart")
     return [o.rstrip("/") for o in outs if o]
