@@ -561,12 +561,7 @@ def convert(
     Raises ConversionError on bad input or a failed verification; nothing is left at save_name
     unless everything passed.
     """
-    save_path = Path(save_name)
-    check_output_path(model_name, save_path)
-    if save_path.exists() and not overwrite:
-        raise ConversionError(f"--save_name {save_path} already exists (pass --overwrite to replace it)")
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise ConversionError(f"unsupported --dtype {dtype!r}; choose float32, bfloat16 or float16")
+    save_path = check_save_target(model_name, save_name, "--save_name", dtype, overwrite)
     if adapter_init not in ("default", "identity"):
         raise ConversionError(f"unknown --adapter_init {adapter_init!r}; choose 'default' or 'identity'")
     for flag, value in (("--mean_recurrence", mean_recurrence), ("--mean_backprop_depth", mean_backprop_depth)):
@@ -634,12 +629,7 @@ def save_kept_layers(
     `train.py --non_recurrent_model=true`). Its logits equal the converted model's at one
     iteration with the identity adapter. Saved atomically; reloaded and compared with the
     in-memory model before it is renamed into place."""
-    save_path = Path(save_name)
-    check_output_path(model_name, save_path)
-    if save_path.exists() and not overwrite:
-        raise ConversionError(f"--static_save_name {save_path} already exists (pass --overwrite to replace it)")
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise ConversionError(f"unsupported --dtype {dtype!r}; choose float32, bfloat16 or float16")
+    save_path = check_save_target(model_name, save_name, "--static_save_name", dtype, overwrite)
     base_config = load_base_config(model_name)
     detect_family(base_config)  # refuses what the converter refuses, with the same message
     choice.validate(base_config.num_hidden_layers)
@@ -664,6 +654,17 @@ def save_kept_layers(
         if diff > tolerance * max(1.0, expected.abs().max().item()):
             raise ConversionError(f"the saved static model's logits differ from the kept layers' by {diff:.3e}")
         print(f"static baseline: logits of the saved model vs the kept layers in memory, max |diff| {diff:.3e}")
+    return save_path
+
+
+def check_save_target(model_name, save_name, flag: str, dtype: str, overwrite: bool) -> Path:
+    """The output folder given as `flag` and the saved dtype, checked before any work."""
+    save_path = Path(save_name)
+    check_output_path(model_name, save_path)
+    if save_path.exists() and not overwrite:
+        raise ConversionError(f"{flag} {save_path} already exists (pass --overwrite to replace it)")
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ConversionError(f"unsupported --dtype {dtype!r}; choose float32, bfloat16 or float16")
     return save_path
 
 

@@ -104,36 +104,9 @@ LOGS="$OUT/logs"
 TIMES="$OUT/stage_times.tsv"
 mkdir -p "$LOGS" && touch "$TIMES"
 
-ran_any=0
-log() { echo "[quickstart $(date +%H:%M:%S)] $*"; }
-now() { date +%s.%N; }
-elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1f", b - a }'; }
-record() { printf '%s\t%s\n' "$1" "$2" >> "$TIMES"; }
-
-# exists PATTERN: some path matches the glob PATTERN (a plain path matches itself).
-exists() { compgen -G "$1" > /dev/null; }
-
-# stage NAME MARKER CMD...: run CMD (output to logs/NAME.log) unless MARKER (a path or glob) exists;
-# CMD must create it.
-stage() {
-    local name="$1" marker="$2"; shift 2
-    if exists "$marker"; then
-        log "skip $name: ${marker#"$OUT"/} exists"
-        return 0
-    fi
-    log "$name ... (log: ${LOGS#"$REPO_ROOT"/}/$name.log)"
-    local start; start=$(now)
-    if ! "$@" > "$LOGS/$name.log" 2>&1; then
-        tail -n 30 "$LOGS/$name.log" >&2
-        echo "error: stage $name failed (full log: $LOGS/$name.log); rerun the same command to resume" >&2
-        exit 1
-    fi
-    exists "$marker" || { tail -n 30 "$LOGS/$name.log" >&2; echo "error: stage $name finished without writing $marker" >&2; exit 1; }
-    local seconds; seconds=$(elapsed "$start" "$(now)")
-    record "$name" "$seconds"
-    ran_any=1
-    log "$name done in ${seconds}s"
-}
+QUICKSTART_TAG=quickstart
+# shellcheck source=shells/_quickstart_stages.sh
+source "$REPO_ROOT/shells/_quickstart_stages.sh"
 
 train_common=(--is_parquet_dataset=true --preprocessed_data_path="$PARQUET" --max_length="$MAX_LENGTH"
     --micro_batch_size="$BATCH" --batch_size="$BATCH" --epochs=100
@@ -194,23 +167,6 @@ train_baseline() {
         --max_steps="$STEPS" --save_interval="$(save_interval "$STEPS")" --optim_config.lr=1e-3 --optim_config.weight_decay=0.01 "${train_common[@]}"
 }
 
-# both A and B are shell functions; each runs in a subshell, the pair's wall time is recorded as NAME.
-side_by_side() {
-    local name="$1" a="$2" b="$3" start; start=$(now)
-    local ran_before; ran_before=$(wc -l < "$TIMES" 2>/dev/null || echo 0)
-    "$a" & local pid_a=$!
-    "$b" & local pid_b=$!
-    local status=0
-    wait "$pid_a" || status=1
-    wait "$pid_b" || status=1
-    (( status == 0 )) || exit 1
-    if [[ "$(wc -l < "$TIMES" 2>/dev/null || echo 0)" != "$ran_before" ]]; then
-        local seconds; seconds=$(elapsed "$start" "$(now)")
-        record "$name" "$seconds"
-        ran_any=1
-        log "$name (both) done in ${seconds}s wall"
-    fi
-}
 side_by_side train train_recurrent train_baseline
 
 # -------------------------------------------------------------------------------------- evaluation
