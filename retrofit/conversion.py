@@ -138,7 +138,7 @@ def recipe_4_8_4(num_layers: int) -> tuple[range, range, range]:
 
 # Kept fraction like the paper's (it drops 12-27% of its bases' layers): 4 layers dropped from the
 # middle of the stack, inside the recurrent block, prelude = coda = a quarter of the kept layers.
-# Measured on SmolLM2-135M-Instruct (docs/model.md, Presets): dropping 4 layers right after a
+# Measured on SmolLM2-135M-Instruct (docs/model.md, Presets for common bases): dropping 4 layers right after a
 # quarter-size prelude (the TinyLlama placement) costs far more loss than dropping them mid-stack.
 MIDDLE_DROP_RECIPE = ("paper-like fraction: 4 middle layers dropped inside the recurrent block, prelude = coda = a"
                       " quarter of the kept layers")
