@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .atomic import replace_directory
+from .atomic import atomic_directory, replace_directory
 from .configuration_raven import RavenConfig
 from .modeling_raven import RavenForCausalLM
 
@@ -109,7 +109,7 @@ class Preset:
 
     base: str  # Hub id of the base model
     family: str
-    groups: tuple[range, range, range]  # prelude, recurrent block, coda: 0-based base layer indices
+    groups: tuple  # prelude, recurrent block, coda: 0-based base layer indices (ranges or lists)
     base_config: dict  # sizes of the base (HF config keys)
     source: str  # where the choice comes from (docs/model.md, Layer choices)
 
@@ -136,7 +136,34 @@ def recipe_4_8_4(num_layers: int) -> tuple[range, range, range]:
     return range(0, 4), range(num_layers - 12, num_layers - 4), range(num_layers - 4, num_layers)
 
 
-# The paper's layer choices and (4,8,4) choices for common small bases (docs/model.md, Layer choices).
+# Kept fraction like the paper's (it drops 12-27% of its bases' layers): 4 layers dropped from the
+# middle of the stack, inside the recurrent block, prelude = coda = a quarter of the kept layers.
+# Measured on SmolLM2-135M-Instruct (docs/model.md, Presets for common bases): dropping 4 layers right after a
+# quarter-size prelude (the TinyLlama placement) costs far more loss than dropping them mid-stack.
+MIDDLE_DROP_RECIPE = ("paper-like fraction: 4 middle layers dropped inside the recurrent block, prelude = coda = a"
+                      " quarter of the kept layers")
+
+
+def recipe_middle_drop(num_layers: int, drop: int = 4) -> tuple[range | list[int], ...]:
+    from .split import paper_shape
+
+    prelude, _, coda = paper_shape(num_layers - drop)
+    first_dropped = round(num_layers * 14 / 30)  # SmolLM2-135M's measured best run, 14-17 of 30, scaled
+    core = [*range(prelude, first_dropped), *range(first_dropped + drop, num_layers - coda)]
+    return range(prelude), core, range(num_layers - coda, num_layers)
+
+
+SMOLLM2_135M = base_sizes(576, 1536, 30, 9, 3, 49152, True)
+SMOLLM2_360M = base_sizes(960, 2560, 32, 15, 5, 49152, True)
+SMOLLM2_1_7B = base_sizes(2048, 8192, 24, 32, 32, 49152, True)
+QWEN2_5_0_5B = base_sizes(896, 4864, 24, 14, 2, 151936, True)
+QWEN2_5_1_5B = base_sizes(1536, 8960, 28, 12, 2, 151936, True)
+QWEN3_0_6B = base_sizes(1024, 3072, 28, 16, 8, 151936, True, head_dim=128)
+QWEN3_1_7B = base_sizes(2048, 6144, 28, 16, 8, 151936, True, head_dim=128)
+
+# The paper's layer choices, paper-like choices for common small bases, and the (4,8,4) presets
+# these bases had first (kept under their names: users typed them; they keep only about half of
+# these bases' layers, see docs/model.md).
 PRESET_DEFINITIONS = {
     "tinyllama-4-8-4": Preset("TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T", "llama",
                               (range(0, 4), range(10, 18), range(18, 22)),
@@ -147,20 +174,20 @@ PRESET_DEFINITIONS = {
                           base_sizes(2048, 8192, 16, 32, 8, 128256, True, head_dim=64), PAPER),
     "olmo-4-6-4": Preset("allenai/OLMo-2-0425-1B", "olmo2", (range(0, 4), range(6, 12), range(12, 16)),
                          base_sizes(2048, 8192, 16, 16, 16, 100352, False), PAPER),
-    "smollm2-135m-4-8-4": Preset("HuggingFaceTB/SmolLM2-135M", "llama", recipe_4_8_4(30),
-                                 base_sizes(576, 1536, 30, 9, 3, 49152, True), TINYLLAMA_RECIPE),
-    "smollm2-360m-4-8-4": Preset("HuggingFaceTB/SmolLM2-360M", "llama", recipe_4_8_4(32),
-                                 base_sizes(960, 2560, 32, 15, 5, 49152, True), TINYLLAMA_RECIPE),
-    "smollm2-1.7b-4-8-4": Preset("HuggingFaceTB/SmolLM2-1.7B", "llama", recipe_4_8_4(24),
-                                 base_sizes(2048, 8192, 24, 32, 32, 49152, True), TINYLLAMA_RECIPE),
-    "qwen2.5-0.5b-4-8-4": Preset("Qwen/Qwen2.5-0.5B", "qwen2", recipe_4_8_4(24),
-                                 base_sizes(896, 4864, 24, 14, 2, 151936, True), TINYLLAMA_RECIPE),
-    "qwen2.5-1.5b-4-8-4": Preset("Qwen/Qwen2.5-1.5B", "qwen2", recipe_4_8_4(28),
-                                 base_sizes(1536, 8960, 28, 12, 2, 151936, True), TINYLLAMA_RECIPE),
-    "qwen3-0.6b-4-8-4": Preset("Qwen/Qwen3-0.6B-Base", "qwen3", recipe_4_8_4(28),
-                               base_sizes(1024, 3072, 28, 16, 8, 151936, True, head_dim=128), TINYLLAMA_RECIPE),
-    "qwen3-1.7b-4-8-4": Preset("Qwen/Qwen3-1.7B-Base", "qwen3", recipe_4_8_4(28),
-                               base_sizes(2048, 6144, 28, 16, 8, 151936, True, head_dim=128), TINYLLAMA_RECIPE),
+    "smollm2-135m-7-12-7": Preset("HuggingFaceTB/SmolLM2-135M", "llama", recipe_middle_drop(30), SMOLLM2_135M, MIDDLE_DROP_RECIPE),
+    "smollm2-360m-7-14-7": Preset("HuggingFaceTB/SmolLM2-360M", "llama", recipe_middle_drop(32), SMOLLM2_360M, MIDDLE_DROP_RECIPE),
+    "smollm2-1.7b-5-10-5": Preset("HuggingFaceTB/SmolLM2-1.7B", "llama", recipe_middle_drop(24), SMOLLM2_1_7B, MIDDLE_DROP_RECIPE),
+    "qwen2.5-0.5b-5-10-5": Preset("Qwen/Qwen2.5-0.5B", "qwen2", recipe_middle_drop(24), QWEN2_5_0_5B, MIDDLE_DROP_RECIPE),
+    "qwen2.5-1.5b-6-12-6": Preset("Qwen/Qwen2.5-1.5B", "qwen2", recipe_middle_drop(28), QWEN2_5_1_5B, MIDDLE_DROP_RECIPE),
+    "qwen3-0.6b-6-12-6": Preset("Qwen/Qwen3-0.6B-Base", "qwen3", recipe_middle_drop(28), QWEN3_0_6B, MIDDLE_DROP_RECIPE),
+    "qwen3-1.7b-6-12-6": Preset("Qwen/Qwen3-1.7B-Base", "qwen3", recipe_middle_drop(28), QWEN3_1_7B, MIDDLE_DROP_RECIPE),
+    "smollm2-135m-4-8-4": Preset("HuggingFaceTB/SmolLM2-135M", "llama", recipe_4_8_4(30), SMOLLM2_135M, TINYLLAMA_RECIPE),
+    "smollm2-360m-4-8-4": Preset("HuggingFaceTB/SmolLM2-360M", "llama", recipe_4_8_4(32), SMOLLM2_360M, TINYLLAMA_RECIPE),
+    "smollm2-1.7b-4-8-4": Preset("HuggingFaceTB/SmolLM2-1.7B", "llama", recipe_4_8_4(24), SMOLLM2_1_7B, TINYLLAMA_RECIPE),
+    "qwen2.5-0.5b-4-8-4": Preset("Qwen/Qwen2.5-0.5B", "qwen2", recipe_4_8_4(24), QWEN2_5_0_5B, TINYLLAMA_RECIPE),
+    "qwen2.5-1.5b-4-8-4": Preset("Qwen/Qwen2.5-1.5B", "qwen2", recipe_4_8_4(28), QWEN2_5_1_5B, TINYLLAMA_RECIPE),
+    "qwen3-0.6b-4-8-4": Preset("Qwen/Qwen3-0.6B-Base", "qwen3", recipe_4_8_4(28), QWEN3_0_6B, TINYLLAMA_RECIPE),
+    "qwen3-1.7b-4-8-4": Preset("Qwen/Qwen3-1.7B-Base", "qwen3", recipe_4_8_4(28), QWEN3_1_7B, TINYLLAMA_RECIPE),
 }
 # name -> (prelude, recurrent block, coda) ranges
 PRESETS = {name: preset.groups for name, preset in PRESET_DEFINITIONS.items()}
@@ -534,12 +561,7 @@ def convert(
     Raises ConversionError on bad input or a failed verification; nothing is left at save_name
     unless everything passed.
     """
-    save_path = Path(save_name)
-    check_output_path(model_name, save_path)
-    if save_path.exists() and not overwrite:
-        raise ConversionError(f"--save_name {save_path} already exists (pass --overwrite to replace it)")
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise ConversionError(f"unsupported --dtype {dtype!r}; choose float32, bfloat16 or float16")
+    save_path = check_save_target(model_name, save_name, "--save_name", dtype, overwrite)
     if adapter_init not in ("default", "identity"):
         raise ConversionError(f"unknown --adapter_init {adapter_init!r}; choose 'default' or 'identity'")
     for flag, value in (("--mean_recurrence", mean_recurrence), ("--mean_backprop_depth", mean_backprop_depth)):
@@ -591,6 +613,59 @@ def convert(
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return save_path, rows
+
+
+def save_kept_layers(
+    model_name: str | os.PathLike,
+    save_name: str | os.PathLike,
+    choice: LayerChoice,
+    *,
+    dtype: str = "bfloat16",
+    overwrite: bool = False,
+    tolerance: float = TOLERANCE,
+) -> Path:
+    """Save the base with only the chosen layers, in order, as a plain HF model of its own class:
+    the static baseline of a conversion (the same layers, no recurrence; train it with
+    `train.py --non_recurrent_model=true`). Its logits equal the converted model's at one
+    iteration with the identity adapter. Saved atomically; reloaded and compared with the
+    in-memory model before it is renamed into place."""
+    save_path = check_save_target(model_name, save_name, "--static_save_name", dtype, overwrite)
+    base_config = load_base_config(model_name)
+    detect_family(base_config)  # refuses what the converter refuses, with the same message
+    choice.validate(base_config.num_hidden_layers)
+    base = round_weights_like_saved(load_base_model(model_name), getattr(torch, dtype))
+    base.model.layers = nn.ModuleList(base.model.layers[i] for i in choice.kept)
+    for new_idx, layer in enumerate(base.model.layers):
+        layer.self_attn.layer_idx = new_idx  # the KV cache is indexed by position in the stack
+    base.config.num_hidden_layers = len(choice.kept)
+    if getattr(base.config, "layer_types", None) is not None:
+        base.config.layer_types = [base.config.layer_types[i] for i in choice.kept]
+    input_ids = verification_input(load_tokenizer(model_name), base_config.vocab_size)
+    with torch.no_grad():
+        expected = base(input_ids=input_ids, use_cache=False).logits
+    with atomic_directory(save_path) as tmp:
+        base.to(getattr(torch, dtype)).save_pretrained(tmp)
+        tokenizer = load_tokenizer(model_name)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        reloaded = load_base_model(tmp)
+        with torch.no_grad():
+            diff = (reloaded(input_ids=input_ids, use_cache=False).logits - expected).abs().max().item()
+        if diff > tolerance * max(1.0, expected.abs().max().item()):
+            raise ConversionError(f"the saved static model's logits differ from the kept layers' by {diff:.3e}")
+        print(f"static baseline: logits of the saved model vs the kept layers in memory, max |diff| {diff:.3e}")
+    return save_path
+
+
+def check_save_target(model_name, save_name, flag: str, dtype: str, overwrite: bool) -> Path:
+    """The output folder given as `flag` and the saved dtype, checked before any work."""
+    save_path = Path(save_name)
+    check_output_path(model_name, save_path)
+    if save_path.exists() and not overwrite:
+        raise ConversionError(f"{flag} {save_path} already exists (pass --overwrite to replace it)")
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ConversionError(f"unsupported --dtype {dtype!r}; choose float32, bfloat16 or float16")
+    return save_path
 
 
 def check_output_path(model_name, save_path: Path) -> None:
@@ -653,9 +728,13 @@ def main(default_family: str | None, argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the default adapter init")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --save_name")
     parser.add_argument("--no_verify", action="store_true", help="skip the hidden-state verification")
+    parser.add_argument("--static_save_name", help="also save the base with only the kept layers as a plain HF model"
+                        " (the static baseline: same layers, no recurrence)")
     args = parser.parse_args(argv)
     try:
         choice = layer_choice(args.preset, args.prelude_idx, args.core_idx, args.coda_idx)
+        if args.static_save_name and Path(args.static_save_name).exists() and not args.overwrite:  # before any work
+            raise ConversionError(f"--static_save_name {args.static_save_name} already exists (pass --overwrite to replace it)")
         if not Path(args.model_name).exists() and os.environ.get("HF_HUB_OFFLINE") == "1":
             raise ConversionError(f"--model_name {args.model_name} does not exist locally and HF_HUB_OFFLINE=1")
         path, _ = convert(
@@ -671,6 +750,8 @@ def main(default_family: str | None, argv: list[str] | None = None) -> int:
             seed=args.seed,
             verify=not args.no_verify,
         )
+        if args.static_save_name:
+            save_kept_layers(args.model_name, args.static_save_name, choice, dtype=args.dtype, overwrite=args.overwrite)
     except (ConversionError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

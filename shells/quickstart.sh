@@ -46,8 +46,6 @@ cd "$REPO_ROOT"
 [[ $# -le 1 ]] || die "usage: bash shells/quickstart.sh [OUT_DIR] (got $# arguments)"
 OUT="${1:-runs/quickstart}"
 
-use_repo_python
-
 NUM_PROBLEMS="${QUICKSTART_NUM_PROBLEMS:-20000}"
 NUM_TEST="${QUICKSTART_NUM_TEST:-200}"
 HIDDEN="${QUICKSTART_HIDDEN:-64}"
@@ -79,16 +77,9 @@ for r in "${EVAL_REC_LIST[@]}"; do
 done
 # Weights every fifth of a run, a resumable full checkpoint every two fifths: an interrupted run resumes.
 save_interval() { echo $(( $1 / 5 > 0 ? $1 / 5 : 1 )); }
-mkdir -p "$OUT"
-OUT="$(cd "$OUT" && pwd)"
-
-# Offline by construction; passive OpenMP waiting keeps a busy machine from thrashing (spinning
-# threads of two processes fight for the same cores otherwise).
-export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-passive_openmp_wait
-export OMP_NUM_THREADS="$THREADS" PYTHONUNBUFFERED=1
-export WANDB_MODE=disabled MPLBACKEND=Agg
-PAR_THREADS=$(( THREADS / 2 > 0 ? THREADS / 2 : 1 ))  # per process when two stages share the machine
+QUICKSTART_TAG=quickstart
+# shellcheck source=shells/_quickstart_stages.sh
+source "$REPO_ROOT/shells/_quickstart_stages.sh"
 
 DATA="$OUT/data"
 PACKED="$OUT/packed/llama_huginn_preprocessed_data_packed_wrapped/tokenizer/quickstart/dataset"
@@ -99,40 +90,6 @@ CONVERTED="$OUT/models/recurrent-2-2-2"
 RECURRENT="$RUNS/recurrent/final_checkpoint"
 BASELINE="$RUNS/baseline/final_checkpoint"
 LOSS_DIR="$OUT/loss_over_rec_eval"
-LOGS="$OUT/logs"
-TIMES="$OUT/stage_times.tsv"
-mkdir -p "$LOGS" && touch "$TIMES"
-
-ran_any=0
-log() { echo "[quickstart $(date +%H:%M:%S)] $*"; }
-now() { date +%s.%N; }
-elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1f", b - a }'; }
-record() { printf '%s\t%s\n' "$1" "$2" >> "$TIMES"; }
-
-# exists PATTERN: some path matches the glob PATTERN (a plain path matches itself).
-exists() { compgen -G "$1" > /dev/null; }
-
-# stage NAME MARKER CMD...: run CMD (output to logs/NAME.log) unless MARKER (a path or glob) exists;
-# CMD must create it.
-stage() {
-    local name="$1" marker="$2"; shift 2
-    if exists "$marker"; then
-        log "skip $name: ${marker#"$OUT"/} exists"
-        return 0
-    fi
-    log "$name ... (log: ${LOGS#"$REPO_ROOT"/}/$name.log)"
-    local start; start=$(now)
-    if ! "$@" > "$LOGS/$name.log" 2>&1; then
-        tail -n 30 "$LOGS/$name.log" >&2
-        echo "error: stage $name failed (full log: $LOGS/$name.log); rerun the same command to resume" >&2
-        exit 1
-    fi
-    exists "$marker" || { tail -n 30 "$LOGS/$name.log" >&2; echo "error: stage $name finished without writing $marker" >&2; exit 1; }
-    local seconds; seconds=$(elapsed "$start" "$(now)")
-    record "$name" "$seconds"
-    ran_any=1
-    log "$name done in ${seconds}s"
-}
 
 train_common=(--is_parquet_dataset=true --preprocessed_data_path="$PARQUET" --max_length="$MAX_LENGTH"
     --micro_batch_size="$BATCH" --batch_size="$BATCH" --epochs=100
@@ -193,23 +150,6 @@ train_baseline() {
         --max_steps="$STEPS" --save_interval="$(save_interval "$STEPS")" --optim_config.lr=1e-3 --optim_config.weight_decay=0.01 "${train_common[@]}"
 }
 
-# both A and B are shell functions; each runs in a subshell, the pair's wall time is recorded as NAME.
-side_by_side() {
-    local name="$1" a="$2" b="$3" start; start=$(now)
-    local ran_before; ran_before=$(wc -l < "$TIMES" 2>/dev/null || echo 0)
-    "$a" & local pid_a=$!
-    "$b" & local pid_b=$!
-    local status=0
-    wait "$pid_a" || status=1
-    wait "$pid_b" || status=1
-    (( status == 0 )) || exit 1
-    if [[ "$(wc -l < "$TIMES" 2>/dev/null || echo 0)" != "$ran_before" ]]; then
-        local seconds; seconds=$(elapsed "$start" "$(now)")
-        record "$name" "$seconds"
-        ran_any=1
-        log "$name (both) done in ${seconds}s wall"
-    fi
-}
 side_by_side train train_recurrent train_baseline
 
 # -------------------------------------------------------------------------------------- evaluation

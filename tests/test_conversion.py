@@ -116,6 +116,36 @@ def test_identity_adapter_equals_layer_dropped_base_at_any_recurrence(request, t
             torch.testing.assert_close(model(ids, num_steps=r).logits, expected, atol=1e-4, rtol=1e-4)
 
 
+def test_static_save_name_is_the_kept_layers_as_a_plain_model(llama3_gqa_dir, tmp_path, capsys):
+    """--static_save_name: the static baseline of a conversion, a plain HF model of the base's class whose
+    logits (with or without the KV cache) equal the identity-adapter conversion's at one iteration."""
+    from transformers import AutoModelForCausalLM
+
+    args = ["--model_name", str(llama3_gqa_dir), "--save_name", str(tmp_path / "rec"), "--prelude_idx", "0-1",
+            "--core_idx", "4,5", "--coda_idx", "6-7", "--dtype", "float32", "--adapter_init", "identity",
+            "--static_save_name", str(tmp_path / "static")]
+    code, out, err = run_main(capsys, None, *args)
+    assert code == 0, err
+    assert "static baseline: logits of the saved model vs the kept layers in memory, max |diff| 0.000e+00" in out
+    static = AutoModelForCausalLM.from_pretrained(tmp_path / "static", dtype=torch.float32).eval()
+    assert type(static).__name__ == "LlamaForCausalLM" and static.config.num_hidden_layers == 6
+    assert [layer.self_attn.layer_idx for layer in static.model.layers] == list(range(6))
+    model = RavenForCausalLM.from_pretrained(tmp_path / "rec").eval()
+    ids = torch.randint(3, model.config.vocab_size, (2, 12))
+    with torch.no_grad():
+        expected = model(ids, num_steps=1).logits
+        torch.testing.assert_close(static(ids, use_cache=False).logits, expected, atol=1e-4, rtol=1e-4)
+        prefix = static(ids[:, :8], use_cache=True)  # the renumbered layers index the cache correctly
+        step = static(ids[:, 8:], past_key_values=prefix.past_key_values, use_cache=True).logits
+        torch.testing.assert_close(step, expected[:, 8:], atol=1e-4, rtol=1e-4)
+    # An existing static folder is refused before any work, and kept.
+    (tmp_path / "static2").mkdir()
+    capsys.readouterr()
+    code, _, err = run_main(capsys, None, *args[:3], str(tmp_path / "rec2"), *args[4:-1], str(tmp_path / "static2"))
+    assert code == 2 and err.strip() == f"error: --static_save_name {tmp_path / 'static2'} already exists (pass --overwrite to replace it)"
+    assert not (tmp_path / "rec2").exists()
+
+
 def test_labels_follow_hf_convention_on_a_converted_model(tiny_llama_dir, tmp_path):
     """`labels=input_ids` is shifted inside, as in HF (the original's aligned labels scored copying
     the input); aligned labels, as the trainer makes them, go in `shift_labels` for both models."""

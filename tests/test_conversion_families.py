@@ -18,7 +18,18 @@ from conftest import ROOT
 
 from retrofit.testing import FAMILY_OVERRIDES, save_hf_model, tiny_family_config
 
-from retrofit.conversion import PRESET_DEFINITIONS, ConversionError, LayerChoice, convert, layer_choice, main
+from retrofit.conversion import (
+    MIDDLE_DROP_RECIPE,
+    PAPER,
+    PRESET_DEFINITIONS,
+    TINYLLAMA_RECIPE,
+    ConversionError,
+    LayerChoice,
+    convert,
+    layer_choice,
+    main,
+)
+from retrofit.split import paper_shape
 from retrofit.modeling_raven import RavenForCausalLM
 
 CHOICE = LayerChoice(prelude=[0, 1], core=[4, 5], coda=[6, 7])
@@ -198,9 +209,19 @@ def test_presets_follow_their_stated_recipe():
     for name, preset in PRESET_DEFINITIONS.items():
         choice = layer_choice(name, None, None, None)
         choice.validate(preset.num_layers)  # in range, ordered, no overlap
-        if "recipe" in preset.source:
-            n = preset.num_layers
+        n = preset.num_layers
+        if preset.source == TINYLLAMA_RECIPE:
             assert (choice.prelude, choice.core, choice.coda) == ([0, 1, 2, 3], list(range(n - 12, n - 4)), list(range(n - 4, n)))
+        elif preset.source == MIDDLE_DROP_RECIPE:
+            # The paper drops 12-27% of its bases' layers; these drop 4, one run inside the recurrent block.
+            dropped = sorted(set(range(n)) - set(choice.kept))
+            assert 0.12 <= len(dropped) / n <= 0.27 and dropped == list(range(dropped[0], dropped[0] + 4)), name
+            assert choice.core[0] < dropped[0] and dropped[-1] < choice.core[-1], name
+            p, k, c = paper_shape(n - 4)
+            assert (choice.prelude, choice.coda) == (list(range(p)), list(range(n - c, n))) and len(choice.core) == k
+            assert name.endswith(f"-{p}-{k}-{c}"), name
+        else:
+            assert preset.source == PAPER, name
         assert name.startswith(("tinyllama", "llama", "olmo", "smollm2", "qwen2.5", "qwen3"))
 
 

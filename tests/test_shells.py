@@ -9,6 +9,7 @@ exercised for real. `--local` runs a real 2-process torchrun on CPU.
 from __future__ import annotations
 
 import json
+import re
 import os
 import shlex
 import shutil
@@ -636,7 +637,8 @@ def test_model_jobs_download_untie_and_convert_in_models_dir(cluster):
 
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed")
 def test_shellcheck_clean(cluster):
-    mine = ["_common.sh", "_submit.sh", "_machine_config.sh.example", "tinyllama.sh", "llama.sh", "olmo.sh"]
+    mine = ["_common.sh", "_submit.sh", "_machine_config.sh.example", "tinyllama.sh", "llama.sh", "olmo.sh",
+            "quickstart.sh", "quickstart_smollm2.sh"]
     scripts = [str(SHELLS / name) for name in mine] + sorted(str(p) for p in (SHELLS / "preprocess").glob("*.sh"))
     proc = subprocess.run(["shellcheck", "-x", *scripts], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout
@@ -647,3 +649,70 @@ def test_shellcheck_clean(cluster):
         batch.write_text(out.split("\n", 2)[2])
         proc = subprocess.run(["shellcheck", str(batch)], capture_output=True, text=True)
         assert proc.returncode == 0, proc.stdout
+
+
+# ------------------------------------------------------------------ shells/quickstart_smollm2.sh
+# The real-base quickstart takes about 40 minutes, so its run is measured by hand (docs/training.md);
+# here its command line and knobs are checked, which fail before any stage starts.
+SMOLLM2_QUICKSTART = SHELLS / "quickstart_smollm2.sh"
+
+
+def run_smollm2_quickstart(*args, **env) -> subprocess.CompletedProcess:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("SMOLLM2_")}
+    return subprocess.run(["bash", str(SMOLLM2_QUICKSTART), *args], cwd=ROOT, env={**clean, **env},
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_smollm2_quickstart_help_lists_every_knob():
+    proc = run_smollm2_quickstart("--help")
+    assert proc.returncode == 0 and proc.stderr == ""
+    assert proc.stdout.startswith("usage: bash shells/quickstart_smollm2.sh [OUT_DIR]")
+    script = SMOLLM2_QUICKSTART.read_text()
+    knobs = sorted(set(re.findall(r"\$\{(SMOLLM2_[A-Z_]+):-", script)))
+    assert len(knobs) >= 12
+    for knob in knobs:  # every knob the script reads is documented in the header --help prints
+        assert f"{knob}=" in proc.stdout, knob
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        (["a", "b"], {}, "(got 2 arguments)"),
+        (["--steps", "3"], {}, "unknown option '--steps'"),
+        ([], {"SMOLLM2_STEPS": "ten"}, "SMOLLM2_STEPS='ten' is not a positive integer"),
+        ([], {"SMOLLM2_MAX_REC": "0"}, "SMOLLM2_MAX_REC='0' is not a positive integer"),
+        ([], {"SMOLLM2_CORE": "7-13;18-22"}, "SMOLLM2_CORE='7-13;18-22' is not a layer list like 0-6 or 0,1,2"),
+        ([], {"SMOLLM2_LR": "fast"}, "SMOLLM2_LR='fast' is not a number"),
+        ([], {"SMOLLM2_LOSS_RECS": "1,,4"}, "SMOLLM2_LOSS_RECS='1,,4' is not a comma-separated list of positive integers"),
+        ([], {"SMOLLM2_PROMPT": ""}, "SMOLLM2_PROMPT is empty"),
+    ],
+)
+def test_smollm2_quickstart_rejects_bad_input(tmp_path, args, env, message):
+    out = tmp_path / "out"
+    proc = run_smollm2_quickstart(*(args or [str(out)]), **env)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
+    assert not out.exists()  # refused before anything is written
+
+
+def test_smollm2_quickstart_reports_finished_folder_without_work(tmp_path):
+    """Every stage's output present: nothing reruns, and the summary that is there is printed."""
+    out = tmp_path / "qs"
+    markers = ["base/config.json", "data/python_docs/python_docs_data.json",
+               "packed/llama_huginn_preprocessed_data_packed_wrapped/base/train/dataset",
+               "packed/llama_huginn_preprocessed_data_packed_wrapped/base/held_out/dataset",
+               "parquet/shard-00000.parquet", "parquet/val", "models/recurrent-identity/config.json",
+               "models/recurrent-default/config.json", "runs/recurrent/final_checkpoint/config.json",
+               "runs/baseline/final_checkpoint/config.json", "loss_over_rec_eval/models/recurrent-default.json",
+               "loss_over_rec_eval/recurrent/final_checkpoint.json", "loss_over_rec_eval/baseline/final_checkpoint.json",
+               "generation.txt"]
+    for marker in markers:
+        path = out / marker
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.mkdir() if "." not in path.name or path.name == "dataset" else path.write_text("{}")
+    (out / "summary.md").write_text("# the summary\n")
+    proc = run_smollm2_quickstart(str(out), PYTHON="/nonexistent/python")  # a stage that ran would fail
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("skip ") == len(markers) + 1  # and the report
+    assert "# the summary" in proc.stdout and "every stage was already done" in proc.stdout

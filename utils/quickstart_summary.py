@@ -4,6 +4,7 @@
     python utils/quickstart_summary.py plot-loss   --loss_dir OUT/loss_over_rec_eval --out_dir OUT/plots
     python utils/quickstart_summary.py summary     --out_dir OUT --limit L --eval_recs "1 4 8"
     python utils/quickstart_summary.py report      --out_dir OUT --limit L --eval_recs "1 4 8"   # all three, one process
+    python utils/quickstart_summary.py smollm2-report --out_dir OUT --prompt TEXT
 
 static-loss   multi_recurrence_eval.py sweeps recurrent models only; this scores a plain HF model on the same
               rows with the same loss (retrofit.evaluation) and writes the same JSON format ({"1": [[...], ...]}).
@@ -11,6 +12,9 @@ plot-loss     validation loss against test recurrence, the static models as hori
 summary       OUT/summary.md: per run the training steps, FLOPs (retrofit.reporting, param_counter.py's numbers),
               final train loss, validation loss at each recurrence, lm-eval accuracy at each recurrence, figures,
               stage times.
+smollm2-report  shells/quickstart_smollm2.sh's summary.md and loss plot: every model's held-out loss over depth,
+              the verdict (depth vs r=1, vs the static baseline, gap to the 30-layer base), tokens and FLOPs,
+              the generation, stage times.
 report        plot_evals.py's figures of OUT/runs/{recurrent,baseline} (retrofit.reporting), the loss plot, the summary.
 
 How each run trained (steps, tokens per step, curriculum) comes from its run.json (written by train.py),
@@ -104,36 +108,43 @@ def mean_losses(path: Path) -> dict[int, float]:
 
 
 def plot_loss(args) -> int:
+    loss_dir = Path(args.loss_dir)
+    curves = {}
+    for run, label in RUN_LABELS.items():
+        path = loss_dir / run / "final_checkpoint.json"
+        if path.exists():
+            curves[label] = (mean_losses(path), run == "recurrent")
+    if not curves:
+        print(f"error: no loss files under {loss_dir}", file=sys.stderr)
+        return 2
+    draw_loss_plot(curves, Path(args.out_dir))
+    return 0
+
+
+def draw_loss_plot(curves: dict[str, tuple[dict[int, float], bool]], out_dir: Path) -> None:
+    """Validation loss against test recurrence: {label: (losses, recurrent?)}; a static model is a
+    horizontal line at its one value."""
     from retrofit import plotting
 
-    loss_dir = Path(args.loss_dir)
     plotting.apply_style()
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    colors = plotting.colors_for(RUN_LABELS.values())
+    colors = plotting.colors_for(curves)
     handles = []
-    for run, label in RUN_LABELS.items():
-        path = loss_dir / run / "final_checkpoint.json"
-        if not path.exists():
-            continue
-        losses = mean_losses(path)
-        if run == "recurrent":
+    for label, (losses, recurrent) in curves.items():
+        if recurrent:
             (line,) = ax.plot(list(losses), list(losses.values()), marker="o", color=colors[label], label=label)
         else:
             line = ax.axhline(losses[1], color=colors[label], linestyle="--", linewidth=2, label=label)
         handles.append(line)
-    if not handles:
-        print(f"error: no loss files under {loss_dir}", file=sys.stderr)
-        return 2
     ax.set_xscale("log", base=2)
     ax.set_xlabel(plotting.AXIS_LABELS["num_rec"])
     ax.set_ylabel("Validation loss (nats/token)")
     ax.set_title("Held-out loss vs test recurrence")
     plotting.legend_outside(fig, handles)
-    written = plotting.save_figure(fig, args.out_dir, "loss_vs_num_rec", plotting.FORMATS)
+    written = plotting.save_figure(fig, out_dir, "loss_vs_num_rec", plotting.FORMATS)
     print("wrote " + ", ".join(map(str, written)))
-    return 0
 
 
 # -------------------------------------------------------------------------------------- summary
@@ -170,6 +181,19 @@ def stage_times(path: Path) -> dict[str, float]:
             if seconds:
                 times[name] = float(seconds)  # the latest run of a stage wins
     return times
+
+
+def total_seconds(times: dict[str, float], groups: tuple[str, ...]) -> float:
+    """Wall time of a quickstart: each group (two parts run side by side, recorded as GROUP and as
+    GROUP_part) counts once, by its own entry, else by its slowest part."""
+    total = 0.0
+    for name, seconds in times.items():
+        group = next((g for g in groups if name.startswith(g + "_")), None)
+        if group is None:
+            total += seconds
+        elif group not in times:  # a group finished over several invocations: count its slowest part
+            total += seconds if seconds == max(v for n, v in times.items() if n.startswith(group + "_")) else 0.0
+    return total
 
 
 def fmt_loss(value):
@@ -301,14 +325,7 @@ def summary(args) -> int:
               "| stage | seconds |", "|---|---:|"]
     for name, seconds in times.items():
         lines.append(f"| {name} | {seconds:.1f} |")
-    groups = ("train", "val_loss", "lm_eval")  # shells/quickstart.sh runs each group's parts side by side
-    total = 0.0
-    for name, seconds in times.items():
-        group = next((g for g in groups if name.startswith(g + "_")), None)
-        if group is None:
-            total += seconds
-        elif group not in times:  # a group finished over several invocations: count its slowest part
-            total += seconds if seconds == max(v for n, v in times.items() if n.startswith(group + "_")) else 0.0
+    total = total_seconds(times, ("train", "val_loss", "lm_eval"))
     lines.append(f"| **total** (all but the plots and this summary) | {total:.1f} |")
 
     write_file_atomic(out / "summary.md", "\n".join(lines) + "\n")
@@ -358,6 +375,121 @@ def report(args) -> int:
     return status or summary(args)
 
 
+# ------------------------------------------------------------------ shells/quickstart_smollm2.sh
+
+
+# The real quickstart's loss files (OUT/loss_over_rec_eval/...): label, path, recurrent?
+SMOLLM2_CURVES = (
+    ("30-layer base", "base/base.json", False),
+    ("converted, default adapter", "models/recurrent-default.json", True),
+    ("converted, identity adapter", "models/recurrent-identity.json", True),
+    ("healed recurrent", "recurrent/final_checkpoint.json", True),
+    ("healed static baseline", "baseline/final_checkpoint.json", False),
+)
+
+
+def ranges_text(indices: list[int]) -> str:
+    """[0, 1, 2, 7, 8] -> '0-2,7-8' (the converter's index syntax)."""
+    runs: list[list[int]] = []
+    for i in indices:
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return ",".join(f"{a}-{b}" if b > a else str(a) for a, b in runs)
+
+
+def smollm2_verdict(curves: dict[str, dict[int, float]]) -> list[str]:
+    """The issue's questions, answered from the losses: does depth help after healing, does the
+    recurrent model beat the static baseline healed on the same tokens, how far is the 30-layer base."""
+    healed, static, base = (curves.get(k) for k in ("healed recurrent", "healed static baseline", "30-layer base"))
+    if not healed or 1 not in healed:
+        return []
+    deep = {r: v for r, v in healed.items() if r >= 4}
+    lines = []
+    if deep:
+        best = min(deep, key=deep.get)
+        lines.append(f"- Healed recurrent: best loss at r >= 4 is {deep[best]:.3f} (r={best}) against {healed[1]:.3f} at r=1: "
+                     f"depth {'helps' if deep[best] < healed[1] else 'does not help'} "
+                     f"({deep[best] - healed[1]:+.3f}); every r >= 4 below r=1: {'yes' if max(deep.values()) < healed[1] else 'no'}.")
+        if static:
+            lines.append(f"- Against the static baseline healed on the same tokens ({static[1]:.3f}): "
+                         f"{deep[best] - static[1]:+.3f} at r={best}, {healed[1] - static[1]:+.3f} at r=1.")
+        if base:
+            lines.append(f"- Gap to the 30-layer base ({base[1]:.3f}): {deep[best] - base[1]:+.3f} at r={best}"
+                         + (f"; static baseline {static[1] - base[1]:+.3f}." if static else "."))
+    return lines
+
+
+def smollm2_report(args) -> int:
+    """OUT/summary.md and OUT/plots/loss_vs_num_rec.* of shells/quickstart_smollm2.sh."""
+    from retrofit.reporting import flops_report
+
+    out = Path(args.out_dir)
+    loss_dir, runs = out / "loss_over_rec_eval", out / "runs"
+    curves = {label: mean_losses(loss_dir / rel) for label, rel, _ in SMOLLM2_CURVES if (loss_dir / rel).exists()}
+    if not curves:
+        print(f"error: no loss files under {loss_dir}", file=sys.stderr)
+        return 2
+    recurrent = {label for label, _, is_recurrent in SMOLLM2_CURVES if is_recurrent}
+    draw_loss_plot({label: (losses, label in recurrent) for label, losses in curves.items()}, out / "plots")
+
+    config = json.loads((runs / "recurrent/final_checkpoint/config.json").read_text())
+    shape = tuple(config[k] for k in ("n_layers_in_prelude", "n_layers_in_recurrent_block", "n_layers_in_coda"))
+    source = config.get("source_layers") or {}
+    split = " | ".join(ranges_text(source.get(part, [])) for part in ("prelude", "core_block", "coda"))
+    num_sequences = len([x for b in json.loads((loss_dir / SMOLLM2_CURVES[0][1]).read_text())["1"] for x in b]) \
+        if (loss_dir / SMOLLM2_CURVES[0][1]).exists() else "?"
+    recs = sorted({r for losses in curves.values() for r in losses})
+    lines = [
+        "# Real-base quickstart summary (SmolLM2-135M-Instruct)", "",
+        f"Base: SmolLM2-135M-Instruct (30 layers) from the pinned GGUF. Recurrent model: base layers {split} as "
+        f"(prelude, recurrent block, coda) = {shape}, {sum(shape)} of 30 layers kept. Static baseline: the same kept "
+        "layers as a plain Llama, no recurrence.", "",
+        "## Validation loss vs test recurrence", "",
+        f"Mean next-token loss (nats) on the first {num_sequences} rows of the held-out Python documentation topics "
+        "(parquet/val, never trained on). Static models have one value.", "",
+        "| model | " + " | ".join(f"r={r}" for r in recs) + " |",
+        "|---|" + "---:|" * len(recs),
+    ]
+    for label, losses in curves.items():
+        cells = [fmt_loss(losses.get(r)) if label in recurrent else (fmt_loss(losses[1]) if r == 1 else "") for r in recs]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += [""] + smollm2_verdict(curves)
+
+    lines += ["", "## Healing", "",
+              "Both runs read the same rows in the same order (equal tokens); FLOPs from param_counter.py's count "
+              "(retrofit.reporting).", "",
+              "| run | steps | tokens | training FLOPs | final train loss |", "|---|---:|---:|---:|---:|"]
+    flops = {}
+    for run in ("recurrent", "baseline"):
+        checkpoint = runs / run / "final_checkpoint"
+        if not checkpoint.exists():
+            continue
+        flops[run] = flops_report(checkpoint)
+        step, loss = final_train_loss(runs / run)
+        tokens = (step or 0) * flops[run]["tokens_per_step"]
+        lines.append(f"| {run} | {step if step is not None else '–'} | {tokens:,} | {flops[run]['FLOPs']:.3e} | {fmt_loss(loss)} |")
+    if len(flops) == 2:
+        lines += ["", f"At equal tokens the recurrent run spent {flops['recurrent']['FLOPs'] / flops['baseline']['FLOPs']:.2f}× "
+                  "the baseline's training FLOPs."]
+
+    generation = out / "generation.txt"
+    if generation.exists():
+        lines += ["", f"## Generation (healed model, chat template, r={config.get('mean_recurrence')})", "",
+                  f"Prompt: {args.prompt}", "", "```", generation.read_text().strip(), "```"]
+
+    times = stage_times(out / "stage_times.tsv")
+    times.pop("report", None)
+    lines += ["", "## Stage wall times", "", "| stage | seconds |", "|---|---:|"]
+    lines += [f"| {name} | {seconds:.1f} |" for name, seconds in times.items()]
+    lines.append(f"| **total** (train and val_loss: two processes side by side, counted once) | "
+                 f"{total_seconds(times, ('train', 'val_loss')):.1f} |")
+    write_file_atomic(out / "summary.md", "\n".join(lines) + "\n")
+    print(f"wrote {out / 'summary.md'}")
+    return 0
+
+
 # -------------------------------------------------------------------------------------------- CLI
 
 
@@ -376,8 +508,12 @@ def main(argv=None) -> int:
     for name in ("summary", "report"):
         p = sub.add_parser(name, help="write OUT/summary.md" if name == "summary" else "plots, then the summary")
         add_summary_args(p)
+    p = sub.add_parser("smollm2-report", help="summary and loss plot of shells/quickstart_smollm2.sh")
+    p.add_argument("--out_dir", required=True, help="the real quickstart's output folder")
+    p.add_argument("--prompt", required=True, help="the generation stage's prompt, for the text")
     args = parser.parse_args(argv)
-    return {"static-loss": static_loss, "plot-loss": plot_loss, "summary": summary, "report": report}[args.command](args)
+    return {"static-loss": static_loss, "plot-loss": plot_loss, "summary": summary, "report": report,
+            "smollm2-report": smollm2_report}[args.command](args)
 
 
 def add_summary_args(p: argparse.ArgumentParser) -> None:
