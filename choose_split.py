@@ -1,4 +1,4 @@
-"""Recommend which base layers become prelude, recurrent block and coda (retrofit/split.py).
+"""Recommend which base layers become prelude, recurrent block and coda (retrofit/model/split.py).
 
     python choose_split.py --model_name models/SmolLM2-360M --data data/parquet/val --keep 16
     python choose_split.py --model_name models/TinyLlama --data sample.txt --shape 4,8,4 --plot split.png
@@ -22,7 +22,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from retrofit.split import (
+from retrofit.model.split import (
     SplitError,
     layer_table,
     load_sample_rows,

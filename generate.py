@@ -54,8 +54,8 @@ def main(argv=None) -> int:
     import torch
     from transformers import AutoTokenizer, TextStreamer
 
-    from retrofit.checkpoint import load_saved_model
-    from retrofit.configuration_raven import RavenConfig
+    from retrofit.train.checkpoint import load_saved_model
+    from retrofit.model.configuration_raven import RavenConfig
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))

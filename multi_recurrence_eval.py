@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 from retrofit.atomic import write_json_atomic
-from retrofit.evaluation import (
+from retrofit.evaluate.loss_over_depth import (
     ADAPTIVE_CRITERIA,
     DEFAULT_RECURRENCES,
     AdaptiveExit,
@@ -45,7 +45,7 @@ from retrofit.evaluation import (
     result_json,
     summary_lines,
 )
-from retrofit.rows import DataError
+from retrofit.data.rows import DataError
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -76,7 +76,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def load_model(path: Path, device: str, dtype: str, checkpoint_code: bool = False):
     import torch
 
-    from retrofit.checkpoint import load_saved_model
+    from retrofit.train.checkpoint import load_saved_model
 
     model = load_saved_model(path, getattr(torch, dtype), checkpoint_code=checkpoint_code)
     if not hasattr(model, "recur"):

@@ -10,15 +10,15 @@ Launch one process per GPU with `torchrun --nproc_per_node N train.py ...` or `s
 
 The run folder gets run.json (every setting, the resolved curriculum, tokens per step, world size,
 package versions), metrics.jsonl and the checkpoints, each with its own copy of run.json.
-Settings: retrofit/train_config.py; the loop: retrofit/trainer.py; outputs and resuming: docs/training.md.
+Settings: retrofit/train/config.py; the loop: retrofit/train/trainer.py; outputs and resuming: docs/training.md.
 """
 
 from __future__ import annotations
 
 import sys
 
-from retrofit.train_config import parse_config
-from retrofit.trainer import run
+from retrofit.train.config import parse_config
+from retrofit.train.trainer import run
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,7 +24,7 @@ import sys
 import torch
 
 from retrofit.benchmarking import llama_config, raven_config, time_call
-from retrofit.modeling_raven import RavenForCausalLM
+from retrofit.model.modeling_raven import RavenForCausalLM
 
 # The shape: hidden 256, intermediate 704, 4 heads / 2 KV heads, (2, 2, 2), vocab 4096.
 SHAPE = dict(hidden=256, intermediate=704, heads=4, kv_heads=2, vocab=4096, prelude=2, core=2, coda=2)

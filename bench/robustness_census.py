@@ -11,10 +11,10 @@ os.environ.setdefault("OMP_NUM_THREADS", "1"); os.environ["HF_HUB_OFFLINE"] = "1
 ROOT = Path(__file__).resolve().parents[1]
 from retrofit.testing import (pack_token_rows, save_raven_model, tiny_raven_config, write_token_parquet, save_hf_model,
                               tiny_llama_config)
-from retrofit.synthetic import arithmetic_problems, problem_text, train_tokenizer
+from retrofit.data.synthetic import arithmetic_problems, problem_text, train_tokenizer
 from transformers import AutoTokenizer
-from retrofit.train_config import parse_config
-from retrofit.trainer import run as run_training
+from retrofit.train.config import parse_config
+from retrofit.train.trainer import run as run_training
 
 import tempfile; W = Path(tempfile.mkdtemp(prefix="census-"))
 corpus = [problem_text(p) for p in arithmetic_problems(400, seed=0)]
@@ -116,7 +116,7 @@ d = fresh_copy("midbad", drop=("final_checkpoint",)); m = d / "metrics.jsonl"; l
 results.append(("metrics.jsonl with a garbage middle line", *run(base + [f"--out_path={W/'runs'}", "--run_name=midbad", "--resume_path=auto"], watch=d)))
 
 # converter, generate
-from retrofit.conversion import main as convert_main
+from retrofit.model.conversion import main as convert_main
 def run_cli(fn, args, watch=None):
     before = snap(watch) if watch else {}
     err = io.StringIO()

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 import param_counter
-from retrofit.reporting import count, flops_report
+from retrofit.analysis.reporting import count, flops_report
 from conftest import PAPER_DATA
-from retrofit.depth import MeanBackpropDepthSchedule, MeanRecurrenceSchedule, RecurrenceSchedule
-from retrofit.flops import (
+from retrofit.train.depth import MeanBackpropDepthSchedule, MeanRecurrenceSchedule, RecurrenceSchedule
+from retrofit.analysis.flops import (
     ParamCounts,
     build_on_meta,
     count_model_dir,
@@ -60,7 +60,7 @@ def save_hf_config(out: Path, family: str) -> Path:
 
 
 def save_raven_config(out: Path, family: str, shape: tuple[int, int, int], mean_recurrence: int = 32) -> Path:
-    from retrofit.configuration_raven import RavenConfig
+    from retrofit.model.configuration_raven import RavenConfig
 
     f = FAMILIES[family]
     RavenConfig(n_embd=f["hidden"], n_heads=f["heads"], num_key_value_heads=f["kv"], intermediate_size=f["mlp"],

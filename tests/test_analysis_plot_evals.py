@@ -14,9 +14,9 @@ import pytest
 
 import plot_evals
 from conftest import PAPER_DATA
-from retrofit.depth import MeanBackpropDepthSchedule, MeanRecurrenceSchedule, RecurrenceSchedule
-from retrofit.flops import count_model_dir, training_flops
-from retrofit.results import COLUMNS, NotLmEvalOutput, RunSpec, collect_run, read_jsonl
+from retrofit.train.depth import MeanBackpropDepthSchedule, MeanRecurrenceSchedule, RecurrenceSchedule
+from retrofit.analysis.flops import count_model_dir, training_flops
+from retrofit.analysis.results import COLUMNS, NotLmEvalOutput, RunSpec, collect_run, read_jsonl
 
 MAX_STEPS = 300
 RECS = (1, 2, 4)
@@ -66,7 +66,7 @@ def task_results(step: int, rec: int) -> dict:
 def runs(tmp_path_factory, tokenizer):
     """A recurrent run (checkpoints 100, 200, final at 300; rec 1, 2, 4) and a static baseline run."""
     from retrofit.testing import tiny_llama_config
-    from retrofit.configuration_raven import RavenConfig
+    from retrofit.model.configuration_raven import RavenConfig
 
     root = tmp_path_factory.mktemp("eval_runs")
     recurrent = root / "tiny_recurrent_run"

@@ -79,7 +79,7 @@ def loglikelihoods(rows) -> list[float]:
 
 @pytest.mark.slow
 def test_one_json_per_recurrence_in_the_plot_layout(evaluated):
-    from retrofit.results import checkpoint_from, recurrence_from
+    from retrofit.analysis.results import checkpoint_from, recurrence_from
 
     sweep = evaluated["sweep"]
     assert len(list((sweep / "eval").rglob("results_*.json"))) == 2
@@ -213,7 +213,7 @@ def test_gsm8k_cot_sean_on_local_rows(monkeypatch):
 def test_lm_eval_on_a_converted_qwen3_is_batch_independent(tmp_path, tiny_family_dirs):
     """A new family through the same path: Qwen3 (per-head q/k norms) converted, then eval.sh at
     recurrence 2 with batch 4 (padded) and batch 1, concurrently; same scores and generations."""
-    from retrofit.conversion import LayerChoice, convert
+    from retrofit.model.conversion import LayerChoice, convert
 
     ckpt = tmp_path / "qwen3_run" / "model_only_chkpt_10"
     convert(tiny_family_dirs["qwen3"], ckpt, LayerChoice([0, 1], [4, 5], [6, 7]), dtype="float32", mean_recurrence=2)

@@ -14,8 +14,8 @@ import pytest
 import torch
 from conftest import ROOT
 
-from retrofit.configuration_raven import DEFAULT_STATE_STD
-from retrofit.evaluation import (
+from retrofit.model.configuration_raven import DEFAULT_STATE_STD
+from retrofit.evaluate.loss_over_depth import (
     AdaptiveExit,
     EvalError,
     depth_sweep,
@@ -97,7 +97,7 @@ def test_readout_in_chunks_equals_one_chunk(model, shard, monkeypatch):
     """The sweep's head + loss over chunks of tokens (bounded logits memory at real vocabulary
     sizes) gives the losses of the whole-batch readout; 7 rows per chunk leaves a ragged last
     chunk and crosses the padded rows."""
-    import retrofit.evaluation as evaluation
+    import retrofit.evaluate.loss_over_depth as evaluation
 
     ids, mask = load_eval_rows(shard, 10)
     whole = loss_over_depth(model, ids, mask, RECURRENCES, batch_size=5, progress=False)

@@ -9,7 +9,7 @@ import sys
 import pytest
 from conftest import ROOT
 
-from retrofit.conversion import LayerChoice, convert
+from retrofit.model.conversion import LayerChoice, convert
 
 
 @pytest.fixture(scope="module")

@@ -526,7 +526,7 @@ def dry_run_command(cluster, script: Path, name: str) -> list[str]:
 @pytest.mark.skipif(not (ROOT / "train.py").exists(), reason="train.py not written yet")
 def test_every_experiment_parses_and_validates_with_train_py(cluster):
     """train.py's own parser accepts every experiment's flags (names, types, consistency)."""
-    from retrofit.train_config import parse_config
+    from retrofit.train.config import parse_config
 
     for script in EXPERIMENT_SCRIPTS:
         for name in list_names(SHELLS / script):
@@ -628,7 +628,7 @@ def test_model_jobs_download_untie_and_convert_in_models_dir(cluster):
     ]  # the path olmo.sh's static baseline reads too (with MODELS_DIR=models: the original's)
     presets = [n.removeprefix("convert-") for n in list_names(models) if n.startswith("convert-")]
     assert presets == ["tinyllama-4-8-4", "llama-2-4-2", "llama-4-6-4", "olmo-4-6-4"]
-    conversion = pytest.importorskip("retrofit.conversion")
+    conversion = pytest.importorskip("retrofit.model.conversion")
     assert set(presets) <= set(conversion.PRESETS)
     download = pytest.importorskip("utils.download_to_local")
     assert {"tinyllama", "llama", "olmo"} <= set(download.PAPER_MODELS)

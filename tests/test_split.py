@@ -1,4 +1,4 @@
-"""choose_split.py / retrofit/split.py: the statistics against HF's own forward, the ranking on a
+"""choose_split.py / retrofit/model/split.py: the statistics against HF's own forward, the ranking on a
 base with known no-op layers, every data format, padding, the CLI and its errors."""
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from conftest import ROOT
 from retrofit.testing import save_hf_model, tiny_llama_config, write_token_parquet
 
 import choose_split
-from retrofit.conversion import LayerChoice
-from retrofit.conversion import main as convert_main
-from retrofit.split import (
+from retrofit.model.conversion import LayerChoice
+from retrofit.model.conversion import main as convert_main
+from retrofit.model.split import (
     SplitError,
     candidate_splits,
     load_sample_rows,
@@ -112,7 +112,7 @@ def test_noop_layers_are_found_dropped_and_cost_nothing(noop_base, sample_parque
     flags = best.flags().split()
     assert convert_main(None, ["--model_name", str(noop_base), "--save_name", str(tmp_path / "rec"), *flags,
                                "--dtype", "float32", "--adapter_init", "identity"]) == 0
-    from retrofit.modeling_raven import RavenForCausalLM
+    from retrofit.model.modeling_raven import RavenForCausalLM
 
     rec = RavenForCausalLM.from_pretrained(tmp_path / "rec").eval()
     with torch.no_grad():

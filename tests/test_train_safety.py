@@ -20,9 +20,9 @@ import pytest
 import torch
 from conftest import ROOT  # noqa: E402
 
-from retrofit import checkpoint as ckpt
+from retrofit.train import checkpoint as ckpt
 from retrofit.testing import save_raven_model, tiny_raven_config  # noqa: E402
-from retrofit.training import MetricsLogger
+from retrofit.train.monitor import MetricsLogger
 
 TRAIN = str(ROOT / "train.py")
 
@@ -305,7 +305,7 @@ def test_resume_with_changed_settings_is_refused(tmp_path, capsys, base_args, fi
 # Non-finite values are never saved
 # ---------------------------------------------------------------------------------------------
 def test_nan_weights_are_never_saved(tmp_path, capsys, tokenizer, tokenizer_dir, train_parquet_dir):
-    from retrofit.modeling_raven import RavenForCausalLM
+    from retrofit.model.modeling_raven import RavenForCausalLM
 
     model_dir = save_raven_model(tiny_raven_config(len(tokenizer)), tmp_path / "model", tokenizer_dir)
     model = RavenForCausalLM.from_pretrained(model_dir)
@@ -336,9 +336,9 @@ def test_nan_weights_are_never_saved(tmp_path, capsys, tokenizer, tokenizer_dir,
 
 
 def test_non_finite_optimizer_state_is_never_saved(tmp_path, base_args):
-    from retrofit import distributed as dist_utils
-    from retrofit.train_config import parse_config
-    from retrofit.trainer import Trainer, TrainingError
+    from retrofit.train import distributed as dist_utils
+    from retrofit.train.config import parse_config
+    from retrofit.train.trainer import Trainer, TrainingError
 
     cfg = parse_config(base_args + ["--max_steps=1", f"--out_path={tmp_path}", "--run_name=inf",
                                                  "--wandb_disabled=true"])

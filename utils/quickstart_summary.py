@@ -6,12 +6,12 @@
     python utils/quickstart_summary.py report      --out_dir OUT --limit L --eval_recs "1 4 8"   # all three, one process
 
 static-loss   multi_recurrence_eval.py sweeps recurrent models only; this scores a plain HF model on the same
-              rows with the same loss (retrofit.evaluation) and writes the same JSON format ({"1": [[...], ...]}).
+              rows with the same loss (retrofit.evaluate.loss_over_depth) and writes the same JSON format ({"1": [[...], ...]}).
 plot-loss     validation loss against test recurrence, the static models as horizontal lines.
-summary       OUT/summary.md: per run the training steps, FLOPs (retrofit.reporting, param_counter.py's numbers),
+summary       OUT/summary.md: per run the training steps, FLOPs (retrofit.analysis.reporting, param_counter.py's numbers),
               final train loss, validation loss at each recurrence, lm-eval accuracy at each recurrence, figures,
               stage times.
-report        plot_evals.py's figures of OUT/runs/{recurrent,baseline} (retrofit.reporting), the loss plot, the summary.
+report        plot_evals.py's figures of OUT/runs/{recurrent,baseline} (retrofit.analysis.reporting), the loss plot, the summary.
 
 How each run trained (steps, tokens per step, curriculum) comes from its run.json (written by train.py),
 so none of it is passed here.
@@ -28,7 +28,7 @@ from pathlib import Path
 # The quickstart's lm-eval tasks (utils/make_synthetic_data.py): (headline metric, title, chance),
 # read from the one task table plot_evals.py and paper_plots share.
 from retrofit.atomic import write_file_atomic
-from retrofit.results import TASK_CHANCE, TASK_METRICS, TASK_TITLES
+from retrofit.analysis.results import TASK_CHANCE, TASK_METRICS, TASK_TITLES
 
 QUICKSTART_TASKS = {
     task: (TASK_METRICS[task], TASK_TITLES[task], TASK_CHANCE[task])
@@ -44,9 +44,9 @@ def static_loss(args) -> int:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from retrofit.configuration_raven import RavenConfig
-    from retrofit.evaluation import EvalError, inputs_and_labels, load_eval_rows, per_sequence_loss
-    from retrofit.rows import DataError
+    from retrofit.model.configuration_raven import RavenConfig
+    from retrofit.evaluate.loss_over_depth import EvalError, inputs_and_labels, load_eval_rows, per_sequence_loss
+    from retrofit.data.rows import DataError
 
     try:
         rows, mask = load_eval_rows(args.eval_file_path, args.num_sequences)
@@ -79,9 +79,9 @@ def static_loss(args) -> int:
 
 def plot_evals(out: Path) -> None:
     """plot_evals.py's table and figures of the recurrent and baseline runs, as their run.json describe them."""
-    from retrofit.reporting import collect_and_plot
-    from retrofit.results import RunSpec
-    from retrofit.run_record import read_run_record, record_schedule
+    from retrofit.analysis.reporting import collect_and_plot
+    from retrofit.analysis.results import RunSpec
+    from retrofit.train.run_record import read_run_record, record_schedule
 
     runs = out / "runs"
     schedule = record_schedule(read_run_record(runs / "recurrent"))
@@ -104,7 +104,7 @@ def mean_losses(path: Path) -> dict[int, float]:
 
 
 def plot_loss(args) -> int:
-    from retrofit import plotting
+    from retrofit.analysis import plotting
 
     loss_dir = Path(args.loss_dir)
     plotting.apply_style()
@@ -177,8 +177,8 @@ def fmt_loss(value):
 
 
 def summary(args) -> int:
-    from retrofit.reporting import count, flops_report
-    from retrofit.run_record import read_run_record, record_schedule
+    from retrofit.analysis.reporting import count, flops_report
+    from retrofit.train.run_record import read_run_record, record_schedule
 
     out = Path(args.out_dir)
     runs = out / "runs"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from retrofit.configuration_raven import LORA_TARGETS
+from retrofit.model.configuration_raven import LORA_TARGETS
 
 
 @dataclass
@@ -103,7 +103,7 @@ def uses_bf16(cfg, device: torch.device) -> bool:
 def exportable_model(model, cfg, sharded: bool, is_main: bool):
     """Collective under FSDP. The model to `save_pretrained` on the main rank (None elsewhere):
     the model itself, or an unsharded CPU copy (FSDP: gathered; --lora.merge_on_save: merged)."""
-    from retrofit import fsdp
+    from retrofit.train import fsdp
 
     if not sharded and not cfg.lora.merge_on_save:
         return model

@@ -1,8 +1,8 @@
 """Tokenize documents and pack them into fixed-length training rows.
 
-Rows are the packed-row format of `retrofit.rows`: `input_ids` of exactly `seq_len = max_length + 1`
+Rows are the packed-row format of `retrofit.data.rows`: `input_ids` of exactly `seq_len = max_length + 1`
 tokens, an `attention_mask` and, in chat-SFT mode, a `loss_mask`. Writing them as parquet shards is
-`retrofit.shards`; mixing packed datasets is `retrofit.mixing`.
+`retrofit.data.shards`; mixing packed datasets is `retrofit.data.mixing`.
 
 Three ways to turn documents (each ends with EOS; BOS wherever the tokenizer adds it) into rows:
 
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from retrofit.rows import LOSS_MASK_COLUMN, DataError, check_row_schema, row_matrix
+from retrofit.data.rows import LOSS_MASK_COLUMN, DataError, check_row_schema, row_matrix
 
 PACKING_MODES = ("wrapped", "best_fit", "none")
 
@@ -192,9 +192,9 @@ def tokenize_chats(
     """Chat-templated (system, user, assistant) conversations with a loss mask that is 1 exactly
     on the tokens after the generation prompt (the answer and the template's end of turn).
 
-    Uses retrofit.data.tokenize_chat_example so preprocessed rows and train.py's on-the-fly SFT
+    Uses retrofit.data.stream.tokenize_chat_example so preprocessed rows and train.py's on-the-fly SFT
     rows are token-for-token the same."""
-    from retrofit.data import tokenize_chat_example
+    from retrofit.data.stream import tokenize_chat_example
 
     if getattr(tokenizer, "chat_template", None) is None:
         raise DataError("the tokenizer has no chat template; chat mode (q_col != 'text') needs one")

@@ -15,7 +15,7 @@ Facts (docs/analysis.md, Parameters and FLOPs):
   per iteration). This counts the delta matmuls x A^T B^T; a frozen base still pays its forward and
   the backward through it (the weight-gradient third of 6 N D is an upper bound then).
 - A run's FLOPs sum the step cost over optimizer steps 1..checkpoint with the scheduled integer mean
-  recurrence `retrofit.depth.RecurrenceSchedule.at(step)`, the paper's own counter's convention
+  recurrence `retrofit.train.depth.RecurrenceSchedule.at(step)`, the paper's own counter's convention
   (it reproduces the paper's FLOPs columns exactly). Training runs the same schedule through
   `applied_at`, one step later for the mean recurrence, as the original's scheduler did.
 
@@ -30,7 +30,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Iterable
 
-from retrofit.depth import RecurrenceSchedule
+from retrofit.train.depth import RecurrenceSchedule
 
 # D of the paper's runs (the FLOPs columns of paper_plots/data); a run's own D is in its run.json.
 DEFAULT_TOKENS_PER_STEP = 2**20
@@ -166,8 +166,8 @@ def build_on_meta(model_dir: str | Path):
     config = read_config(model_dir)
     with torch.device("meta"):
         if config.get("model_type") == RECURRENT_MODEL_TYPE:
-            from retrofit.configuration_raven import RavenConfig
-            from retrofit.modeling_raven import RavenForCausalLM
+            from retrofit.model.configuration_raven import RavenConfig
+            from retrofit.model.modeling_raven import RavenForCausalLM
 
             return RavenForCausalLM(RavenConfig.from_pretrained(model_dir))
         from transformers import AutoConfig, AutoModelForCausalLM
@@ -181,13 +181,13 @@ def _count_model_dir_cached(resolved_dir: str, config_mtime: float) -> ParamCoun
 
 
 def count_preset(name: str) -> tuple[ParamCounts, ParamCounts]:
-    """(base, converted) parameter counts of a conversion preset (retrofit.conversion.PRESET_DEFINITIONS),
+    """(base, converted) parameter counts of a conversion preset (retrofit.model.conversion.PRESET_DEFINITIONS),
     both built on the meta device from the preset's stored base sizes: no download, no memory."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from retrofit.conversion import FAMILIES, PRESET_DEFINITIONS, layer_choice, raven_config_from_hf
-    from retrofit.modeling_raven import RavenForCausalLM
+    from retrofit.model.conversion import FAMILIES, PRESET_DEFINITIONS, layer_choice, raven_config_from_hf
+    from retrofit.model.modeling_raven import RavenForCausalLM
 
     if name not in PRESET_DEFINITIONS:
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESET_DEFINITIONS)}")

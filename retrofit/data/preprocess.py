@@ -11,10 +11,10 @@ import time
 from pathlib import Path
 
 from retrofit.atomic import atomic_directory
-from retrofit.data import DEFAULT_SYSTEM_PROMPT  # the original's system prompt, shared with train.py
-from retrofit.packing import PackConfig, PackStats, iter_packed_rows, special_token_ids
-from retrofit.rows import DataError
-from retrofit.shards import check_output_folder, load_disk_table
+from retrofit.data.stream import DEFAULT_SYSTEM_PROMPT  # the original's system prompt, shared with train.py
+from retrofit.data.packing import PackConfig, PackStats, iter_packed_rows, special_token_ids
+from retrofit.data.rows import DataError
+from retrofit.data.shards import check_output_folder, load_disk_table
 
 
 def output_dir(save_path: str, tokenizer_name: str, out_path: str, pack: bool, wrapped_packing: bool) -> Path:

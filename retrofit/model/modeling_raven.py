@@ -36,7 +36,7 @@ from transformers.utils import ModelOutput
 from .configuration_raven import RavenConfig, normalise_lora
 
 # ----------------------------------------------------------------------------------------------
-# Depth sampling (the repository's docs/training.md, Depth sampler). `retrofit.depth` re-exports this; it lives here so a checkpoint
+# Depth sampling (the repository's docs/training.md, Depth sampler). `retrofit.train.depth` re-exports this; it lives here so a checkpoint
 # directory carries everything its forward pass needs.
 # ----------------------------------------------------------------------------------------------
 
@@ -67,7 +67,7 @@ def sample_num_steps(mean_recurrence: int, backprop_depth: int, data_step: int) 
 
 # ----------------------------------------------------------------------------------------------
 # Adaptive exit (Huginn-style per-token early exit): one rule for `generate(adaptive_threshold=...)`
-# and for `retrofit.evaluation`'s loss-over-depth sweeps, which imports it from here.
+# and for `retrofit.evaluate.loss_over_depth`'s loss-over-depth sweeps, which imports it from here.
 # ----------------------------------------------------------------------------------------------
 
 ADAPTIVE_CRITERIA = ("kl", "latent")

@@ -7,7 +7,7 @@ layer runs n + k times per forward; FSDP2 gathers its weights for every call and
 accumulates its gradient over the k grad iterations before the one reduce-scatter. With bf16
 (`--bf16_true` or autocast) the policy computes in bf16 and reduces gradients in fp32.
 
-Checkpoints keep the DDP path's rules (retrofit/checkpoint.py): written under a temporary name and
+Checkpoints keep the DDP path's rules (retrofit/train/checkpoint.py): written under a temporary name and
 renamed into place, `COMPLETE` lists size and SHA-256 of every file, loading verifies it first.
 A sharded `checkpoint_{step}/` holds:
 - `training_state.pt`: counters, data positions and RNG states of every rank, config (no tensors of
@@ -37,9 +37,9 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
-from retrofit import checkpoint as ckpt
-from retrofit import distributed as dist_utils
-from retrofit.configuration_raven import RavenConfig
+from retrofit.train import checkpoint as ckpt
+from retrofit.train import distributed as dist_utils
+from retrofit.model.configuration_raven import RavenConfig
 
 SHARDED_DIR = "sharded"
 
@@ -68,7 +68,7 @@ def is_sharded(model: nn.Module) -> bool:
 
 
 def _optimizers(optimizer) -> list[torch.optim.Optimizer]:
-    return list(getattr(optimizer, "optimizers", [optimizer]))  # retrofit.optim.MultiOptimizer or one
+    return list(getattr(optimizer, "optimizers", [optimizer]))  # retrofit.train.optim.MultiOptimizer or one
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

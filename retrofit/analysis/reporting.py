@@ -1,19 +1,19 @@
 """What param_counter.py, plot_evals.py and the quickstart summary report, as library functions.
 
 - `count` / `flops_report`: parameter counts by part and training FLOPs of a model or checkpoint
-  folder. How the run was trained comes from its run.json (retrofit/run_record.py); arguments are
+  folder. How the run was trained comes from its run.json (retrofit/train/run_record.py); arguments are
   overrides, and without run.json they describe the run as train.py's flags would.
 - `collect_and_plot`: lm-eval results of runs -> the paper-data table (results.jsonl) and figures.
 
 Imports neither torch nor transformers; counting builds the model on the meta device, importing
-them only then (retrofit/flops.py).
+them only then (retrofit/analysis/flops.py).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from retrofit.flops import (
+from retrofit.analysis.flops import (
     DEFAULT_TOKENS_PER_STEP,
     ParamCounts,
     count_model_dir,
@@ -22,7 +22,7 @@ from retrofit.flops import (
     summed_mean_recurrence,
     training_flops,
 )
-from retrofit.run_record import checkpoint_step, counting_schedule, find_run_record, read_run_record
+from retrofit.train.run_record import checkpoint_step, counting_schedule, find_run_record, read_run_record
 
 
 def parts_report(counts: ParamCounts) -> dict:
@@ -56,7 +56,7 @@ def count(model_dir: str | Path, num_rec: list[int] | None = None) -> dict:
 
 def preset_report(name: str, num_rec: list[int] | None = None) -> dict:
     """Counts of a conversion preset: the base (static) and the converted model, by part."""
-    from retrofit.conversion import PRESET_DEFINITIONS
+    from retrofit.model.conversion import PRESET_DEFINITIONS
 
     base, converted = count_preset(name)
     preset = PRESET_DEFINITIONS[name]
@@ -120,10 +120,10 @@ def flops_report(
 
 def collect_and_plot(specs: list, out_dir: str | Path, jsonl: list = (), formats=None, test_rec="train",
                      errorbars: bool = False, table_name: str = "results.jsonl", log=None) -> tuple[list[dict], Path, list[Path]]:
-    """Rows of every run (retrofit.results.RunSpec) plus existing tables -> `out_dir/table_name` and
+    """Rows of every run (retrofit.analysis.results.RunSpec) plus existing tables -> `out_dir/table_name` and
     plot_evals.py's figures. Returns (rows, table path, figure paths)."""
-    from retrofit import plotting
-    from retrofit.results import collect_runs, read_jsonl, write_jsonl
+    from retrofit.analysis import plotting
+    from retrofit.analysis.results import collect_runs, read_jsonl, write_jsonl
 
     rows = collect_runs(specs)
     for path in jsonl:

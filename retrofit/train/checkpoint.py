@@ -6,7 +6,7 @@ Layout under `{out_path}/{run_name}/`:
 - `checkpoint_{step}/training_state.pt`: everything needed to continue exactly (model,
   optimizer, counters, data positions and RNG states of every rank, config), plus `COMPLETE`,
   a JSON file with the size and SHA-256 of every other file in the folder.
-- every one of them holds the run's `run.json` (retrofit/run_record.py), saved with it.
+- every one of them holds the run's `run.json` (retrofit/train/run_record.py), saved with it.
 
 Every directory is written under a hidden temporary name and renamed into place, so a job killed
 mid-save leaves at worst a `.tmp` folder that nothing picks up. What renames cannot catch (a disk
@@ -254,8 +254,8 @@ def load_saved_model(model_dir: str | Path, dtype: torch.dtype | None = None, ch
 
         return get_class_from_dynamic_module(remote_class, str(model_dir)).from_pretrained(model_dir, **kwargs)
     model_type = config.get("model_type")
-    from retrofit.configuration_raven import RavenConfig
-    from retrofit.modeling_raven import RavenForCausalLM
+    from retrofit.model.configuration_raven import RavenConfig
+    from retrofit.model.modeling_raven import RavenForCausalLM
 
     if model_type == RavenConfig.model_type:
         return RavenForCausalLM.from_pretrained(model_dir, **kwargs)

@@ -1,6 +1,6 @@
 """Packed rows on disk: `save_to_disk` datasets in, parquet shards out (and back in).
 
-Shards are `shard-00000.parquet`, ... with the row columns of `retrofit.rows` as list<int32> ids
+Shards are `shard-00000.parquet`, ... with the row columns of `retrofit.data.rows` as list<int32> ids
 and list<int8> masks, in row groups of `DEFAULT_ROW_GROUP_SIZE` rows (train.py shuffles rows within
 a row group). Output folders are written whole through `retrofit.atomic.atomic_directory`.
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from retrofit.atomic import atomic_directory
-from retrofit.rows import LOSS_MASK_COLUMN, ROW_COLUMNS, DataError, check_row_schema, check_rows
+from retrofit.data.rows import LOSS_MASK_COLUMN, ROW_COLUMNS, DataError, check_row_schema, check_rows
 
 DEFAULT_ROW_GROUP_SIZE = 1024  # rows; the training reader shuffles within a row group (~4 MB at 1025 tokens)
 
@@ -47,7 +47,7 @@ def _first_line(exc: BaseException) -> str:
 
 
 def open_parquet(path: str | Path, required=ROW_COLUMNS):
-    """A pq.ParquetFile of packed rows (schema checked: `retrofit.rows.check_row_schema`), or a
+    """A pq.ParquetFile of packed rows (schema checked: `retrofit.data.rows.check_row_schema`), or a
     one-line DataError for a damaged, foreign or non-parquet file."""
     import pyarrow.parquet as pq
 
@@ -98,7 +98,7 @@ def load_disk_table(path: str | Path, what: str, split: str | None = None, split
 
 
 def normalize_packed_table(table: pa.Table, where: str, with_loss_mask: bool | None = None) -> pa.Table:
-    """Check the rows (`retrofit.rows.check_rows`) and keep only the row columns, as list<int32>
+    """Check the rows (`retrofit.data.rows.check_rows`) and keep only the row columns, as list<int32>
     ids and list<int8> masks. with_loss_mask=True adds `loss_mask` = attention_mask where it is
     missing (loss on every real token, what train.py does without one); False drops it."""
     check_rows(table, where)

@@ -6,7 +6,7 @@ RecurrenceSchedule.applied_at(u) (the original's scheduler values); every micro-
 rank; plus 1 with parquet data, the original's numbering); gradients are accumulated over
 batch_size / micro_batch_size micro-batches, averaged over ranks by DDP (or reduce-scattered by
 FSDP2 with --fsdp), clipped, and applied with the warmup-stable-decay learning rate. LoRA,
-activation checkpointing, FSDP and distillation: retrofit/train_modes.py. See docs/training.md for
+activation checkpointing, FSDP and distillation: retrofit/train/modes.py. See docs/training.md for
 outputs and resuming.
 """
 
@@ -25,11 +25,12 @@ from pathlib import Path
 
 import torch
 
-from retrofit import checkpoint as ckpt
-from retrofit import distributed as dist_utils
-from retrofit import fsdp, train_modes
-from retrofit.configuration_raven import RavenConfig
-from retrofit.data import (
+from retrofit.train import checkpoint as ckpt
+from retrofit.train import distributed as dist_utils
+from retrofit.train import fsdp
+from retrofit.train import modes as train_modes
+from retrofit.model.configuration_raven import RavenConfig
+from retrofit.data.stream import (
     PackedDatasetStream,
     ParquetStream,
     build_sft_dataset,
@@ -37,15 +38,15 @@ from retrofit.data import (
     inspect_parquet_files,
     load_raw_dataset,
 )
-from retrofit.depth import RecurrenceSchedule, sample_num_steps
-from retrofit.distill import check_vocabularies, distillation_kl, load_teacher, teacher_logits
-from retrofit.flops import count_parameters, micro_batch_flops, model_flops_utilization, peak_tflops_of
-from retrofit.optim import build_optimizer, set_learning_rates, wsd_lr_factor
-from retrofit.rows import DataError, inputs_and_labels
-from retrofit.run_record import build_run_record, write_run_record
-from retrofit.shards import list_parquet_files
-from retrofit.train_config import ConfigError, TrainConfig
-from retrofit.training import MetricsLogger, PreemptionWatcher, format_step_line, seed_everything
+from retrofit.train.depth import RecurrenceSchedule, sample_num_steps
+from retrofit.train.distill import check_vocabularies, distillation_kl, load_teacher, teacher_logits
+from retrofit.analysis.flops import count_parameters, micro_batch_flops, model_flops_utilization, peak_tflops_of
+from retrofit.train.optim import build_optimizer, set_learning_rates, wsd_lr_factor
+from retrofit.data.rows import DataError, inputs_and_labels
+from retrofit.train.run_record import build_run_record, write_run_record
+from retrofit.data.shards import list_parquet_files
+from retrofit.train.config import ConfigError, TrainConfig
+from retrofit.train.monitor import MetricsLogger, PreemptionWatcher, format_step_line, seed_everything
 
 
 class TrainingError(RuntimeError):
@@ -228,7 +229,7 @@ def load_model(cfg: TrainConfig, device: torch.device):
                 f"{cfg.model_name} is a plain {model_type or '?'!r} model: convert it with"
                 " convert_pretrained_model/convert_*.py first, or pass --non_recurrent_model=true for the baseline"
             )
-        from retrofit.modeling_raven import RavenForCausalLM
+        from retrofit.model.modeling_raven import RavenForCausalLM
 
         if cfg.init_from_scratch:
             config = RavenConfig.from_pretrained(cfg.model_name)
@@ -358,7 +359,7 @@ class Trainer:
         if cfg.compile and self.recurrent:
             # Compile each layer, not the whole model: the unrolled recurrence would be traced
             # (and recompiled) anew for every (n, k) the depth sampler draws.
-            from retrofit.modeling_raven import Block
+            from retrofit.model.modeling_raven import Block
 
             for module in self.model.modules():
                 if isinstance(module, Block):

@@ -2,7 +2,7 @@
 
 Imports matplotlib but neither torch nor transformers (tests/test_analysis_flops.py checks it).
 
-Rows are dicts of the paper_data schema (see retrofit/results.py). Accuracy is drawn in percent.
+Rows are dicts of the paper_data schema (see retrofit/analysis/results.py). Accuracy is drawn in percent.
 Style: a serif font found on this machine, the Okabe-Ito colour-blind-safe palette, labelled axes
 with units, legends outside the data, PDF (TrueType fonts embedded) and/or PNG, Agg backend.
 """
@@ -20,8 +20,8 @@ from matplotlib import font_manager  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
 from retrofit.atomic import atomic_file  # noqa: E402
-from retrofit.depth import WARMUP_TYPES, MeanRecurrenceSchedule, RecurrenceSchedule  # noqa: E402
-from retrofit.results import TASK_CHANCE, TASK_TITLES  # noqa: E402
+from retrofit.train.depth import WARMUP_TYPES, MeanRecurrenceSchedule, RecurrenceSchedule  # noqa: E402
+from retrofit.analysis.results import TASK_CHANCE, TASK_TITLES  # noqa: E402
 
 # Okabe & Ito (2008), distinguishable with the common colour-vision deficiencies. Yellow last:
 # it is the weakest on white.

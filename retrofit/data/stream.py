@@ -1,7 +1,7 @@
 """Training data for train.py: a stateful, rank-sharded parquet reader, a resumable reader for
 `load_from_disk` packed datasets, and q/a chat SFT tokenisation.
 
-Rows are the packed-row format of `retrofit.rows` (checked there; `retrofit.rows.inputs_and_labels`
+Rows are the packed-row format of `retrofit.data.rows` (checked there; `retrofit.data.rows.inputs_and_labels`
 turns a batch into model inputs and labels).
 
 Both readers hand out micro-batches with `next_batch()` (None at the end of the data) and save
@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from retrofit.rows import DataError, check_rows, row_columns, row_matrix
-from retrofit.shards import list_parquet_files, open_parquet, read_row_group
+from retrofit.data.rows import DataError, check_rows, row_columns, row_matrix
+from retrofit.data.shards import list_parquet_files, open_parquet, read_row_group
 
 PARQUET_SHUFFLE_SEED = 42  # the original's reader always used 42, independent of --seed
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant that can assist users with mathematical reasoning."
@@ -225,7 +225,7 @@ class PackedDatasetStream:
 
 
 def check_packed_dataset(dataset, max_length: int | None, where: str) -> int:
-    """Columns and row length of a `load_from_disk` dataset (`retrofit.rows.check_rows`); returns max_length."""
+    """Columns and row length of a `load_from_disk` dataset (`retrofit.data.rows.check_rows`); returns max_length."""
     if len(dataset) == 0:
         raise DataError(f"{where}: the dataset is empty")
     table = dataset.data.table if hasattr(dataset.data, "table") else dataset.data

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from retrofit.rows import DataError
-from retrofit.shards import normalize_packed_table
+from retrofit.data.rows import DataError
+from retrofit.data.shards import normalize_packed_table
 
 
 @dataclass

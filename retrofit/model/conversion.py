@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .atomic import replace_directory
+from ..atomic import replace_directory
 from .configuration_raven import RavenConfig
 from .modeling_raven import RavenForCausalLM
 

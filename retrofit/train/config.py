@@ -1,7 +1,7 @@
 """train.py's settings: the flags (names and defaults of the original train.py), checked and parsed.
 
 `TrainConfig` is the whole set; its nested groups are the `--group.flag` flags. The recurrence
-curricula (`MeanRecurrenceSchedule`, `MeanBackpropDepthSchedule`) live in retrofit.depth, the one
+curricula (`MeanRecurrenceSchedule`, `MeanBackpropDepthSchedule`) live in retrofit.train.depth, the one
 definition that counting and plotting share. `parse_config` reads flags (and `--config run.yaml`)
 with jsonargparse; `TrainConfig.validate` finds what a user can fix in the command line.
 """
@@ -12,8 +12,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from retrofit.depth import MeanBackpropDepthSchedule, MeanRecurrenceSchedule
-from retrofit.train_modes import DistillArgs, LoraArgs, check_flags
+from retrofit.train.depth import MeanBackpropDepthSchedule, MeanRecurrenceSchedule
+from retrofit.train.modes import DistillArgs, LoraArgs, check_flags
 
 
 class ConfigError(ValueError):
@@ -79,7 +79,7 @@ class TrainConfig:
     compile: bool = False
     device: str = "auto"
     # Peak TFLOP/s of one device for the `mfu` metric; default: looked up from the GPU's name
-    # (retrofit.flops.PEAK_BF16_TFLOPS); on a CPU or an unknown GPU `mfu` is logged as null.
+    # (retrofit.analysis.flops.PEAK_BF16_TFLOPS); on a CPU or an unknown GPU `mfu` is logged as null.
     peak_tflops: float | None = None
     # training
     max_steps: int = 0
@@ -107,7 +107,7 @@ class TrainConfig:
     non_recurrent_model: bool = False
     muon: MuonArgs = field(default_factory=MuonArgs)
     use_ellis_adam: EllisAdamArgs = field(default_factory=EllisAdamArgs)
-    # bigger bases and cheaper training (retrofit/train_modes.py)
+    # bigger bases and cheaper training (retrofit/train/modes.py)
     fsdp: bool = False
     activation_checkpointing: bool = False
     lora: LoraArgs = field(default_factory=LoraArgs)

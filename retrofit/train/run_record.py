@@ -5,7 +5,7 @@ train.py writes `run.json` into the run folder when it starts and into every che
 checkpoint copied elsewhere still says how it was trained. It holds:
 
 - `settings`: every train.py flag as the run used it (the TrainConfig, nested groups as objects);
-- `schedule`: the resolved recurrence schedule (`retrofit.depth.RecurrenceSchedule.as_dict`):
+- `schedule`: the resolved recurrence schedule (`retrofit.train.depth.RecurrenceSchedule.as_dict`):
   max_steps and both curriculum groups, a curriculum that is off holding the model config's
   constant value; null for a non-recurrent run;
 - `curriculum`: the same schedule as data, `[first step, mean recurrence, backprop depth]` at every
@@ -26,7 +26,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from retrofit.atomic import write_json_atomic
-from retrofit.depth import MeanBackpropDepthSchedule, MeanRecurrenceSchedule, RecurrenceSchedule
+from retrofit.train.depth import MeanBackpropDepthSchedule, MeanRecurrenceSchedule, RecurrenceSchedule
 
 RUN_FILE = "run.json"
 FORMAT = "retrofit-recurrence run record 1"

@@ -18,7 +18,7 @@ depth trade-off of the exit rule; it does not skip the exited tokens' compute.
 
 Also here: reading the held-out parquet shard, per-sequence losses and the result JSON.
 
-`inputs_and_labels` (re-exported here for the evaluation scripts) is `retrofit.rows`'s, the same
+`inputs_and_labels` (re-exported here for the evaluation scripts) is `retrofit.data.rows`'s, the same
 rule training uses; the exit rule is the model file's `should_exit`, the same one its adaptive
 decoding uses.
 """
@@ -35,9 +35,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from retrofit.modeling_raven import ADAPTIVE_CRITERIA, should_exit
-from retrofit.rows import inputs_and_labels, row_matrix
-from retrofit.shards import list_parquet_files, open_parquet, read_row_group
+from retrofit.model.modeling_raven import ADAPTIVE_CRITERIA, should_exit
+from retrofit.data.rows import inputs_and_labels, row_matrix
+from retrofit.data.shards import list_parquet_files, open_parquet, read_row_group
 
 DEFAULT_RECURRENCES = (1, 2, 4, 8, 16, 32, 64)  # the paper's validation loss depths (docs/evaluation.md, Tasks and metrics)
 CHECKPOINT_PREFIX = "model_only_chkpt_"  # what train.py writes: {run_dir}/model_only_chkpt_{step}
@@ -114,7 +114,7 @@ def load_eval_rows(path: str | os.PathLike, num_sequences: int) -> tuple[torch.T
     name order: shard-2 before shard-10).
 
     Returns `input_ids` (N, max_length + 1) and `attention_mask` (1 = real token; all ones when
-    the shard has no such column), both int64. Rows are checked as `retrofit.rows` says.
+    the shard has no such column), both int64. Rows are checked as `retrofit.data.rows` says.
     """
     if num_sequences < 1:
         raise EvalError(f"num_sequences must be >= 1, got {num_sequences}")

@@ -48,7 +48,7 @@ _SAMPLER_NAMES = ("SAMPLER_SEED_OFFSET", "SAMPLER_SIGMA", "sample_num_steps")
 
 def __getattr__(name):
     if name in _SAMPLER_NAMES:
-        from . import modeling_raven
+        from ..model import modeling_raven
 
         return getattr(modeling_raven, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,1 @@
+"""Analysis: FLOPs and parameter counts, the results table, figures and reports."""

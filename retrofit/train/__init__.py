@@ -1,0 +1,2 @@
+"""Training: settings, the loop, the depth sampler and curricula, optimizers, checkpoints, the
+process group and sharding, distillation and LoRA modes, and the run record each run writes."""
