@@ -38,7 +38,7 @@ def test_sampler_matches_hand_computation():
 
 def _schedule(**overrides):
     from retrofit.train.config import TrainConfig
-    from retrofit.train.trainer import build_schedule
+    from retrofit.train.build import build_schedule
 
     cfg = TrainConfig()
     for key, value in overrides.items():  # "group.name": value

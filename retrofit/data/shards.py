@@ -15,6 +15,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from retrofit.atomic import atomic_directory
+from retrofit.errors import first_line
 from retrofit.data.rows import LOSS_MASK_COLUMN, ROW_COLUMNS, DataError, check_row_schema, check_rows
 
 DEFAULT_ROW_GROUP_SIZE = 1024  # rows; the training reader shuffles within a row group (~4 MB at 1025 tokens)
@@ -42,10 +43,6 @@ def list_parquet_files(folder: str | Path) -> list[Path]:
     return files
 
 
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-
-
 def open_parquet(path: str | Path, required=ROW_COLUMNS):
     """A pq.ParquetFile of packed rows (schema checked: `retrofit.data.rows.check_row_schema`), or a
     one-line DataError for a damaged, foreign or non-parquet file."""
@@ -54,7 +51,7 @@ def open_parquet(path: str | Path, required=ROW_COLUMNS):
     try:
         parquet = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as exc:
-        raise DataError(f"{path} is not a readable parquet file ({_first_line(exc)}); re-create or remove it") from None
+        raise DataError(f"{path} is not a readable parquet file ({first_line(exc)}); re-create or remove it") from None
     check_row_schema(parquet.schema_arrow, str(path), required)
     return parquet
 
@@ -65,7 +62,7 @@ def read_row_group(parquet, path: str | Path, index: int, columns: list[str] | N
         return parquet.read_row_group(index, columns=columns)
     except (pa.ArrowException, OSError) as exc:
         raise DataError(
-            f"{path}: row group {index} cannot be read ({_first_line(exc)}); re-create or remove the file"
+            f"{path}: row group {index} cannot be read ({first_line(exc)}); re-create or remove the file"
         ) from None
 
 

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from ..atomic import replace_directory
+from ..errors import first_line
 from .configuration_raven import RavenConfig
 from .modeling_raven import RavenForCausalLM
 
@@ -370,11 +371,6 @@ def init_adapter(adapter: nn.Linear, mode: str, seed: int = 0) -> None:
 # config.json keys the conversion reads; a missing one would silently take a transformers default
 # (e.g. 32 layers), so random layers would be converted and even pass the check.
 REQUIRED_BASE_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
-
-
-def first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def load_base_config(model_name: str | os.PathLike):

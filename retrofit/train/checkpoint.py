@@ -31,10 +31,29 @@ import numpy as np
 import torch
 
 from retrofit.atomic import atomic_directory, remove_leftovers
+from retrofit.errors import first_line
 
 STATE_FILE = "training_state.pt"
 COMPLETE_MARKER = "COMPLETE"
-FULL_CHECKPOINT_RE = re.compile(r"^checkpoint_(\d+)$")
+
+# The run folder's names (the original's): train.py writes them, evaluation and the results
+# table find checkpoints by them.
+FULL_CHECKPOINT_PREFIX = "checkpoint_"
+MODEL_ONLY_PREFIX = "model_only_chkpt_"
+FINAL_CHECKPOINT = "final_checkpoint"
+FULL_CHECKPOINT_RE = re.compile(rf"^{FULL_CHECKPOINT_PREFIX}(\d+)$")
+MODEL_ONLY_RE = re.compile(rf"^{MODEL_ONLY_PREFIX}(\d+)$")
+RUN_OUTPUT_RE = re.compile(
+    rf"^({FULL_CHECKPOINT_PREFIX}\d+|{MODEL_ONLY_PREFIX}\d+|{FINAL_CHECKPOINT}|metrics\.jsonl|run\.json)$"
+)
+
+
+def full_checkpoint_name(step: int) -> str:
+    return f"{FULL_CHECKPOINT_PREFIX}{step}"
+
+
+def model_only_name(step: int) -> str:
+    return f"{MODEL_ONLY_PREFIX}{step}"
 
 
 def remove_stale_temporaries(run_dir: str | Path) -> list[Path]:
@@ -186,8 +205,35 @@ def load_training_state(checkpoint_dir: str | Path, map_location="cpu", verify: 
     try:
         return torch.load(checkpoint_dir / STATE_FILE, map_location=map_location, weights_only=True)
     except Exception as exc:  # a damaged zip, a pickle with objects weights_only refuses, ...
-        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise CheckpointError(checkpoint_dir, f"does not load: {first_line[:300]}") from None
+        raise CheckpointError(checkpoint_dir, f"does not load: {first_line(exc)[:300]}") from None
+
+
+class LocalCheckpoints:
+    """The checkpoint backend of one process or DDP: the main rank writes the whole model and
+    optimizer state into training_state.pt (FSDP's backend: fsdp.ShardedCheckpoints)."""
+
+    sharded = False
+
+    def writes_on(self, env) -> bool:
+        return env.is_main
+
+    def save(self, out_dir: str | Path, model, optimizer, state: dict, add_files=None) -> Path:
+        return save_training_state(out_dir, dict(state, model=model.state_dict(), optimizer=optimizer.state_dict()), add_files)
+
+    def load(self, checkpoint_dir: Path, state: dict, model, optimizer) -> list[str]:
+        """Put the state's tensors into model and optimizer; returns the names of non-finite ones
+        (checked first: then nothing is loaded). Raises what load_state_dict raises on a misfit."""
+        bad = non_finite_entries({"model": state["model"], "optimizer": state["optimizer"]})
+        if not bad:
+            model.load_state_dict(state["model"], strict=True)
+            optimizer.load_state_dict(state["optimizer"])
+        return bad
+
+    def non_finite(self, tree) -> list[str]:
+        return non_finite_entries(tree)
+
+    def full_state_dict(self, model) -> dict:
+        return model.state_dict()
 
 
 def capture_rng_state() -> dict:

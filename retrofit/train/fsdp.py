@@ -63,10 +63,6 @@ def shard_model(model: nn.Module, bf16: bool = False) -> nn.Module:
     return model
 
 
-def is_sharded(model: nn.Module) -> bool:
-    return isinstance(model, FSDPModule)
-
-
 def _optimizers(optimizer) -> list[torch.optim.Optimizer]:
     return list(getattr(optimizer, "optimizers", [optimizer]))  # retrofit.train.optim.MultiOptimizer or one
 
@@ -138,3 +134,29 @@ def local_non_finite(tree, limit: int = 3) -> list[str]:
         return value
 
     return ckpt.non_finite_entries(local(tree), limit=limit)
+
+
+class ShardedCheckpoints:
+    """The checkpoint manager's backend under FSDP: every rank writes and reads its DCP shards
+    (collective), and checks for non-finite values on its shards, sharing what it finds."""
+
+    sharded = True
+
+    def writes_on(self, env) -> bool:
+        return True
+
+    def save(self, out_dir: str | Path, model: nn.Module, optimizer, state: dict, add_files=None) -> Path:
+        return save_sharded_training_state(out_dir, model, optimizer, state, add_files)
+
+    def load(self, checkpoint_dir: Path, state: dict, model: nn.Module, optimizer) -> list[str]:
+        """Read the shards into model and optimizer; returns the names of non-finite entries."""
+        load_sharded_tensors(checkpoint_dir, model, optimizer)
+        return self.non_finite({"model": model.state_dict(), "optimizer": optimizer.state_dict()})
+
+    def non_finite(self, tree) -> list[str]:
+        """Every rank's findings on its shards, the same list on every rank."""
+        found = dist_utils.all_gather_object(local_non_finite(tree))
+        return sorted({name for names in found for name in names})[:3]
+
+    def full_state_dict(self, model: nn.Module) -> dict:
+        return full_state_dict(model)

@@ -96,18 +96,15 @@ def prepare_model(model, cfg) -> list[str]:
     return notes
 
 
-def uses_bf16(cfg, device: torch.device) -> bool:
-    return cfg.bf16_true or (device.type == "cuda" and not cfg.no_amp)
-
-
-def exportable_model(model, cfg, sharded: bool, is_main: bool):
+def exportable_model(model, cfg, checkpoints, is_main: bool):
     """Collective under FSDP. The model to `save_pretrained` on the main rank (None elsewhere):
-    the model itself, or an unsharded CPU copy (FSDP: gathered; --lora.merge_on_save: merged)."""
+    the model itself, or an unsharded CPU copy (FSDP: gathered; --lora.merge_on_save: merged).
+    `checkpoints`: the run's checkpoint backend (retrofit.train.parallel)."""
     from retrofit.train import fsdp
 
-    if not sharded and not cfg.lora.merge_on_save:
+    if not checkpoints.sharded and not cfg.lora.merge_on_save:
         return model
-    state = fsdp.full_state_dict(model) if sharded else model.state_dict()
+    state = checkpoints.full_state_dict(model)
     if not is_main:
         return None
     plain = fsdp.unsharded_copy(model, state)
