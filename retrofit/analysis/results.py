@@ -24,6 +24,7 @@ from pathlib import Path
 
 from retrofit.atomic import write_file_atomic
 from retrofit.analysis.flops import DEFAULT_TOKENS_PER_STEP, ParamCounts, count_model_dir, read_config, training_flops
+from retrofit.train.checkpoint import FINAL_CHECKPOINT
 from retrofit.train.run_record import checkpoint_step, counting_schedule, read_run_record, record_schedule
 
 log = logging.getLogger(__name__)
@@ -163,7 +164,7 @@ def checkpoint_from(path: Path, data: dict) -> tuple[int | None, bool]:
         steps = _CHECKPOINT_STEP.findall(text)
         if steps:
             return int(steps[-1]), False
-    is_final = "final_checkpoint" in str(path) or "final_checkpoint" in pretrained
+    is_final = FINAL_CHECKPOINT in str(path) or FINAL_CHECKPOINT in pretrained
     return None, is_final
 
 
@@ -232,7 +233,7 @@ def _model_dir_for(spec: RunSpec, data: dict, result_file: Path) -> Path | None:
         candidates.append(Path(pretrained))
     # {run}/{checkpoint}/eval/rec_R/...: the checkpoint folder is an ancestor of the result file.
     for parent in result_file.parents:
-        if _CHECKPOINT_STEP.search(parent.name) or parent.name == "final_checkpoint":
+        if _CHECKPOINT_STEP.search(parent.name) or parent.name == FINAL_CHECKPOINT:
             candidates.append(parent)
             break
     if spec.model_dir is not None:

@@ -19,8 +19,8 @@ depth trade-off of the exit rule; it does not skip the exited tokens' compute.
 Also here: reading the held-out parquet shard, per-sequence losses and the result JSON.
 
 `inputs_and_labels` (re-exported here for the evaluation scripts) is `retrofit.data.rows`'s, the same
-rule training uses; the exit rule is the model file's `should_exit`, the same one its adaptive
-decoding uses.
+rule training uses; the adaptive exit is the model code's `ExitTracker`, the same iteration its
+adaptive decoding runs.
 """
 
 from __future__ import annotations
@@ -35,12 +35,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from retrofit.model.modeling_raven import ADAPTIVE_CRITERIA, should_exit
+from retrofit.model.generation_raven import ADAPTIVE_CRITERIA, ExitTracker
 from retrofit.data.rows import inputs_and_labels, row_matrix
 from retrofit.data.shards import list_parquet_files, open_parquet, read_row_group
+from retrofit.train.checkpoint import MODEL_ONLY_PREFIX
 
 DEFAULT_RECURRENCES = (1, 2, 4, 8, 16, 32, 64)  # the paper's validation loss depths (docs/evaluation.md, Tasks and metrics)
-CHECKPOINT_PREFIX = "model_only_chkpt_"  # what train.py writes: {run_dir}/model_only_chkpt_{step}
 
 
 class EvalError(ValueError):
@@ -92,10 +92,10 @@ def checkpoint_dirs(model_dir: str | os.PathLike, ckpts) -> list[tuple[str, Path
     out = []
     for name in parse_list(ckpts, "ckpts"):
         if name.isdigit():
-            path, label = run / f"{CHECKPOINT_PREFIX}{name}", f"chkpt_{name}"
+            path, label = run / f"{MODEL_ONLY_PREFIX}{name}", f"chkpt_{name}"
         else:
             path = run / name
-            label = f"chkpt_{name[len(CHECKPOINT_PREFIX):]}" if name.startswith(CHECKPOINT_PREFIX) else name
+            label = f"chkpt_{name[len(MODEL_ONLY_PREFIX):]}" if name.startswith(MODEL_ONLY_PREFIX) else name
         if not path.is_dir():
             raise EvalError(f"checkpoint {name!r}: {str(path)!r} does not exist")
         if not (path / "config.json").is_file():
@@ -201,7 +201,7 @@ def readout_loss(model, state: torch.Tensor, ctx, labels: torch.Tensor) -> torch
 @dataclass
 class AdaptiveExit:
     """Stop iterating a token once `criterion` falls below `threshold` (never before iteration 2);
-    the rule is the model file's `should_exit`.
+    the rule and its iteration are the model code's (`generation_raven.ExitTracker`).
 
     kl:     KL(p_{i-1} || p_i) of the next-token distributions of successive iterations
             (Huginn's default threshold: 5e-4).
@@ -263,28 +263,17 @@ def depth_sweep(
                 result.depth_sum[i] = float(i * result.token_count)
         return result
 
-    active = torch.ones(input_ids.shape, dtype=torch.bool, device=input_ids.device)
-    used = torch.zeros(input_ids.shape, dtype=torch.long, device=input_ids.device)  # iterations per token
-    previous_logprobs = None
+    # The iteration `generate(adaptive_threshold=...)` runs, per token of the whole sequence.
+    tracker = ExitTracker(adaptive.criterion, adaptive.threshold, input_ids.shape, input_ids.device)
     for i in range(1, last + 1):
-        new_state = model.recur(state, e, ctx, i - 1, **extra)
-        previous_state = state
-        # Exited tokens keep their state.
-        state = torch.where(active[..., None], new_state, state)
-        used += active
+        state = tracker.iterate(state, model.recur(state, e, ctx, i - 1, **extra))
         logits = None
         if i in depths or adaptive.criterion == "kl":
             logits = model.lm_head(model.run_coda(state, ctx))
-        if adaptive.criterion == "kl":
-            logprobs = F.log_softmax(logits.float(), dim=-1)
-            if previous_logprobs is not None:
-                active &= ~should_exit("kl", previous_logprobs, logprobs, adaptive.threshold)
-            previous_logprobs = logprobs
-        elif i > 1:
-            active &= ~should_exit("latent", previous_state, state, adaptive.threshold)
+        tracker.observe(F.log_softmax(logits.float(), dim=-1) if adaptive.criterion == "kl" else state)
         if i in depths:
             result.losses[i] = per_sequence_loss(logits, labels).cpu()
-            result.depth_sum[i] = float(used[scored].sum())
+            result.depth_sum[i] = float(tracker.used[scored].sum())
     return result
 
 
