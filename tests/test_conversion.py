@@ -173,7 +173,7 @@ def test_old_reference_rounding_rope_buffers_would_fail(tiny_olmo2_dir, tmp_path
     reference itself is off, far beyond the tolerance, so a correct conversion would be refused."""
     from transformers import AutoModelForCausalLM
 
-    from retrofit.model.conversion import round_weights_like_saved, verification_input, verification_table
+    from retrofit.model.verification import round_weights_like_saved, verification_input, verification_table
 
     out, _ = convert(tiny_olmo2_dir, tmp_path / "rec", CHOICE, dtype="bfloat16")
     ours = RavenForCausalLM.from_pretrained(out, dtype=torch.float32)
