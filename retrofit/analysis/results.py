@@ -277,15 +277,7 @@ def collect_run(spec: RunSpec) -> Collected:
                 f"cannot tell the test recurrence of {result_file}: no mean_recurrence in config.model_args "
                 "and no rec_R folder in its path"
             )
-        step, is_final = checkpoint_from(result_file, data)
-        if step is None and is_final:
-            # the step final_checkpoint was saved at (its run.json), else the run's length
-            step = checkpoint_step(checkpoint_record) or spec.max_steps or (record or {}).get("max_steps")
-            if step is None:
-                out.warnings.append(f"{result_file}: final_checkpoint has no step (no run.json); pass max_steps for"
-                                    f" run {spec.label!r}")
-        elif step is None:
-            step = 0  # an evaluation of the untrained (base or freshly converted) model
+        step = _evaluated_step(spec, result_file, data, checkpoint_record, record, out)
 
         recorded = record_schedule(record)
         train_rec = 1 if static else spec.train_rec
@@ -310,28 +302,58 @@ def collect_run(spec: RunSpec) -> Collected:
                 f"(give the run a model_dir)"
             )
 
-        subtasks = {t for subs in (data.get("group_subtasks") or {}).values() for t in subs}
-        for task, metrics in data["results"].items():
-            metric = TASK_METRICS.get(task)
-            if metric is None or metric not in metrics:
-                if task not in subtasks:
-                    out.unknown_tasks.add(task if metric is None else f"{task} (no {metric!r})")
-                continue
-            row = {
-                "model": spec.label,
-                "chkpt": step,
-                "task": task,
-                "acc": float(metrics[metric]),
-                "stderr": _float_or_none(metrics.get(metric_stderr_key(metric))),
-                "train_rec": train_rec,
-                "num_rec": num_rec,
-                "cooldown": spec.cooldown,
-                "effective_params": effective_params,
-                "FLOPs": flops_key,
-            }
-            by_key[(step, num_rec, task)] = row
+        shared = dict(model=spec.label, chkpt=step, train_rec=train_rec, num_rec=num_rec, cooldown=spec.cooldown,
+                      effective_params=effective_params, FLOPs=flops_key)
+        for row in _task_rows(data, shared, out):
+            by_key[(step, num_rec, row["task"])] = row
     if not read_any:
         raise FileNotFoundError(f"no lm-eval results under {str(spec.path)!r}; {'; '.join(out.warnings)}")
+    flops = _training_flops(spec, flops_steps)
+    for row in by_key.values():
+        key = row["FLOPs"]
+        row["FLOPs"] = None if key is None else flops[(*key, row["chkpt"])]
+    out.rows = sorted(by_key.values(), key=lambda r: (r["chkpt"] is None, r["chkpt"] or 0, r["num_rec"], r["task"]))
+    if not out.rows:
+        raise ValueError(
+            f"run {spec.label!r} ({spec.path}) has lm-eval files but no task with a known metric; "
+            f"tasks seen: {sorted(out.unknown_tasks)}; known: {sorted(TASK_METRICS)}"
+        )
+    return out
+
+
+def _evaluated_step(spec: RunSpec, result_file: Path, data: dict, checkpoint_record, record, out: Collected) -> int | None:
+    """The training step of the evaluated checkpoint: from its name, for final_checkpoint from its
+    run.json (else the run's length), 0 for an untrained model."""
+    step, is_final = checkpoint_from(result_file, data)
+    if step is None and is_final:
+        # the step final_checkpoint was saved at (its run.json), else the run's length
+        step = checkpoint_step(checkpoint_record) or spec.max_steps or (record or {}).get("max_steps")
+        if step is None:
+            out.warnings.append(f"{result_file}: final_checkpoint has no step (no run.json); pass max_steps for"
+                                f" run {spec.label!r}")
+    elif step is None:
+        step = 0  # an evaluation of the untrained (base or freshly converted) model
+    return step
+
+
+def _task_rows(data: dict, shared: dict, out: Collected) -> list[dict]:
+    """One row per task with a known metric (`shared` holds the columns every task shares);
+    other tasks are noted in `out.unknown_tasks`, unless they are a group's subtasks."""
+    rows = []
+    subtasks = {t for subs in (data.get("group_subtasks") or {}).values() for t in subs}
+    for task, metrics in data["results"].items():
+        metric = TASK_METRICS.get(task)
+        if metric is None or metric not in metrics:
+            if task not in subtasks:
+                out.unknown_tasks.add(task if metric is None else f"{task} (no {metric!r})")
+            continue
+        values = dict(shared, task=task, acc=float(metrics[metric]), stderr=_float_or_none(metrics.get(metric_stderr_key(metric))))
+        rows.append({column: values[column] for column in COLUMNS})
+    return rows
+
+
+def _training_flops(spec: RunSpec, flops_steps: dict) -> dict:
+    """(model dir, train_rec, step) -> training FLOPs: one replay of the curriculum per (model, train_rec)."""
     flops = {}
     for (model_dir_key, train_rec), (counts, steps, record) in flops_steps.items():
         schedule = None
@@ -344,16 +366,7 @@ def collect_run(spec: RunSpec) -> Collected:
         tokens_per_step = spec.tokens_per_step or (record or {}).get("tokens_per_step") or DEFAULT_TOKENS_PER_STEP
         for step, value in training_flops(counts, steps, schedule, tokens_per_step).items():
             flops[(model_dir_key, train_rec, step)] = value
-    for row in by_key.values():
-        key = row["FLOPs"]
-        row["FLOPs"] = None if key is None else flops[(*key, row["chkpt"])]
-    out.rows = sorted(by_key.values(), key=lambda r: (r["chkpt"] is None, r["chkpt"] or 0, r["num_rec"], r["task"]))
-    if not out.rows:
-        raise ValueError(
-            f"run {spec.label!r} ({spec.path}) has lm-eval files but no task with a known metric; "
-            f"tasks seen: {sorted(out.unknown_tasks)}; known: {sorted(TASK_METRICS)}"
-        )
-    return out
+    return flops
 
 
 def _float_or_none(value):

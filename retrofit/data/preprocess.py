@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from retrofit.atomic import atomic_directory
+from retrofit.errors import first_line
 from retrofit.data.stream import DEFAULT_SYSTEM_PROMPT  # the original's system prompt, shared with train.py
 from retrofit.data.packing import PackConfig, PackStats, iter_packed_rows, special_token_ids
 from retrofit.data.rows import DataError
@@ -80,37 +81,17 @@ def process_data(
         overwrite: Replace an existing output folder.
         progress: Show progress bars.
     """
-    import pyarrow as pa
-    from transformers import AutoTokenizer
-
-    if wrapped_packing and not pack:
-        raise DataError("wrapped_packing=true needs pack=true (pass --wrapped_packing=false with --pack=false)")
-    if max_length < 2:
-        raise DataError(f"max_length={max_length} is too small; rows need max_length >= 2")
-    if batch_size < 1:
-        raise DataError(f"batch_size={batch_size} must be >= 1")
-    if not dataset_location:
-        raise DataError("--dataset_location is required (a folder written by save_to_disk)")
+    check_packing_options(dataset_location, max_length, batch_size, pack, wrapped_packing)
     out_path = out_path or Path(dataset_location.rstrip("/")).name
     target = output_dir(save_path, tokenizer_name, out_path, pack, wrapped_packing)
     check_output_folder(target, overwrite, "--overwrite=true")
 
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_name)
-    except (OSError, ValueError) as err:
-        raise DataError(f"cannot load tokenizer {tokenizer_name!r} ({str(err).splitlines()[0]})") from None
-    tokenizer.model_max_length = int(1e30)  # documents are longer than a row before packing
+    tokenizer = load_packing_tokenizer(tokenizer_name)
     eos_id, pad_id = special_token_ids(tokenizer, tokenizer_name)
     cfg = PackConfig(
-        seq_len=max_length + 1,
-        mode="wrapped" if wrapped_packing else ("best_fit" if pack else "none"),
-        q_col=q_col,
-        a_col=a_col,
-        system_prompt=system_prompt,
-        take_loss_over_all_tokens=take_loss_over_all_tokens,
-        batch_size=batch_size,
-        eos_id=eos_id,
-        pad_id=pad_id,
+        seq_len=max_length + 1, mode="wrapped" if wrapped_packing else ("best_fit" if pack else "none"),
+        q_col=q_col, a_col=a_col, system_prompt=system_prompt, take_loss_over_all_tokens=take_loss_over_all_tokens,
+        batch_size=batch_size, eos_id=eos_id, pad_id=pad_id,
     )
     table = load_text_table(dataset_location, dataset_config, max_samples)
     num_proc = num_proc or os.cpu_count() or 1
@@ -122,47 +103,67 @@ def process_data(
     stats = PackStats(seq_len=cfg.seq_len)
     start = time.perf_counter()
     try:
-        with pa.OSFile(str(cache_file), "wb") as sink:
-            writer = None
-            for rows, part in iter_packed_rows(table, tokenizer, cfg, num_proc=workers, progress=progress):
-                stats.add(part)
-                if len(rows):
-                    batch = rows.to_arrow()
-                    writer = writer or pa.ipc.new_stream(sink, batch.schema)
-                    writer.write_batch(batch)
-            writer.close()
+        write_packed_rows(cache_file, iter_packed_rows(table, tokenizer, cfg, num_proc=workers, progress=progress), stats)
         elapsed = time.perf_counter() - start
         save_packed_dataset(
-            cache_file,
-            target,
-            overwrite,
-            num_proc,
+            cache_file, target, overwrite, num_proc,
             settings=dict(
-                tokenizer_name=tokenizer_name,
-                dataset_location=dataset_location,
-                q_col=q_col,
-                a_col=a_col,
-                max_length=max_length,
-                max_samples=max_samples,
-                packing=cfg.mode,
-                batch_size=batch_size,
-                take_loss_over_all_tokens=take_loss_over_all_tokens,
-                eos_id=eos_id,
-                pad_id=pad_id,
-                docs=stats.docs,
-                tokens=stats.tokens,
-                rows=stats.rows,
-                real_tokens=stats.real_tokens,
+                tokenizer_name=tokenizer_name, dataset_location=dataset_location, q_col=q_col, a_col=a_col,
+                max_length=max_length, max_samples=max_samples, packing=cfg.mode, batch_size=batch_size,
+                take_loss_over_all_tokens=take_loss_over_all_tokens, eos_id=eos_id, pad_id=pad_id,
+                docs=stats.docs, tokens=stats.tokens, rows=stats.rows, real_tokens=stats.real_tokens,
             ),
         )
     finally:
-        cache_file.unlink(missing_ok=True)
-        for folder in (cache_dir, cache_dir.parent):  # leave no empty cache folders behind
-            if folder.exists() and not any(folder.iterdir()):
-                folder.rmdir()
+        remove_cache_file(cache_file)
     print(f"{stats.summary()}; {stats.tokens / elapsed:,.0f} tokens/s with {workers} process(es)")
     print(f"saved to {target}")
     return target
+
+
+def remove_cache_file(cache_file: Path) -> None:
+    """Delete the intermediate Arrow file, and its cache folders once they are empty."""
+    cache_file.unlink(missing_ok=True)
+    for folder in (cache_file.parent, cache_file.parent.parent):  # leave no empty cache folders behind
+        if folder.exists() and not any(folder.iterdir()):
+            folder.rmdir()
+
+
+def check_packing_options(dataset_location, max_length: int, batch_size: int, pack: bool, wrapped_packing: bool) -> None:
+    if wrapped_packing and not pack:
+        raise DataError("wrapped_packing=true needs pack=true (pass --wrapped_packing=false with --pack=false)")
+    if max_length < 2:
+        raise DataError(f"max_length={max_length} is too small; rows need max_length >= 2")
+    if batch_size < 1:
+        raise DataError(f"batch_size={batch_size} must be >= 1")
+    if not dataset_location:
+        raise DataError("--dataset_location is required (a folder written by save_to_disk)")
+
+
+def load_packing_tokenizer(tokenizer_name: str):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_name)
+    except (OSError, ValueError) as err:
+        raise DataError(f"cannot load tokenizer {tokenizer_name!r} ({first_line(err)})") from None
+    tokenizer.model_max_length = int(1e30)  # documents are longer than a row before packing
+    return tokenizer
+
+
+def write_packed_rows(arrow_file: Path, packed, stats: PackStats) -> None:
+    """(rows, stats part) pairs from `iter_packed_rows` -> one Arrow stream file; `stats` adds up the parts."""
+    import pyarrow as pa
+
+    with pa.OSFile(str(arrow_file), "wb") as sink:
+        writer = None
+        for rows, part in packed:
+            stats.add(part)
+            if len(rows):
+                batch = rows.to_arrow()
+                writer = writer or pa.ipc.new_stream(sink, batch.schema)
+                writer.write_batch(batch)
+        writer.close()
 
 
 def save_packed_dataset(arrow_file: Path, target: Path, overwrite: bool, num_proc: int, settings: dict):

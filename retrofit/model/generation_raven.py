@@ -245,15 +245,7 @@ class RavenGenerationMixin:
         # of similar length reuse one compiled graph.
         capacity = compiled_cache_capacity(run.total) if compile else run.total
         cache = KVCache(bounded=bounded_cache, capacity=capacity) if use_cache else None
-        if not use_cache:
-            next_logits = partial(self._uncached_logits, num_steps=num_steps)
-        elif adaptive_threshold is not None:
-            next_logits = partial(self._adaptive_decode_step, cache=cache, max_steps=n_steps + k_steps,
-                                  threshold=adaptive_threshold, criterion=adaptive_criterion)
-        elif compile:
-            next_logits = partial(self._compiled_decode, cache=cache, n=n_steps, k=k_steps)
-        else:
-            next_logits = partial(self._eager_decode, cache=cache, n=n_steps, k=k_steps)
+        next_logits = self._select_step(cache, num_steps, n_steps, k_steps, adaptive_threshold, adaptive_criterion, compile)
         if streamer is not None:
             streamer.put(input_ids.cpu())  # HF streamer convention: the prompt comes first
         for step in range(max_new_tokens):
@@ -298,6 +290,17 @@ class RavenGenerationMixin:
             raise ValueError("compile=True needs use_cache=True and no adaptive_threshold")
 
     # -- prefill and the per-token steps ---------------------------------------------------------
+
+    def _select_step(self, cache, num_steps, n: int, k: int, adaptive_threshold, adaptive_criterion, compile):
+        """How each token after the prompt runs: `step(run) -> last-position logits`."""
+        if cache is None:
+            return partial(self._uncached_logits, num_steps=num_steps)
+        if adaptive_threshold is not None:
+            return partial(self._adaptive_decode_step, cache=cache, max_steps=n + k,
+                           threshold=adaptive_threshold, criterion=adaptive_criterion)
+        if compile:
+            return partial(self._compiled_decode, cache=cache, n=n, k=k)
+        return partial(self._eager_decode, cache=cache, n=n, k=k)
 
     def _prefill(self, input_ids, attention_mask, cache: KVCache, n: int, k: int) -> torch.Tensor:
         """The prompt through the cache, at the full depth; the last position's logits."""
