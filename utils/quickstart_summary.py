@@ -182,10 +182,7 @@ def summary(args) -> int:
 
     out = Path(args.out_dir)
     runs = out / "runs"
-    loss_dir = out / "loss_over_rec_eval"
     eval_recs = [int(r) for r in args.eval_recs.replace(",", " ").split()]
-    lines = ["# Quickstart summary", ""]
-
     # Training: steps, FLOPs (param_counter.py's numbers, from each final checkpoint's run.json), final train loss.
     flops = {run: flops_report(runs / run / "final_checkpoint") for run in RUN_LABELS}
     record = read_run_record(runs / "recurrent")
@@ -193,7 +190,20 @@ def summary(args) -> int:
     curriculum, backprop = schedule.mean_recurrence_schedule, schedule.mean_backprop_depth_schedule
     recurrent_config = json.loads((runs / "recurrent/final_checkpoint/config.json").read_text())
     counts = count(runs / "recurrent/final_checkpoint", [1])
-    tokens_per_step = record["tokens_per_step"]
+    lines = ["# Quickstart summary", ""]
+    lines += training_section(runs, flops, record["tokens_per_step"], recurrent_config, curriculum, backprop)
+    lines += loss_section(out / "loss_over_rec_eval", recurrent_config, curriculum)
+    lines += lm_eval_section(runs, eval_recs, args.limit)
+    lines += parameters_section(counts)
+    lines += figures_section(out)
+    lines += times_section(out)
+    write_file_atomic(out / "summary.md", "\n".join(lines) + "\n")
+    print(f"wrote {out / 'summary.md'}")
+    return 0
+
+
+def training_section(runs: Path, flops: dict, tokens_per_step: int, recurrent_config: dict, curriculum, backprop) -> list[str]:
+    lines = []
     lines += [
         "## Training",
         "",
@@ -219,7 +229,12 @@ def summary(args) -> int:
     lines += ["", f"Both runs start from the pretrained Llama (whose FLOPs they share); for the same tokens the "
               f"recurrent run spent {ratio:.2f}× the baseline's FLOPs."]
 
-    # Validation loss at each recurrence.
+    return lines
+
+
+def loss_section(loss_dir: Path, recurrent_config: dict, curriculum) -> list[str]:
+    """Validation loss at each recurrence."""
+    lines = []
     losses = {run: mean_losses(loss_dir / run / "final_checkpoint.json")
               for run in RUN_LABELS if (loss_dir / run / "final_checkpoint.json").exists()}
     recs = sorted({r for run_losses in losses.values() for r in run_losses})
@@ -249,14 +264,18 @@ def summary(args) -> int:
         best = min(first, key=first.get)
         lines += ["", f"Lowest recurrent loss {first[best]:.3f} at r={best} (trained at mean recurrence {curriculum.max_mean_rec})."]
 
-    # lm-eval accuracy.
+    return lines
+
+
+def lm_eval_section(runs: Path, eval_recs: list[int], limit) -> list[str]:
+    lines = []
     rec_scores = lm_eval_scores(runs / "recurrent/final_checkpoint")
     base_scores = lm_eval_scores(runs / "baseline/final_checkpoint")
     lines += [
         "",
         "## lm-eval accuracy",
         "",
-        f"shells/eval.sh, 1-shot, first {args.limit} documents of each held-out task. "
+        f"shells/eval.sh, 1-shot, first {limit} documents of each held-out task. "
         "Synthetic GSM8K: exact match of the last number generated (flexible-extract), greedy; "
         "multiple choice: acc (4 choices, chance 25%).",
         "",
@@ -274,7 +293,11 @@ def summary(args) -> int:
         cells = [cell(rec_scores, (f"rec_{r}", task)) for r in eval_recs] + [cell(base_scores, ("non_recurrent", task))]
         lines.append(f"| {title} (`{task}`) | " + " | ".join(cells) + " |")
 
-    # Parameters.
+    return lines
+
+
+def parameters_section(counts: dict) -> list[str]:
+    lines = []
     parts = counts["parts"]
     lines += [
         "",
@@ -285,14 +308,23 @@ def summary(args) -> int:
         f"({counts['effective_params']['1']:,} at r=1).",
     ]
 
-    # Figures.
+    return lines
+
+
+def figures_section(out: Path) -> list[str]:
+    lines = []
     plots = out / "plots"
     figures = sorted(p for p in plots.glob("*.png"))
     lines += ["", "## Figures", ""] + [f"- `{p.relative_to(out)}` (and `.pdf`)" for p in figures]
     if (plots / "results.jsonl").exists():
         lines.append(f"- `{(plots / 'results.jsonl').relative_to(out)}`: the accuracy table plot_evals.py drew")
 
-    # Stage times.
+    return lines
+
+
+def times_section(out: Path) -> list[str]:
+    """Stage wall times, and their total counting each side-by-side group once."""
+    lines = []
     times = stage_times(out / "stage_times.tsv")
     times.pop("report", None)  # a previous report's time; this one is still running
     lines += ["", "## Stage wall times", "",
@@ -311,9 +343,7 @@ def summary(args) -> int:
             total += seconds if seconds == max(v for n, v in times.items() if n.startswith(group + "_")) else 0.0
     lines.append(f"| **total** (all but the plots and this summary) | {total:.1f} |")
 
-    write_file_atomic(out / "summary.md", "\n".join(lines) + "\n")
-    print(f"wrote {out / 'summary.md'}")
-    return 0
+    return lines
 
 
 def report(args) -> int:
