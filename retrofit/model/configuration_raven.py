@@ -96,6 +96,17 @@ def normalise_lora(lora: dict | None) -> dict | None:
     return {"rank": rank, "alpha": float(alpha), "targets": targets, "num_deltas": num_deltas}
 
 
+def merged_rope_parameters(rope_parameters: dict | None, rope_scaling: dict | None, rope_theta: float) -> dict:
+    """transformers 5 keeps RoPE settings in `rope_parameters`; the authors' configs use
+    `rope_theta` + `rope_scaling`. Store the merged form, accept either on load. A saved config
+    carries both forms (equal); `rope_parameters` wins if they ever differ."""
+    merged = dict(rope_parameters or rope_scaling or {})
+    if "type" in merged and "rope_type" not in merged:  # transformers < 4.45 spelling
+        merged["rope_type"] = merged.pop("type")
+    merged.pop("rope_theta", None)  # `rope_theta` is the one value
+    return {"rope_type": "default", **merged, "rope_theta": rope_theta}
+
+
 class RavenConfig(PretrainedConfig):
     model_type = "huginn_raven"
     keys_to_ignore_at_inference = ["past_key_values"]
@@ -163,14 +174,7 @@ class RavenConfig(PretrainedConfig):
         self.vocab_size = vocab_size
         self.padded_vocab_size = padded_vocab_size if padded_vocab_size is not None else vocab_size
         self.rope_theta = float(rope_theta)
-        # transformers 5 keeps RoPE settings in `rope_parameters`; the authors' configs use
-        # `rope_theta` + `rope_scaling`. Store the merged form, accept either on load.
-        # A saved config carries both forms (equal); `rope_parameters` wins if they ever differ.
-        rope_parameters = dict(kwargs.pop("rope_parameters", None) or rope_scaling or {})
-        if "type" in rope_parameters and "rope_type" not in rope_parameters:  # transformers < 4.45 spelling
-            rope_parameters["rope_type"] = rope_parameters.pop("type")
-        rope_parameters.pop("rope_theta", None)  # `rope_theta` above is the one value
-        self.rope_parameters = {"rope_type": "default", **rope_parameters, "rope_theta": self.rope_theta}
+        self.rope_parameters = merged_rope_parameters(kwargs.pop("rope_parameters", None), rope_scaling, self.rope_theta)
         self.max_position_embeddings = max_position_embeddings
         self.tie_embeddings = tie_embeddings
         self.bias = bias
