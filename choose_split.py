@@ -22,6 +22,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from retrofit.train.distributed import LaunchError, resolve_device
 from retrofit.model.split import (
     SplitError,
     layer_table,
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num_sequences", type=int, default=256, help="sample rows (default 256)")
     parser.add_argument("--max_length", type=int, default=512, help="tokens per row at most (default 512)")
     parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    parser.add_argument("--device", default="auto", help="auto (cuda if present, the default), cpu or cuda[:N]")
     parser.add_argument("--dtype", default=None, help="float32 (default on CPU) or bfloat16 (default on GPU)")
     parser.add_argument("--plot", help="write the figure here (.png or .pdf)")
     parser.add_argument("--out_json", help="write every statistic and the full ranking here")
@@ -69,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-        dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+        device = resolve_device(args.device)
+        dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
         if dtype not in ("float32", "bfloat16", "float16"):
             raise SplitError(f"--dtype {dtype!r}: choose float32, bfloat16 or float16")
         if args.plot and Path(args.plot).suffix.lower() not in (".png", ".pdf"):
@@ -87,11 +89,11 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, ValueError):
             tokenizer = None
         ids, mask = load_sample_rows(args.data, tokenizer, args.num_sequences, args.max_length)
-        model = AutoModelForCausalLM.from_pretrained(args.model_name, dtype=getattr(torch, dtype)).to(args.device).eval()
+        model = AutoModelForCausalLM.from_pretrained(args.model_name, dtype=getattr(torch, dtype)).to(device).eval()
         print(f"{args.model_name}: {num_layers} layers; {ids.shape[0]} sequences, {int(mask.sum())} tokens from {args.data}",
               file=sys.stderr)
         stats = measure(model, ids, mask, args.batch_size, progress=not args.no_progress)
-    except (SplitError, OSError) as err:
+    except (SplitError, OSError, LaunchError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
@@ -110,15 +112,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.out_json:
         print(f"statistics: {write_json(args.out_json, report(stats, shape, ranked, paper))}")
     return 0
-
-
-def _cuda() -> bool:
-    try:
-        import torch
-
-        return torch.cuda.is_available()
-    except ImportError:
-        return False
 
 
 if __name__ == "__main__":

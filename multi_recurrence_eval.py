@@ -46,6 +46,7 @@ from retrofit.evaluate.loss_over_depth import (
     summary_lines,
 )
 from retrofit.data.rows import DataError
+from retrofit.train.distributed import LaunchError, resolve_device
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -87,8 +88,6 @@ def load_model(path: Path, device: str, dtype: str, checkpoint_code: bool = Fals
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        import torch
-
         recurrences = parse_recurrences(args.recurrences)
         adaptive = None
         if args.adaptive_threshold is not None:
@@ -96,7 +95,7 @@ def main(argv=None) -> int:
         elif args.adaptive_criterion not in ADAPTIVE_CRITERIA:
             raise EvalError(f"adaptive criterion {args.adaptive_criterion!r} is not one of {', '.join(ADAPTIVE_CRITERIA)}")
         checkpoints = checkpoint_dirs(args.model_name, args.ckpts)
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = resolve_device(args.device or "auto")
         out_dir = Path(args.output_dir) / Path(args.model_name).resolve().name
         todo = []
         for label, path in checkpoints:
@@ -121,7 +120,7 @@ def main(argv=None) -> int:
             print(f"{label}: {result.num_sequences} sequences, {mode}, {elapsed:.1f}s -> {target}")
             print("\n".join(summary_lines(result, adaptive)))
             del model
-    except (EvalError, DataError) as err:
+    except (EvalError, DataError, LaunchError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

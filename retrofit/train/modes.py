@@ -66,24 +66,26 @@ def check_flags(cfg) -> str | None:
     return None
 
 
-def lora_num_deltas(cfg, model_config) -> int:
+def lora_num_deltas(cfg, schedule) -> int:
+    """One delta shared by every iteration, or (--lora.per_iteration) one per iteration up to the
+    largest mean recurrence the run trains (the resolved `RecurrenceSchedule`'s)."""
     if not cfg.lora.per_iteration:
         return 1
     if cfg.lora.num_iterations is not None:
         return cfg.lora.num_iterations
-    schedule = cfg.mean_recurrence_schedule
-    return schedule.max_mean_rec if schedule.turn_on else int(model_config.mean_recurrence)
+    return schedule.max_mean_rec
 
 
-def prepare_model(model, cfg) -> list[str]:
-    """LoRA deltas, frozen base, activation checkpointing; before the optimizer is built. Returns log lines."""
+def prepare_model(model, cfg, schedule) -> list[str]:
+    """LoRA deltas, frozen base, activation checkpointing; before the optimizer is built. Returns log lines.
+    `schedule`: the run's resolved RecurrenceSchedule (None for a non-recurrent model, which takes no LoRA)."""
     notes = []
     if cfg.lora.rank:
         if getattr(model.config, "lora", None):
             raise ValueError(
                 f"--model_name={cfg.model_name} already has LoRA deltas ({model.config.lora}); drop --lora.rank to train them"
             )
-        num_deltas = lora_num_deltas(cfg, model.config)
+        num_deltas = lora_num_deltas(cfg, schedule)
         model.add_lora(cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets, num_deltas)
         notes.append(f"LoRA rank {cfg.lora.rank} on {', '.join(model.config.lora['targets'])}"
                      + (f", {num_deltas} per-iteration deltas" if cfg.lora.per_iteration else ", shared across iterations"))

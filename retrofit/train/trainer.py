@@ -86,7 +86,7 @@ class Trainer:
         optimizer). Returns the teacher or None."""
         cfg, env = self.cfg, self.env
         try:
-            notes = train_modes.prepare_model(self.model, cfg)
+            notes = train_modes.prepare_model(self.model, cfg, self.schedule)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         teacher = None
