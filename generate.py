@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     import torch
     from transformers import AutoTokenizer, TextStreamer
 
-    from retrofit.train.checkpoint import load_saved_model
+    from retrofit.model.loading import load_saved_model
     from retrofit.model.configuration_raven import RavenConfig
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else

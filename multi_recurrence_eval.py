@@ -77,7 +77,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def load_model(path: Path, device: str, dtype: str, checkpoint_code: bool = False):
     import torch
 
-    from retrofit.train.checkpoint import load_saved_model
+    from retrofit.model.loading import load_saved_model
 
     model = load_saved_model(path, getattr(torch, dtype), checkpoint_code=checkpoint_code)
     if not hasattr(model, "recur"):

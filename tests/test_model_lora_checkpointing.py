@@ -66,7 +66,7 @@ def test_activation_checkpointing_gives_identical_gradients_and_keeps_less(lora)
 
 
 def test_lora_starts_at_zero_and_round_trips_through_remote_code(tmp_path):
-    from retrofit.train.checkpoint import load_saved_model
+    from retrofit.model.loading import load_saved_model
 
     ids = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(4))
     model = build().eval()

@@ -11,7 +11,8 @@ import torch
 
 from retrofit.train import checkpoint as ckpt
 from retrofit.atomic import atomic_directory
-from retrofit.data.stream import PackedDatasetStream, ParquetStream, build_sft_dataset, inspect_parquet_files
+from retrofit.data.shards import inspect_parquet_files
+from retrofit.data.stream import PackedDatasetStream, ParquetStream, build_sft_dataset
 from retrofit.train.depth import sample_num_steps
 from retrofit.train.optim import ELLISAdam, build_optimizer, set_learning_rates, split_params, wsd_lr_factor
 from retrofit.data.rows import DataError, inputs_and_labels

@@ -205,3 +205,16 @@ def write_parquet_shards(
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
     return [Path(os.path.normpath(out_dir / folder / f"shard-{i:05d}.parquet")) for i, folder in enumerate(folders)]
+
+
+def inspect_parquet_files(files: list[Path], max_length: int | None) -> int:
+    """Check every file's schema and the first row group's rows; return max_length.
+
+    Runs before any training work so bad data fails in seconds, not after model loading.
+    """
+    with_rows = [(path, parquet) for path in files if (parquet := open_parquet(path)).metadata.num_rows]
+    if not with_rows:
+        raise DataError(f"the parquet files in {str(files[0].parent)!r} hold no rows")
+    path, parquet = with_rows[0]
+    row_len = None if max_length is None else max_length + 1
+    return check_rows(read_row_group(parquet, path, 0), f"{path} row group 0", row_len) - 1

@@ -19,23 +19,10 @@ import numpy as np
 import torch
 
 from retrofit.data.rows import DataError, check_rows, row_columns, row_matrix
-from retrofit.data.shards import list_parquet_files, open_parquet, read_row_group
+from retrofit.data.shards import inspect_parquet_files, list_parquet_files, open_parquet, read_row_group
 
 PARQUET_SHUFFLE_SEED = 42  # the original's reader always used 42, independent of --seed
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant that can assist users with mathematical reasoning."
-
-
-def inspect_parquet_files(files: list[Path], max_length: int | None) -> int:
-    """Check every file's schema and the first row group's rows; return max_length.
-
-    Runs before any training work so bad data fails in seconds, not after model loading.
-    """
-    with_rows = [(path, parquet) for path in files if (parquet := open_parquet(path)).metadata.num_rows]
-    if not with_rows:
-        raise DataError(f"the parquet files in {str(files[0].parent)!r} hold no rows")
-    path, parquet = with_rows[0]
-    row_len = None if max_length is None else max_length + 1
-    return check_rows(read_row_group(parquet, path, 0), f"{path} row group 0", row_len) - 1
 
 
 class ParquetStream:
@@ -318,3 +305,59 @@ def build_sft_dataset(
         return {"input_ids": ids + [pad_id] * n_pad, "attention_mask": attention, "loss_mask": loss_mask}
 
     return encoded.map(pad, remove_columns=["ids", "answer_mask"], num_proc=num_proc, desc="padding"), max_length
+
+
+def open_training_stream(cfg, rank: int, world_size: int, tokenizer):
+    """The stream train.py reads, from its data flags (`cfg`: a TrainConfig): parquet shards, a
+    save_to_disk dataset of packed rows, or a raw dataset tokenized here. Returns (stream,
+    max_length, micro-steps per epoch per rank, or None for streams of unknown length)."""
+    if cfg.preprocessed_data_path is not None and cfg.is_parquet_dataset:
+        files = list_parquet_files(cfg.preprocessed_data_path)
+        max_length = inspect_parquet_files(files, cfg.max_length)
+        stream = ParquetStream(
+            cfg.preprocessed_data_path,
+            cfg.micro_batch_size,
+            max_length,
+            rank=rank,
+            world_size=world_size,
+            epochs=cfg.epochs,
+        )
+        return stream, max_length, None
+    if cfg.preprocessed_data_path is not None:
+        import datasets
+
+        folder = Path(cfg.preprocessed_data_path)
+        if not folder.exists():
+            raise DataError(f"preprocessed_data_path {cfg.preprocessed_data_path!r} does not exist")
+        saved_by_datasets = any((folder / name).is_file() for name in ("dataset_info.json", "dataset_dict.json"))
+        if not saved_by_datasets and folder.is_dir() and any(folder.glob("*.parquet")):
+            raise DataError(
+                f"{cfg.preprocessed_data_path} holds parquet shards: pass --is_parquet_dataset=true to read them"
+            )
+        try:
+            dataset = datasets.load_from_disk(cfg.preprocessed_data_path)
+        except FileNotFoundError as exc:
+            raise DataError(
+                f"{cfg.preprocessed_data_path} is not a save_to_disk dataset ({exc}); for parquet shards pass"
+                " --is_parquet_dataset=true"
+            ) from None
+        if isinstance(dataset, datasets.DatasetDict):
+            dataset = dataset["train"]
+        if cfg.max_samples is not None:
+            dataset = dataset.select(range(min(cfg.max_samples, len(dataset))))
+        max_length = check_packed_dataset(dataset, cfg.max_length, cfg.preprocessed_data_path)
+    else:
+        raw = load_raw_dataset(cfg.dataset_location, cfg.dataset_config)
+        dataset, max_length = build_sft_dataset(
+            raw,
+            tokenizer,
+            cfg.dataset_args.q_col,
+            cfg.dataset_args.a_col,
+            cfg.max_length,
+            take_loss_over_all_tokens=cfg.take_loss_over_all_tokens,
+            max_samples=cfg.max_samples,
+        )
+    stream = PackedDatasetStream(
+        dataset, cfg.micro_batch_size, rank=rank, world_size=world_size, seed=cfg.seed, epochs=cfg.epochs
+    )
+    return stream, max_length, stream.steps_per_epoch()

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from retrofit.model.generation_raven import ADAPTIVE_CRITERIA, ExitTracker
 from retrofit.data.rows import inputs_and_labels, row_matrix
 from retrofit.data.shards import list_parquet_files, open_parquet, read_row_group
-from retrofit.train.checkpoint import MODEL_ONLY_PREFIX
+from retrofit.train.run_folder import MODEL_ONLY_PREFIX
 
 DEFAULT_RECURRENCES = (1, 2, 4, 8, 16, 32, 64)  # the paper's validation loss depths (docs/evaluation.md, Tasks and metrics)
 

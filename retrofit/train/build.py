@@ -1,27 +1,22 @@
 """The pieces a training run is built from, each checked before the next costs time: the model
-name, tokenizer, data stream, model, vocabulary, step count and the recurrence schedule."""
+name, the run folder, tokenizer, data stream, model, vocabulary, step count and the recurrence
+schedule (`build_run`, in that order)."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from retrofit.data.rows import DataError
-from retrofit.data.shards import list_parquet_files
-from retrofit.data.stream import (
-    PackedDatasetStream,
-    ParquetStream,
-    build_sft_dataset,
-    check_packed_dataset,
-    inspect_parquet_files,
-    load_raw_dataset,
-)
+from retrofit.data.stream import open_training_stream
 from retrofit.errors import first_line
 from retrofit.model.configuration_raven import RavenConfig
+from retrofit.train.checkpoint import claim_run_dir
 from retrofit.train.config import ConfigError, TrainConfig
 from retrofit.train.depth import RecurrenceSchedule
 from retrofit.train.distributed import DistEnv
@@ -57,60 +52,6 @@ def load_tokenizer(cfg: TrainConfig):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
-
-
-def build_data(cfg: TrainConfig, env: DistEnv, tokenizer):
-    """(stream, max_length, micro-steps per epoch per rank or None for streams of unknown length)."""
-    if cfg.preprocessed_data_path is not None and cfg.is_parquet_dataset:
-        files = list_parquet_files(cfg.preprocessed_data_path)
-        max_length = inspect_parquet_files(files, cfg.max_length)
-        stream = ParquetStream(
-            cfg.preprocessed_data_path,
-            cfg.micro_batch_size,
-            max_length,
-            rank=env.rank,
-            world_size=env.world_size,
-            epochs=cfg.epochs,
-        )
-        return stream, max_length, None
-    if cfg.preprocessed_data_path is not None:
-        import datasets
-
-        folder = Path(cfg.preprocessed_data_path)
-        if not folder.exists():
-            raise DataError(f"preprocessed_data_path {cfg.preprocessed_data_path!r} does not exist")
-        saved_by_datasets = any((folder / name).is_file() for name in ("dataset_info.json", "dataset_dict.json"))
-        if not saved_by_datasets and folder.is_dir() and any(folder.glob("*.parquet")):
-            raise DataError(
-                f"{cfg.preprocessed_data_path} holds parquet shards: pass --is_parquet_dataset=true to read them"
-            )
-        try:
-            dataset = datasets.load_from_disk(cfg.preprocessed_data_path)
-        except FileNotFoundError as exc:
-            raise DataError(
-                f"{cfg.preprocessed_data_path} is not a save_to_disk dataset ({exc}); for parquet shards pass"
-                " --is_parquet_dataset=true"
-            ) from None
-        if isinstance(dataset, datasets.DatasetDict):
-            dataset = dataset["train"]
-        if cfg.max_samples is not None:
-            dataset = dataset.select(range(min(cfg.max_samples, len(dataset))))
-        max_length = check_packed_dataset(dataset, cfg.max_length, cfg.preprocessed_data_path)
-    else:
-        raw = load_raw_dataset(cfg.dataset_location, cfg.dataset_config)
-        dataset, max_length = build_sft_dataset(
-            raw,
-            tokenizer,
-            cfg.dataset_args.q_col,
-            cfg.dataset_args.a_col,
-            cfg.max_length,
-            take_loss_over_all_tokens=cfg.take_loss_over_all_tokens,
-            max_samples=cfg.max_samples,
-        )
-    stream = PackedDatasetStream(
-        dataset, cfg.micro_batch_size, rank=env.rank, world_size=env.world_size, seed=cfg.seed, epochs=cfg.epochs
-    )
-    return stream, max_length, stream.steps_per_epoch()
 
 
 def read_model_type(model_name: str) -> str | None:
@@ -191,3 +132,30 @@ def build_schedule(cfg: TrainConfig, model_config, max_steps: int) -> Recurrence
         model_mean_recurrence=model_config.mean_recurrence,
         model_backprop_depth=model_config.mean_backprop_depth,
     )
+
+
+@dataclass
+class RunParts:
+    tokenizer: object
+    stream: object  # ParquetStream or PackedDatasetStream
+    max_length: int
+    model: torch.nn.Module
+    vocab_rows: int
+    max_steps: int
+    schedule: RecurrenceSchedule | None  # None for --non_recurrent_model
+
+
+def build_run(cfg: TrainConfig, env: DistEnv, log=print) -> RunParts:
+    """Everything a run trains with, checked cheapest first. Data comes before the model: bad data
+    fails in seconds, before the model is loaded."""
+    check_model_name(cfg.model_name)
+    message = claim_run_dir(cfg, env)
+    if message:
+        log(message)
+    tokenizer = load_tokenizer(cfg)
+    stream, max_length, micro_steps_per_epoch = open_training_stream(cfg, env.rank, env.world_size, tokenizer)
+    model = load_model(cfg, env.device)
+    vocab_rows = check_vocab(model, tokenizer, cfg.model_name)
+    max_steps = compute_max_steps(cfg, env, max_length, micro_steps_per_epoch)
+    schedule = None if cfg.non_recurrent_model else build_schedule(cfg, model.config, max_steps)
+    return RunParts(tokenizer, stream, max_length, model, vocab_rows, max_steps, schedule)

@@ -18,7 +18,7 @@ from torch import nn
 
 def load_teacher(model_dir: str, device: torch.device, dtype: torch.dtype) -> nn.Module:
     """The teacher as a frozen eval-mode model (a plain HF model, or a recurrent one)."""
-    from retrofit.train.checkpoint import load_saved_model
+    from retrofit.model.loading import load_saved_model
 
     teacher = load_saved_model(model_dir, dtype=dtype).to(device).eval()
     teacher.requires_grad_(False)

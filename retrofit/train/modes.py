@@ -10,8 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from retrofit.model.configuration_raven import LORA_TARGETS
 
 
@@ -98,18 +96,24 @@ def prepare_model(model, cfg, schedule) -> list[str]:
     return notes
 
 
-def exportable_model(model, cfg, checkpoints, is_main: bool):
-    """Collective under FSDP. The model to `save_pretrained` on the main rank (None elsewhere):
-    the model itself, or an unsharded CPU copy (FSDP: gathered; --lora.merge_on_save: merged).
-    `checkpoints`: the run's checkpoint backend (retrofit.train.parallel)."""
-    from retrofit.train import fsdp
+def prepare_modes(model, cfg, env, schedule, log=print):
+    """LoRA, frozen base, activation checkpointing and the distillation teacher, before sharding
+    and the optimizer; logs what it set up. Returns the teacher or None."""
+    from retrofit.train.config import ConfigError  # config imports this module's flag groups
+    from retrofit.train.distill import check_vocabularies, load_teacher
 
-    if not checkpoints.sharded and not cfg.lora.merge_on_save:
-        return model
-    state = checkpoints.full_state_dict(model)
-    if not is_main:
-        return None
-    plain = fsdp.unsharded_copy(model, state)
-    if cfg.lora.merge_on_save and hasattr(plain, "merge_lora_"):
-        plain.merge_lora_()
-    return plain
+    try:
+        notes = prepare_model(model, cfg, schedule)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    teacher = None
+    if cfg.distill.teacher is not None:
+        teacher = load_teacher(cfg.distill.teacher, env.device, next(model.parameters()).dtype)
+        try:
+            check_vocabularies(teacher, model, cfg.distill.teacher)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        notes.append(f"distilling from {cfg.distill.teacher} (alpha {cfg.distill.alpha}, T {cfg.distill.temperature})")
+    for note in notes:
+        log(note)
+    return teacher

@@ -7,6 +7,7 @@ per optimizer step; the loop then saves a full checkpoint and exits cleanly.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import math
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 
 from retrofit.atomic import write_file_atomic
+from retrofit.train.config import ConfigError
 
 
 def seed_everything(seed: int) -> None:
@@ -203,3 +205,24 @@ def format_step_line(record: dict, max_steps: int) -> str:
     if record.get("mfu") is not None:
         parts.append(f"mfu {record['mfu']:.1%}")
     return " | ".join(parts)
+
+
+def open_monitors(cfg, is_main: bool, step: int, log=print) -> tuple[PreemptionWatcher, MetricsLogger]:
+    """The run's stop watcher and metrics log (`cfg`: a TrainConfig). A fresh start (`step` 0)
+    empties metrics.jsonl (records of a run killed before its first checkpoint); a resume drops the
+    records past the resumed step."""
+    watcher = PreemptionWatcher(cfg.save_n_mins_before_timeout)
+    metrics = MetricsLogger(
+        cfg.run_dir / "metrics.jsonl",
+        enabled=is_main,
+        wandb_kwargs=None
+        if cfg.wandb_disabled
+        else dict(project=Path(cfg.out_path).name, name=cfg.run_name, dir=cfg.out_path, config=dataclasses.asdict(cfg)),
+    )
+    try:
+        dropped = metrics.truncate_after(step)
+    except ValueError as exc:  # a damaged line in the middle of metrics.jsonl
+        raise ConfigError(str(exc)) from None
+    if dropped:
+        log(f"metrics.jsonl: dropped {dropped} record(s) after step {step}")
+    return watcher, metrics

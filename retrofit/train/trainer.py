@@ -7,7 +7,7 @@ rank; plus 1 with parquet data, the original's numbering); gradients are accumul
 batch_size / micro_batch_size micro-batches, averaged over ranks by DDP (or reduce-scattered by
 FSDP2 with --fsdp), clipped, and applied with the warmup-stable-decay learning rate. The pieces
 come from retrofit/train/build.py, the device layout from parallel.py, saving and resuming from
-checkpoint_manager.py; LoRA, activation checkpointing and distillation: modes.py. See
+checkpoint.py; LoRA, activation checkpointing and distillation: modes.py. See
 docs/training.md for outputs and resuming.
 """
 
@@ -23,15 +23,15 @@ import torch
 
 from retrofit.analysis.flops import count_parameters, micro_batch_flops, model_flops_utilization, peak_tflops_of
 from retrofit.data.rows import DataError, inputs_and_labels
-from retrofit.train import build
 from retrofit.train import checkpoint as ckpt
 from retrofit.train import distributed as dist_utils
 from retrofit.train import modes as train_modes
-from retrofit.train.checkpoint_manager import CheckpointManager, TrainingCounters, TrainingError, claim_run_dir
+from retrofit.train.build import build_run
+from retrofit.train.checkpoint import CheckpointManager, TrainingCounters, TrainingError
 from retrofit.train.config import ConfigError, TrainConfig
 from retrofit.train.depth import sample_num_steps
-from retrofit.train.distill import check_vocabularies, distillation_kl, load_teacher, teacher_logits
-from retrofit.train.monitor import MetricsLogger, PreemptionWatcher, format_step_line, seed_everything
+from retrofit.train.distill import distillation_kl, teacher_logits
+from retrofit.train.monitor import format_step_line, open_monitors, seed_everything
 from retrofit.train.optim import build_optimizer, set_learning_rates, wsd_lr_factor
 from retrofit.train.parallel import parallelize
 from retrofit.train.run_record import build_run_record, write_run_record
@@ -47,19 +47,12 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, env: dist_utils.DistEnv):
         self.cfg, self.env = cfg, env
         seed_everything(cfg.seed)
-        build.check_model_name(cfg.model_name)
-        message = claim_run_dir(cfg, env)
-        if message:
-            self.print(message)
-        # Data first: bad data fails in seconds, before the model is loaded.
-        self.tokenizer = build.load_tokenizer(cfg)
-        self.stream, self.max_length, micro_steps_per_epoch = build.build_data(cfg, env, self.tokenizer)
-        self.model = build.load_model(cfg, env.device)
-        self.vocab_rows = build.check_vocab(self.model, self.tokenizer, cfg.model_name)
+        parts = build_run(cfg, env, log=self.print)
+        self.tokenizer, self.stream, self.max_length = parts.tokenizer, parts.stream, parts.max_length
+        self.model, self.vocab_rows = parts.model, parts.vocab_rows
+        self.max_steps, self.schedule = parts.max_steps, parts.schedule
         self.recurrent = not cfg.non_recurrent_model
-        self.max_steps = build.compute_max_steps(cfg, env, self.max_length, micro_steps_per_epoch)
-        self.schedule = build.build_schedule(cfg, self.model.config, self.max_steps) if self.recurrent else None
-        self.teacher = self._prepare_modes()
+        self.teacher = train_modes.prepare_modes(self.model, cfg, env, self.schedule, log=self.print)
         self.parallel = parallelize(self.model, cfg, env, teacher=self.teacher)
         for note in self.parallel.notes:
             self.print(note)
@@ -77,29 +70,22 @@ class Trainer:
             cfg, env, self.parallel, self.optimizer, self.stream, self.tokenizer, run_state=self, log=self.print
         )
         self.resumed_from = self.checkpoints.resume()
-        self.watcher = PreemptionWatcher(cfg.save_n_mins_before_timeout)
-        self.metrics = self._open_metrics()
-        self._write_run_record()
-
-    def _prepare_modes(self):
-        """LoRA, frozen base, activation checkpointing and the teacher (before sharding and the
-        optimizer). Returns the teacher or None."""
-        cfg, env = self.cfg, self.env
-        try:
-            notes = train_modes.prepare_model(self.model, cfg, self.schedule)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
-        teacher = None
-        if cfg.distill.teacher is not None:
-            teacher = load_teacher(cfg.distill.teacher, env.device, next(self.model.parameters()).dtype)
-            try:
-                check_vocabularies(teacher, self.model, cfg.distill.teacher)
-            except ValueError as exc:
-                raise ConfigError(str(exc)) from None
-            notes.append(f"distilling from {cfg.distill.teacher} (alpha {cfg.distill.alpha}, T {cfg.distill.temperature})")
-        for note in notes:
-            self.print(note)
-        return teacher
+        self.watcher, self.metrics = open_monitors(cfg, env.is_main, self.counters.optimizer_step, log=self.print)
+        # run.json, written after every check (a refused start or resume leaves the previous one alone)
+        self.run_record = build_run_record(
+            settings=dataclasses.asdict(cfg),
+            schedule=self.schedule,
+            model_type=self.model.config.model_type,
+            max_steps=self.max_steps,
+            max_length=self.max_length,
+            world_size=env.world_size,
+            micro_batches_per_step=cfg.accumulation_steps,
+            batch_size=cfg.batch_size,
+            lr_schedule=dict(warmup_steps=self.num_warmup_steps, decay_steps=self.num_decay_steps,
+                             min_lr_ratio=cfg.scheduler_args.min_lr_ratio, lr_step_offset=self.counters.lr_step_offset),
+        )
+        if env.is_main:
+            write_run_record(cfg.run_dir, self.run_record)
 
     def _build_optimizer(self):
         cfg = self.cfg
@@ -117,44 +103,6 @@ class Trainer:
         self.num_warmup_steps = math.ceil(cfg.scheduler_args.warmup * self.max_steps)
         self.num_decay_steps = math.ceil(cfg.scheduler_args.cooldown * self.max_steps)
         return optimizer
-
-    def _open_metrics(self) -> MetricsLogger:
-        cfg = self.cfg
-        metrics = MetricsLogger(
-            cfg.run_dir / "metrics.jsonl",
-            enabled=self.env.is_main,
-            wandb_kwargs=None
-            if cfg.wandb_disabled
-            else dict(project=Path(cfg.out_path).name, name=cfg.run_name, dir=cfg.out_path, config=dataclasses.asdict(cfg)),
-        )
-        # A fresh start empties metrics.jsonl (records of a run killed before its first checkpoint);
-        # a resume drops the records past the resumed step.
-        step = self.counters.optimizer_step
-        try:
-            dropped = metrics.truncate_after(step)
-        except ValueError as exc:  # a damaged line in the middle of metrics.jsonl
-            raise ConfigError(str(exc)) from None
-        if dropped:
-            self.print(f"metrics.jsonl: dropped {dropped} record(s) after step {step}")
-        return metrics
-
-    def _write_run_record(self) -> None:
-        """run.json, written after every check (a refused start or resume leaves the previous one alone)."""
-        cfg = self.cfg
-        self.run_record = build_run_record(
-            settings=dataclasses.asdict(cfg),
-            schedule=self.schedule,
-            model_type=self.model.config.model_type,
-            max_steps=self.max_steps,
-            max_length=self.max_length,
-            world_size=self.env.world_size,
-            micro_batches_per_step=cfg.accumulation_steps,
-            batch_size=cfg.batch_size,
-            lr_schedule=dict(warmup_steps=self.num_warmup_steps, decay_steps=self.num_decay_steps,
-                             min_lr_ratio=cfg.scheduler_args.min_lr_ratio, lr_step_offset=self.counters.lr_step_offset),
-        )
-        if self.env.is_main:
-            write_run_record(cfg.run_dir, self.run_record)
 
     def describe(self) -> str:
         cfg, env = self.cfg, self.env
