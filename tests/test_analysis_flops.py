@@ -16,7 +16,7 @@ import param_counter
 from retrofit.analysis.reporting import count, flops_report
 from conftest import PAPER_DATA
 from retrofit.train.depth import MeanBackpropDepthSchedule, MeanRecurrenceSchedule, RecurrenceSchedule
-from retrofit.analysis.flops import (
+from retrofit.train.flops import (
     ParamCounts,
     build_on_meta,
     count_model_dir,

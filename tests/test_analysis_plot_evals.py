@@ -15,7 +15,7 @@ import pytest
 import plot_evals
 from conftest import PAPER_DATA
 from retrofit.train.depth import MeanBackpropDepthSchedule, MeanRecurrenceSchedule, RecurrenceSchedule
-from retrofit.analysis.flops import count_model_dir, training_flops
+from retrofit.train.flops import count_model_dir, training_flops
 from retrofit.analysis.results import COLUMNS, NotLmEvalOutput, RunSpec, collect_run, read_jsonl
 
 MAX_STEPS = 300

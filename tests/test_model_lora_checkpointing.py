@@ -147,7 +147,7 @@ def test_param_counter_and_flops_count_lora_deltas(tmp_path, capsys):
     import json
 
     import param_counter
-    from retrofit.analysis.flops import count_parameters, step_flops
+    from retrofit.train.flops import count_parameters, step_flops
 
     plain = count_parameters(build())
     model = build()

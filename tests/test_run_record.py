@@ -46,7 +46,7 @@ def curriculum_run(tmp_path_factory, train_raven_dir, train_parquet_dir):
 def paper_formula_flops(model_dir: Path, schedule, checkpoint: int, tokens_per_step: int) -> int:
     """docs/analysis.md, written out: sum over steps u = 1..checkpoint of
     6 D (N_prelude + N_coda + min(r_u, s_u) N_rec) + 2 D max(r_u - s_u, 0) N_rec, (r_u, s_u) = schedule.at(u)."""
-    from retrofit.analysis.flops import count_model_dir
+    from retrofit.train.flops import count_model_dir
 
     counts = count_model_dir(model_dir)
     total = 0
@@ -196,7 +196,7 @@ def test_counting_without_run_json_follows_train_py_defaults(tmp_path, tokenizer
 def test_plotting_and_counting_import_neither_torch_nor_transformers():
     code = """
 import importlib.util, sys
-import retrofit.analysis.plotting, retrofit.analysis.results, retrofit.analysis.reporting, retrofit.train.run_record, retrofit.analysis.flops, retrofit.train.depth
+import retrofit.analysis.plotting, retrofit.analysis.results, retrofit.analysis.reporting, retrofit.train.run_record, retrofit.train.flops, retrofit.train.depth
 import plot_evals, param_counter
 for name in ("plot", "scheduling_options"):
     spec = importlib.util.spec_from_file_location("paper_plots_" + name, "paper_plots/" + name + ".py")
@@ -212,6 +212,6 @@ print(sorted(m for m in ("torch", "transformers") if m in sys.modules))
 def test_counting_knows_the_recurrent_model_type_without_importing_transformers():
     """flops.py spells the model type out (it must not import transformers); it is the config's."""
     from retrofit.model.configuration_raven import RavenConfig
-    from retrofit.analysis.flops import RECURRENT_MODEL_TYPE
+    from retrofit.train.flops import RECURRENT_MODEL_TYPE
 
     assert RECURRENT_MODEL_TYPE == RavenConfig.model_type

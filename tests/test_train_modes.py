@@ -178,7 +178,7 @@ def test_fsdp_muon_matches_one_process_and_resumes_identically_after_sigkill(tmp
 
 def test_lora_per_iteration_frozen_base_activation_checkpointing_and_distillation(tmp_path, parent_and_child, packed_dir):
     from retrofit.model.loading import load_saved_model
-    from retrofit.analysis.flops import count_model_dir
+    from retrofit.train.flops import count_model_dir
 
     parent, child = parent_and_child
     args = common_args(child, packed_dir, tmp_path, steps=3) + [

@@ -254,7 +254,7 @@ def test_error_cases_exit_2_with_a_clear_message(tmp_path, capsys, train_raven_d
 
 def test_init_from_scratch_ellis_adam_fixed_steps(tmp_path, train_raven_dir, train_parquet_dir):
     from retrofit.train.checkpoint import load_training_state
-    from retrofit.analysis.flops import count_model_dir
+    from retrofit.train.flops import count_model_dir
     from retrofit.model.modeling_raven import RavenForCausalLM
 
     code = main_in_process([f"--model_name={train_raven_dir}", f"--preprocessed_data_path={train_parquet_dir}",

@@ -1,1 +1,2 @@
-"""Analysis: FLOPs and parameter counts, the results table, figures and reports."""
+"""Analysis: the results table, figures and reports (FLOPs and parameter counts: retrofit/train/flops.py,
+the same counting the training loop logs)."""

@@ -6,14 +6,14 @@
 - `collect_and_plot`: lm-eval results of runs -> the paper-data table (results.jsonl) and figures.
 
 Imports neither torch nor transformers; counting builds the model on the meta device, importing
-them only then (retrofit/analysis/flops.py).
+them only then (retrofit/train/flops.py).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from retrofit.analysis.flops import (
+from retrofit.train.flops import (
     DEFAULT_TOKENS_PER_STEP,
     ParamCounts,
     count_model_dir,

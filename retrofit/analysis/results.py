@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from retrofit.atomic import write_file_atomic
-from retrofit.analysis.flops import DEFAULT_TOKENS_PER_STEP, ParamCounts, count_model_dir, read_config, training_flops
+from retrofit.train.flops import DEFAULT_TOKENS_PER_STEP, ParamCounts, count_model_dir, read_config, training_flops
 from retrofit.train.run_folder import FINAL_CHECKPOINT
 from retrofit.train.run_record import checkpoint_step, counting_schedule, read_run_record, record_schedule
 

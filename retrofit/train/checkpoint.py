@@ -26,6 +26,7 @@ Where the model and optimizer tensors go is the backend's business, chosen by `p
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -38,12 +39,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.distributed.fsdp import FSDPModule
 
 from retrofit.atomic import atomic_directory, remove_leftovers
 from retrofit.data.rows import DataError
 from retrofit.errors import first_line
+from retrofit.model.configuration_raven import RavenConfig
 from retrofit.train import distributed as dist_utils
-from retrofit.train.config import ConfigError, TrainConfig
+from retrofit.errors import ConfigError
+from retrofit.train.config import TrainConfig
 from retrofit.train.run_folder import (
     FINAL_CHECKPOINT,
     FULL_CHECKPOINT_RE,
@@ -279,18 +283,30 @@ def restore_rng_state(state: dict) -> None:
             torch.cuda.set_rng_state_all(cuda_states)
 
 
+def unsharded_copy(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> nn.Module:
+    """A plain (not sharded) CPU model of `model`'s class and config holding `state_dict`."""
+    cls = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))  # fully_shard subclasses it
+    config = copy.deepcopy(model.config)
+    if getattr(config, "model_type", None) == RavenConfig.model_type:
+        with torch.device("meta"):  # no buffers to initialise: build without memory, then take the weights
+            plain = cls(config)
+        plain.load_state_dict(state_dict, assign=True)
+    else:  # HF models keep non-persistent buffers (RoPE tables) that a meta build would leave empty
+        plain = cls(config)
+        plain.load_state_dict(state_dict)
+    return plain.eval()
+
+
 def exportable_model(model, cfg, checkpoints, is_main: bool):
     """Collective under FSDP. The model to `save_pretrained` on the main rank (None elsewhere):
     the model itself, or an unsharded CPU copy (FSDP: gathered; --lora.merge_on_save: merged).
     `checkpoints`: the run's checkpoint backend."""
-    from retrofit.train import fsdp
-
     if not checkpoints.sharded and not cfg.lora.merge_on_save:
         return model
     state = checkpoints.full_state_dict(model)
     if not is_main:
         return None
-    plain = fsdp.unsharded_copy(model, state)
+    plain = unsharded_copy(model, state)
     if cfg.lora.merge_on_save and hasattr(plain, "merge_lora_"):
         plain.merge_lora_()
     return plain

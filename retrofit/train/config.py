@@ -12,12 +12,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from retrofit.errors import ConfigError
 from retrofit.train.depth import MeanBackpropDepthSchedule, MeanRecurrenceSchedule
 from retrofit.train.modes import DistillArgs, LoraArgs, check_flags
-
-
-class ConfigError(ValueError):
-    """A setting (flag, path, run folder) the user can fix; train.py prints it as one `error:` line."""
 
 
 @dataclass
@@ -79,7 +76,7 @@ class TrainConfig:
     compile: bool = False
     device: str = "auto"
     # Peak TFLOP/s of one device for the `mfu` metric; default: looked up from the GPU's name
-    # (retrofit.analysis.flops.PEAK_BF16_TFLOPS); on a CPU or an unknown GPU `mfu` is logged as null.
+    # (retrofit.train.flops.PEAK_BF16_TFLOPS); on a CPU or an unknown GPU `mfu` is logged as null.
     peak_tflops: float | None = None
     # training
     max_steps: int = 0

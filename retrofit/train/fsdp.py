@@ -20,7 +20,6 @@ is gathered to rank 0 (on CPU), put into an unsharded copy of the model and save
 
 from __future__ import annotations
 
-import copy
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -35,11 +34,10 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from retrofit.train import checkpoint as ckpt
 from retrofit.train import distributed as dist_utils
-from retrofit.model.configuration_raven import RavenConfig
 
 SHARDED_DIR = "sharded"
 
@@ -70,20 +68,6 @@ def _optimizers(optimizer) -> list[torch.optim.Optimizer]:
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Collective: the full (unsharded) weights as CPU tensors on rank 0, {} on the other ranks."""
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def unsharded_copy(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> nn.Module:
-    """A plain (not sharded) CPU model of `model`'s class and config holding `state_dict`."""
-    cls = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))  # fully_shard subclasses it
-    config = copy.deepcopy(model.config)
-    if getattr(config, "model_type", None) == RavenConfig.model_type:
-        with torch.device("meta"):  # no buffers to initialise: build without memory, then take the weights
-            plain = cls(config)
-        plain.load_state_dict(state_dict, assign=True)
-    else:  # HF models keep non-persistent buffers (RoPE tables) that a meta build would leave empty
-        plain = cls(config)
-        plain.load_state_dict(state_dict)
-    return plain.eval()
 
 
 def save_sharded_training_state(out_dir: str | Path, model: nn.Module, optimizer, state: dict, add_files=None) -> Path:

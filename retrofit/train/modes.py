@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from retrofit.errors import ConfigError
 from retrofit.model.configuration_raven import LORA_TARGETS
 
 
@@ -99,7 +100,6 @@ def prepare_model(model, cfg, schedule) -> list[str]:
 def prepare_modes(model, cfg, env, schedule, log=print):
     """LoRA, frozen base, activation checkpointing and the distillation teacher, before sharding
     and the optimizer; logs what it set up. Returns the teacher or None."""
-    from retrofit.train.config import ConfigError  # config imports this module's flag groups
     from retrofit.train.distill import check_vocabularies, load_teacher
 
     try:

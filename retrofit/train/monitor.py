@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from retrofit.atomic import write_file_atomic
-from retrofit.train.config import ConfigError
+from retrofit.errors import ConfigError
 
 
 def seed_everything(seed: int) -> None:

@@ -21,14 +21,15 @@ from pathlib import Path
 
 import torch
 
-from retrofit.analysis.flops import count_parameters, micro_batch_flops, model_flops_utilization, peak_tflops_of
+from retrofit.train.flops import count_parameters, micro_batch_flops, model_flops_utilization, peak_tflops_of
 from retrofit.data.rows import DataError, inputs_and_labels
 from retrofit.train import checkpoint as ckpt
 from retrofit.train import distributed as dist_utils
 from retrofit.train import modes as train_modes
 from retrofit.train.build import build_run
 from retrofit.train.checkpoint import CheckpointManager, TrainingCounters, TrainingError
-from retrofit.train.config import ConfigError, TrainConfig
+from retrofit.errors import ConfigError
+from retrofit.train.config import TrainConfig
 from retrofit.train.depth import sample_num_steps
 from retrofit.train.distill import distillation_kl, teacher_logits
 from retrofit.train.monitor import format_step_line, open_monitors, seed_everything
