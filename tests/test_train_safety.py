@@ -441,3 +441,144 @@ def test_kill_before_first_checkpoint_then_auto_resume_has_each_step_once(tmp_pa
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "no checkpoint in" in done.stdout and f"dropped {len(logged) + 1} record(s) after step 0" in done.stdout
     assert read_steps(tmp_path / "k") == [1, 2, 3, 4, 5, 6]
+
+
+# ---------------------------------------------------------------------------------------------
+# One process per run folder: a lock held for the run's life, stale locks taken over and reported
+# ---------------------------------------------------------------------------------------------
+HOLD_LOCK = (
+    "import sys; from retrofit.train.checkpoint import RunFolderLock;"
+    " RunFolderLock.acquire(sys.argv[1]); print('locked', flush=True); sys.stdin.read()"
+)
+
+
+def test_a_second_process_into_a_locked_run_folder_is_refused(tmp_path, capsys, base_args):
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(run_dir)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert run_train(base_args + [f"--out_path={tmp_path}", "--run_name=r"]) == 2
+        errors, _ = error_lines(capsys)
+        assert len(errors) == 1 and "in use by another training process" in errors[0], errors
+        assert f"pid {holder.pid} on host" in errors[0]
+        assert not (run_dir / "metrics.jsonl").exists()
+    finally:
+        holder.kill()  # SIGKILL: the lock file stays behind with the dead holder's name in it
+        holder.wait(timeout=30)
+        holder.stdout.close()
+    assert (run_dir / ckpt.LOCK_FILE).is_file()
+    assert run_train(base_args + [f"--out_path={tmp_path}", "--run_name=r", "--max_steps=1"]) == 0
+    _, printed = error_lines(capsys)
+    assert f"took over the lock of a run that died without releasing it (pid {holder.pid}" in printed
+    assert not (run_dir / ckpt.LOCK_FILE).exists()  # released when the run ended
+    assert read_steps(run_dir) == [1]
+
+
+def test_lock_without_flock_tells_a_dead_holder_from_a_live_one(tmp_path):
+    import socket
+
+    lock = ckpt.RunFolderLock(tmp_path)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = socket.gethostname()
+    lock.path.write_text(json.dumps({"pid": int(dead.stdout), "host": host, "started": 1.0}))
+    lock._take_without_flock()
+    assert "died without releasing it" in lock.stale_note
+    assert json.loads(lock.path.read_text())["pid"] == os.getpid()
+    lock.release()
+    alive = ckpt.RunFolderLock(tmp_path)
+    lock.path.write_text(json.dumps({"pid": os.getppid(), "host": host, "started": ckpt.process_start_time(os.getppid())}))
+    with pytest.raises(ckpt.ConfigError, match=f"pid {os.getppid()} on host"):
+        alive._take_without_flock()
+    assert lock.path.is_file()  # a live holder's lock is left alone
+
+
+# ---------------------------------------------------------------------------------------------
+# --overwrite=true deletes outputs only, all of them or none
+# ---------------------------------------------------------------------------------------------
+def test_overwrite_never_deletes_an_input_named_by_any_flag(tmp_path, capsys, base_args, finished_run, train_raven_dir):
+    run = copy_run(finished_run, tmp_path, "ref")
+    shutil.copytree(train_raven_dir, run / "model_only_chkpt_9")  # a teacher kept inside the run folder
+    before = snapshot(run)
+    teacher = run / "model_only_chkpt_9"
+    assert run_train(base_args + [f"--out_path={tmp_path}", "--run_name=ref", "--overwrite=true",
+                                  f"--distill.teacher={teacher}"]) == 2
+    errors, _ = error_lines(capsys)
+    assert len(errors) == 1 and f"would delete --distill.teacher={teacher}" in errors[0], errors
+    assert snapshot(run) == before
+
+
+def test_overwrite_removes_a_symlinked_checkpoint_as_a_link_only(tmp_path, capsys, base_args, finished_run):
+    run = copy_run(finished_run, tmp_path, "ref")
+    elsewhere = tmp_path / "kept" / "checkpoint_2"
+    elsewhere.parent.mkdir()
+    shutil.move(run / "checkpoint_2", elsewhere)
+    (run / "checkpoint_2").symlink_to(elsewhere, target_is_directory=True)
+    kept = snapshot(elsewhere)
+    assert run_train(base_args + [f"--out_path={tmp_path}", "--run_name=ref", "--overwrite=true"]) == 0
+    assert read_steps(run) == [1, 2, 3, 4] and not (run / "checkpoint_2").is_symlink()
+    assert snapshot(elsewhere) == kept  # what the link pointed to is untouched
+    assert not [p for p in run.iterdir() if p.name.startswith(".")]  # nothing left aside
+
+
+def test_overwrite_that_cannot_move_a_target_deletes_nothing(tmp_path, monkeypatch, base_args, finished_run):
+    from retrofit.train.config import parse_config
+
+    run = copy_run(finished_run, tmp_path, "ref")
+    before = snapshot(run)
+    real_replace = os.replace
+
+    def replace_failing_on_metrics(src, dst):  # an OS refusal half-way through (EBUSY, EPERM, ...)
+        if Path(src).name == "metrics.jsonl":
+            raise PermissionError(13, "Permission denied")
+        return real_replace(src, dst)
+
+    cfg = parse_config(base_args + [f"--out_path={tmp_path}", "--run_name=ref", "--overwrite=true"])
+    monkeypatch.setattr(ckpt.os, "replace", replace_failing_on_metrics)
+    with pytest.raises(ckpt.ConfigError, match="cannot delete .*metrics.jsonl .*nothing was deleted"):
+        ckpt.prepare_run_dir(cfg)
+    assert snapshot(run) == before and not (run / ckpt.LOCK_FILE).exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Which checkpoint, which data: names and contents are checked, not trusted
+# ---------------------------------------------------------------------------------------------
+def test_a_checkpoint_named_for_another_step_is_skipped(tmp_path, capsys, base_args, finished_run):
+    run = copy_run(finished_run, tmp_path, "ref")
+    shutil.rmtree(run / "final_checkpoint")
+    shutil.copytree(run / "checkpoint_2", run / "checkpoint_9")  # holds step 2 under a newer name
+    assert "named for step 9 but holds optimizer step 2" in ckpt.verify_checkpoint(run / "checkpoint_9")
+    assert ckpt.find_latest_checkpoint(run) == run / "checkpoint_4"
+    assert run_train(base_args + [f"--out_path={tmp_path}", "--run_name=ref", "--resume_path=auto"]) == 0
+    _, printed = error_lines(capsys)
+    assert "skipping checkpoint_9: does not verify: it is named for step 9 but holds optimizer step 2" in printed
+    assert f"resumed from {run / 'checkpoint_4'} at optimizer step 4" in printed
+    # a marker rewritten to match the name does not help: the training state itself says step 2
+    shutil.rmtree(run / "final_checkpoint")
+    ckpt.write_complete_marker(run / "checkpoint_9", optimizer_step=9)
+    assert ckpt.verify_checkpoint(run / "checkpoint_9") is None
+    assert run_train(base_args + [f"--out_path={tmp_path}", "--run_name=ref", "--resume_path=auto"]) == 0
+    _, printed = error_lines(capsys)
+    assert "skipping checkpoint_9: it is named for step 9 but holds optimizer step 2" in printed
+    assert f"resumed from {run / 'checkpoint_4'} at optimizer step 4" in printed
+
+
+def test_resume_on_shards_rewritten_under_the_same_names_is_refused(tmp_path, capsys, base_args, finished_run,
+                                                                    train_parquet_dir):
+    import pyarrow.parquet as pq
+
+    run = copy_run(finished_run, tmp_path, "ref")
+    shutil.rmtree(run / "final_checkpoint")
+    data = tmp_path / "data"
+    shutil.copytree(train_parquet_dir, data)
+    shard = sorted(data.glob("*.parquet"))[-1]
+    table = pq.read_table(shard)
+    pq.write_table(table.slice(0, table.num_rows - 1), shard, row_group_size=16)  # one row fewer, same name
+    args = [a for a in base_args if not a.startswith("--preprocessed_data_path")]
+    before = snapshot(run)
+    assert run_train(args + [f"--preprocessed_data_path={data}", f"--out_path={tmp_path}", "--run_name=ref",
+                             "--resume_path=auto"]) == 2
+    errors, _ = error_lines(capsys)
+    assert len(errors) == 1 and f"{shard} holds other data than when the checkpoint was written" in errors[0], errors
+    assert snapshot(run) == before

@@ -43,6 +43,30 @@ def list_parquet_files(folder: str | Path) -> list[Path]:
     return files
 
 
+def parquet_fingerprint(path: str | Path) -> str:
+    """What identifies a parquet file's contents, cheaply: its size and a digest of its footer (the
+    schema and every row group's row count, byte sizes, offsets and column statistics), read from
+    the file's end; rewriting a shard with other rows changes it, renaming one does not."""
+    import hashlib
+
+    path = Path(path)
+    try:
+        with path.open("rb") as handle:
+            size = handle.seek(0, os.SEEK_END)
+            if size < 12:
+                raise DataError(f"{path} is not a readable parquet file ({size} bytes); re-create or remove it")
+            handle.seek(size - 8)
+            tail = handle.read(8)
+            footer_bytes = int.from_bytes(tail[:4], "little")
+            if tail[4:] != b"PAR1" or footer_bytes > size - 12:
+                raise DataError(f"{path} is not a readable parquet file (no parquet footer); re-create or remove it")
+            handle.seek(size - 8 - footer_bytes)
+            footer = handle.read(footer_bytes)
+    except OSError as exc:
+        raise DataError(f"cannot read {path} ({exc.strerror or exc})") from None
+    return f"{size}:{hashlib.sha1(footer).hexdigest()[:16]}"
+
+
 def open_parquet(path: str | Path, required=ROW_COLUMNS):
     """A pq.ParquetFile of packed rows (schema checked: `retrofit.data.rows.check_row_schema`), or a
     one-line DataError for a damaged, foreign or non-parquet file."""

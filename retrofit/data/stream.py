@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from retrofit.data.rows import DataError, check_rows, row_columns, row_matrix
-from retrofit.data.shards import inspect_parquet_files, list_parquet_files, open_parquet, read_row_group
+from retrofit.data.shards import inspect_parquet_files, list_parquet_files, open_parquet, parquet_fingerprint, read_row_group
 
 PARQUET_SHUFFLE_SEED = 42  # the original's reader always used 42, independent of --seed
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant that can assist users with mathematical reasoning."
@@ -54,7 +54,10 @@ class ParquetStream:
         self.row_len = max_length + 1
         self.rank, self.world_size = rank, world_size
         self.seed, self.shuffle, self.epochs = seed, shuffle, epochs
+        # The shards' names (older checkpoints carry only these) and, per shard, its size and footer
+        # digest: shards replaced with other rows under the same names are noticed on resume.
         self.fingerprint = hashlib.sha1("\n".join(p.name for p in self.all_files).encode()).hexdigest()[:12]
+        self.file_fingerprints = {p.name: parquet_fingerprint(p) for p in self.all_files}
         self.position = dict(epoch=0, file_idx=0, row_group_idx=0, row_idx=0)
         self._cache_key = None
         self._cache = None
@@ -119,7 +122,8 @@ class ParquetStream:
         return {column: torch.from_numpy(np.concatenate(parts)) for column, parts in chunks.items()}
 
     def state_dict(self) -> dict:
-        return dict(kind="parquet", fingerprint=self.fingerprint, world_size=self.world_size, **self.position)
+        return dict(kind="parquet", fingerprint=self.fingerprint, file_fingerprints=self.file_fingerprints,
+                    world_size=self.world_size, **self.position)
 
     def load_state_dict(self, state: dict):
         if state.get("kind") != "parquet":
@@ -128,6 +132,14 @@ class ParquetStream:
             raise DataError(
                 f"the parquet files differ from the checkpoint's (fingerprint {self.fingerprint} vs"
                 f" {state['fingerprint']}); pass --ignore_past_parquet_dataset=true to start the data from the beginning"
+            )
+        recorded = state.get("file_fingerprints") or {}
+        changed = next((name for name, print_ in recorded.items() if self.file_fingerprints.get(name) != print_), None)
+        if changed is not None:
+            raise DataError(
+                f"{self.all_files[0].parent / changed} holds other data than when the checkpoint was written (its size or"
+                " parquet footer changed); restore the original shard, or pass --ignore_past_parquet_dataset=true to"
+                " start the data from the beginning"
             )
         if state["world_size"] != self.world_size:
             raise DataError(

@@ -340,4 +340,5 @@ def run(cfg: TrainConfig) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     finally:
+        ckpt.release_run_dir(cfg)
         dist_utils.cleanup()
