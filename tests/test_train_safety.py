@@ -397,6 +397,20 @@ MISTAKES = {
     "cuda without a GPU": (lambda t, a: ["--device=cuda"], "--device=cuda but no CUDA device is visible"),
     "unknown device": (lambda t, a: ["--device=gpu"], "--device=gpu is not a device"),
     "read-only out_path": (lambda t, a: [f"--out_path={_read_only_out(t)}"], "cannot write to --out_path"),
+    "beta2 of 1": (lambda t, a: ["--optim_config.betas=[0.9,1.0]"], "--optim_config.betas[1]=1.0 must be in [0, 1)"),
+    "negative beta1": (lambda t, a: ["--optim_config.betas=[-0.1,0.95]"], "betas[0]=-0.1 must be in [0, 1)"),
+    "eps 0": (lambda t, a: ["--optim_config.eps=0"], "--optim_config.eps=0.0 must be > 0"),
+    "negative lr": (lambda t, a: ["--optim_config.lr=-1e-3"], "--optim_config.lr=-0.001 must be >= 0"),
+    "negative weight decay": (lambda t, a: ["--optim_config.weight_decay=-0.1"], "weight_decay=-0.1 must be >= 0"),
+    "min_lr_ratio -1": (lambda t, a: ["--scheduler_args.min_lr_ratio=-1"], "min_lr_ratio=-1.0 must be in [0, 1]"),
+    "min_lr_ratio 5": (lambda t, a: ["--scheduler_args.min_lr_ratio=5"], "min_lr_ratio=5.0 must be in [0, 1]"),
+    "negative seed": (lambda t, a: ["--seed=-1"], "--seed=-1 must be in [0, 4294967295]"),
+    "negative timeout margin": (lambda t, a: ["--save_n_mins_before_timeout=-5"], "save_n_mins_before_timeout=-5.0 must be >= 0"),
+    "meta device": (lambda t, a: ["--device=meta"], "--device=meta is not a device"),
+    "mean recurrence 1e9": (lambda t, a: ["--mean_recurrence_schedule.max_mean_rec=1000000000"], "more than 1024 recurrent"),
+    "lora iterations 1e6": (lambda t, a: ["--lora.rank=2", "--lora.per_iteration=true", "--lora.num_iterations=1000000"],
+                            "--lora.num_iterations=1000000 must be in [1, 1024]"),
+    "teacher inside nothing": (lambda t, a: [f"--distill.teacher={t}"], "is not a model folder with config.json"),
 }
 
 
@@ -582,3 +596,30 @@ def test_resume_on_shards_rewritten_under_the_same_names_is_refused(tmp_path, ca
     errors, _ = error_lines(capsys)
     assert len(errors) == 1 and f"{shard} holds other data than when the checkpoint was written" in errors[0], errors
     assert snapshot(run) == before
+
+
+def test_a_batch_larger_than_the_data_trains_nothing_and_says_so(tmp_path, capsys, base_args):
+    args = [a for a in base_args if not a.startswith(("--batch_size", "--max_steps"))]
+    assert run_train(args + ["--batch_size=4096", "--max_steps=3", f"--out_path={tmp_path}", "--run_name=r"]) == 2
+    errors, _ = error_lines(capsys)
+    assert len(errors) == 1 and "the data ends before the first optimizer step" in errors[0], errors
+    assert not (tmp_path / "r" / "final_checkpoint").exists()
+
+
+def test_run_record_of_a_huge_max_steps_is_written_at_once():
+    from retrofit.train.depth import MeanBackpropDepthSchedule, MeanRecurrenceSchedule, RecurrenceSchedule
+
+    def schedule(max_steps, warmup):
+        return RecurrenceSchedule(
+            max_steps=max_steps,
+            mean_recurrence_schedule=MeanRecurrenceSchedule(turn_on=True, warmup=warmup, max_mean_rec=4),
+            mean_backprop_depth_schedule=MeanBackpropDepthSchedule(turn_on=True, warmup=warmup, max_backprop=3, start=2),
+        )
+
+    small = schedule(40, 0.25)
+    for applied, value_at in ((True, small.applied_at), (False, small.at)):  # the same points as every step's value
+        every = [[step, *value_at(step)] for step in range(1, 41)]
+        expected = [point for i, point in enumerate(every) if i == 0 or point[1:] != every[i - 1][1:]]
+        assert small.change_points(applied) == expected
+    points = schedule(10**12, 1e-11).change_points()
+    assert len(points) < 12 and points[-1][0] == 10**12  # the backprop depth drops to its floor on the last step

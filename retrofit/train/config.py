@@ -9,12 +9,25 @@ with jsonargparse; `TrainConfig.validate` finds what a user can fix in the comma
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from retrofit.errors import ConfigError
 from retrofit.train.depth import MeanBackpropDepthSchedule, MeanRecurrenceSchedule
 from retrofit.train.modes import DistillArgs, LoraArgs, check_flags
+
+
+def in_range(value: float, valid: str) -> bool:
+    """Whether a finite `value` satisfies `valid`: ">= 0", "> 0", "in [a, b]" or "in [a, b)"."""
+    if not math.isfinite(value):
+        return False
+    if valid.startswith(">= "):
+        return value >= float(valid.split()[1])
+    if valid.startswith("> "):
+        return value > float(valid.split()[1])
+    low, high = (float(x) for x in valid[4:-1].split(", "))
+    return low <= value and (value <= high if valid.endswith("]") else value < high)
 
 
 @dataclass
@@ -131,8 +144,33 @@ class TrainConfig:
         (its parquet loop numbers micro-batches from 2, other data from 1)."""
         return 1 if self.is_parquet_dataset else 0
 
+    def numeric_ranges(self) -> list[tuple[str, float, str]]:
+        """(flag, value, the range it must lie in) for every numeric setting with a bound."""
+        optim, muon, sched = self.optim_config, self.muon, self.scheduler_args
+        ranges = [
+            ("--optim_config.lr", optim.lr, ">= 0"),
+            ("--optim_config.weight_decay", optim.weight_decay, ">= 0"),
+            ("--optim_config.eps", optim.eps, "> 0"),
+            ("--muon.lr", muon.lr, ">= 0"),
+            ("--muon.weight_decay", muon.weight_decay, ">= 0"),
+            ("--use_ellis_adam.eps", self.use_ellis_adam.eps, "> 0"),
+            ("--scheduler_args.min_lr_ratio", sched.min_lr_ratio, "in [0, 1]"),
+            ("--seed", self.seed, f"in [0, {2**32 - 1}]"),
+        ]
+        if self.save_n_mins_before_timeout is not None:
+            ranges.append(("--save_n_mins_before_timeout", self.save_n_mins_before_timeout, ">= 0"))
+        if self.parquet_dataset_max_tokens is not None:
+            ranges.append(("--parquet_dataset_max_tokens", self.parquet_dataset_max_tokens, "> 0"))
+        if self.max_samples is not None:
+            ranges.append(("--max_samples", self.max_samples, "> 0"))
+        ranges += [(f"--optim_config.betas[{i}]", beta, "in [0, 1)") for i, beta in enumerate(optim.betas)]
+        return ranges
+
     def validate(self) -> None:
         """Problems a user can fix in the command line, found before any work."""
+        for flag, value, valid in self.numeric_ranges():
+            if not in_range(value, valid):
+                raise ConfigError(f"{flag}={value} must be {valid}")
         if self.micro_batch_size < 1 or self.batch_size < 1:
             raise ConfigError(f"batch_size ({self.batch_size}) and micro_batch_size ({self.micro_batch_size}) must be >= 1")
         if self.batch_size % self.micro_batch_size:

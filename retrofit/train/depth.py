@@ -92,6 +92,11 @@ def warmup_stable_value(count: int, peak: int, warmup_steps: int, total_steps: i
     return math.ceil(float(peak) * factor)
 
 
+# The paper trains mean recurrences up to 32 and evaluates up to 128; far above this a flag is a typo
+# whose steps would run for days (1e9: each token through the block a billion times).
+MAX_RECURRENCE = 1024
+
+
 def _check_curriculum(group: str, warmup: float, warmup_type: str, values: dict) -> None:
     if warmup_type not in WARMUP_TYPES:
         raise ValueError(f"--{group}.warmup_type={warmup_type!r}; expected one of {WARMUP_TYPES}")
@@ -100,6 +105,11 @@ def _check_curriculum(group: str, warmup: float, warmup_type: str, values: dict)
     for name, value in values.items():
         if value < 1:
             raise ValueError(f"--{group}.{name}={value} must be >= 1 (a number of recurrent iterations)")
+        if value > MAX_RECURRENCE:
+            raise ValueError(
+                f"--{group}.{name}={value} is more than {MAX_RECURRENCE} recurrent iterations: every token would pass"
+                f" the recurrent block ~{value} times per step (and backprop keeps their activations); pick <= {MAX_RECURRENCE}"
+            )
 
 
 @dataclass
@@ -244,8 +254,12 @@ class RecurrenceSchedule:
         """The whole schedule as data: [[first step, mean recurrence, backprop depth], ...], one
         entry per step where (applied_at or at) changes, from step 1 to max_steps."""
         value_at = self.applied_at if applied else self.at
+        # Values change only during the warmups and on the last step (the original's scheduler
+        # drops to its floor there), so those steps are enough: 1e12 max_steps cost no more than 100.
+        warmup_end = min(self.max_steps, self.stable_from() + 2)
+        steps = [*range(1, warmup_end + 1), *range(max(warmup_end + 1, self.max_steps - 2), self.max_steps + 1)]
         points, last = [], None
-        for step in range(1, self.max_steps + 1):
+        for step in steps:
             value = value_at(step)
             if value != last:
                 points.append([step, *value])

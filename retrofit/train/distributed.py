@@ -75,6 +75,8 @@ def resolve_device(device: str, local_rank: int = 0) -> torch.device:
     try:
         parsed = torch.device(device)
     except RuntimeError:
+        parsed = None
+    if parsed is None or parsed.type not in ("cpu", "cuda"):  # meta, xla, ...: nothing this toolkit runs on
         raise LaunchError(f"--device={device} is not a device; use auto, cpu, cuda or cuda:N") from None
     if parsed.type == "cuda" and not torch.cuda.is_available():
         raise LaunchError(f"--device={device} but no CUDA device is visible; use --device=cpu (or auto)")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from retrofit.errors import ConfigError
 from retrofit.model.configuration_raven import LORA_TARGETS
+from retrofit.train.depth import MAX_RECURRENCE
 
 
 @dataclass
@@ -45,8 +46,11 @@ def check_flags(cfg) -> str | None:
             return f"--lora.targets={lora.targets} must be a non-empty subset of {list(LORA_TARGETS)}"
         if lora.alpha is not None and lora.alpha <= 0:
             return f"--lora.alpha={lora.alpha} must be > 0"
-        if lora.num_iterations is not None and lora.num_iterations < 1:
-            return f"--lora.num_iterations={lora.num_iterations} must be >= 1"
+        if lora.num_iterations is not None and not 1 <= lora.num_iterations <= MAX_RECURRENCE:
+            return (
+                f"--lora.num_iterations={lora.num_iterations} must be in [1, {MAX_RECURRENCE}] (one set of deltas per"
+                " recurrent iteration; each set is as large as the targeted layers' LoRA deltas)"
+            )
     else:
         set_without_rank = [name for name, on in (("--lora.train_base=false", not lora.train_base),
                                                    ("--lora.merge_on_save=true", lora.merge_on_save),

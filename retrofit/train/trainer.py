@@ -162,6 +162,11 @@ class Trainer:
         while self.counters.optimizer_step < self.max_steps:
             record = self.train_step()
             if record is None:
+                if self.counters.optimizer_step == 0:  # no final_checkpoint of an untrained model
+                    raise DataError(
+                        f"the data ends before the first optimizer step ({self.cfg.accumulation_steps} micro-batches of"
+                        f" {self.cfg.micro_batch_size} rows per rank): lower --batch_size or add data"
+                    )
                 return self.finish(stop_reason="end of data")
             self.log_step(record)
             step = record["step"]
