@@ -623,3 +623,75 @@ def test_run_record_of_a_huge_max_steps_is_written_at_once():
         assert small.change_points(applied) == expected
     points = schedule(10**12, 1e-11).change_points()
     assert len(points) < 12 and points[-1][0] == 10**12  # the backprop depth drops to its floor on the last step
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs that used to end in tracebacks: one `error:` line each
+# ---------------------------------------------------------------------------------------------
+def _model_with_config(tmp_path, model_dir, **changes):
+    copy = tmp_path / "model"
+    shutil.copytree(model_dir, copy)
+    config = json.loads((copy / "config.json").read_text())
+    config.update(changes)
+    (copy / "config.json").write_text(json.dumps(config))  # json writes NaN as NaN, which json.loads reads back
+    return copy
+
+
+def _teacher_without_weights(tmp_path, model_dir):
+    copy = tmp_path / "teacher"
+    shutil.copytree(model_dir, copy)
+    for weights in copy.glob("*.safetensors"):
+        weights.unlink()
+    return copy
+
+
+def _teacher_with_broken_config(tmp_path, model_dir):
+    copy = tmp_path / "teacher"
+    shutil.copytree(model_dir, copy)
+    (copy / "config.json").write_text('{"model_type": "llama", "hidden_size": ')
+    return copy
+
+
+def _small_vocab_teacher(tmp_path, tokenizer_dir):
+    from retrofit.testing import save_hf_model, tiny_llama_config
+
+    return save_hf_model(tiny_llama_config(vocab_size=16), tmp_path / "teacher", tokenizer_dir)
+
+
+def _parquet_with_ids(tmp_path, rows_from):
+    from retrofit.testing import write_token_parquet
+
+    return write_token_parquet(rows_from(), tmp_path / "bad_ids", num_shards=1)
+
+
+ROW = list(range(1, 34))  # max_length 32 + 1
+LOAD_MISTAKES = {
+    "norm_eps NaN": (lambda t, m, k: [f"--model_name={_model_with_config(t, m, norm_eps=float('nan'))}"],
+                     "norm_eps must be a finite number > 0, got nan"),
+    "rope_theta -1": (lambda t, m, k: [f"--model_name={_model_with_config(t, m, rope_theta=-1)}"],
+                      "rope_theta must be a finite number > 0, got -1"),
+    "teacher without weights": (lambda t, m, k: [f"--distill.teacher={_teacher_without_weights(t, m)}"],
+                                "--distill.teacher=" + "{t}/teacher does not load"),
+    "teacher with a broken config": (lambda t, m, k: [f"--distill.teacher={_teacher_with_broken_config(t, m)}"],
+                                     "{t}/teacher does not load"),
+    "teacher with a smaller vocabulary": (lambda t, m, k: [f"--distill.teacher={_small_vocab_teacher(t, k)}"],
+                                          "embeds 16 tokens but the tokenizer of --model_name has"),
+    "token id >= vocab": (lambda t, m, k: [f"--preprocessed_data_path={_parquet_with_ids(t, lambda: [ROW[:-1] + [10**6]] * 8)}"],
+                          "token id 1000000 in the data (data step 1) is outside the model's vocabulary"),
+    "negative token id": (lambda t, m, k: [f"--preprocessed_data_path={_parquet_with_ids(t, lambda: [[-3] + ROW[1:]] * 8)}"],
+                          "token id -3 in the data (data step 1) is outside the model's vocabulary"),
+    "null token id": (lambda t, m, k: [f"--preprocessed_data_path={_parquet_with_ids(t, lambda: [[None] + ROW[1:]] * 8)}"],
+                      "column 'input_ids' holds null values"),
+}
+
+
+@pytest.mark.parametrize("mistake", list(LOAD_MISTAKES))
+def test_bad_models_and_data_are_one_line_errors(tmp_path, capsys, base_args, train_raven_dir, tokenizer_dir, mistake):
+    make_args, message = LOAD_MISTAKES[mistake]
+    extra = make_args(tmp_path, train_raven_dir, tokenizer_dir)
+    replaced = {a.split("=")[0] for a in extra}
+    args = [a for a in base_args if a.split("=")[0] not in replaced]
+    assert run_train(args + extra + [f"--out_path={tmp_path / 'out'}", "--run_name=r"]) == 2
+    errors, _ = error_lines(capsys)
+    assert len(errors) == 1 and message.format(t=tmp_path) in errors[0], errors
+    assert not (tmp_path / "out" / "r" / "final_checkpoint").exists()

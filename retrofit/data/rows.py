@@ -83,7 +83,10 @@ def row_matrix(column, where: str, name: str, row_len: int | None = None, dtype=
     if len(column) == 0:
         return np.zeros((0, row_len or 0), dtype=dtype)
     row_len = _row_length(column, where, name, row_len)
-    values = column.flatten().to_numpy(zero_copy_only=False).astype(dtype, copy=False)
+    values = column.flatten()
+    if column.null_count or values.null_count:  # to_numpy would turn them into floats, then into garbage ids
+        raise DataError(f"{where}: column {name!r} holds null values; re-create the data without them")
+    values = values.to_numpy(zero_copy_only=False).astype(dtype, copy=False)
     return values.reshape(len(column), row_len)
 
 

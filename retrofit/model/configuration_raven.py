@@ -32,6 +32,8 @@ This file must stay self-contained (only torch/transformers imports): it is copi
 weights so a checkpoint loads with `trust_remote_code=True` on a machine without this repo.
 """
 
+import math
+
 from transformers import PretrainedConfig
 
 DEFAULT_STATE_STD = 0.008703882797784892  # Huginn's sqrt(2 / (5 * 5280))
@@ -209,6 +211,10 @@ class RavenConfig(PretrainedConfig):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{key} must be a positive integer, got {value!r}")
+        for key in ("norm_eps", "rope_theta"):  # NaN or <= 0 would load and run, producing NaN or garbage
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{key} must be a finite number > 0, got {value!r}")
         self.qk_norm = qk_norm_choice(self.qk_norm)
         if not isinstance(self.qkv_bias, bool):
             raise ValueError(f"qkv_bias must be true or false, got {self.qkv_bias!r}")

@@ -71,6 +71,16 @@ def read_model_type(model_name: str) -> str | None:
 def load_model(cfg: TrainConfig, device: torch.device):
     """The model to train: this repository's RavenForCausalLM for a recurrent checkpoint, a plain
     transformers class (no remote code) for --non_recurrent_model."""
+    try:
+        model = build_model(cfg)
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # no weights, config values out of range, ...
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(f"--model_name={cfg.model_name} does not load: {first_line(exc)[:300]}") from None
+    return model.to(device)
+
+
+def build_model(cfg: TrainConfig):
     dtype = torch.bfloat16 if cfg.bf16_true else torch.float32
     model_type = read_model_type(cfg.model_name)
     is_raven = model_type == RavenConfig.model_type
@@ -97,7 +107,7 @@ def load_model(cfg: TrainConfig, device: torch.device):
             model = RavenForCausalLM(config).to(dtype)
         else:
             model = RavenForCausalLM.from_pretrained(cfg.model_name, dtype=dtype)
-    return model.to(device)
+    return model
 
 
 def check_vocab(model, tokenizer, model_name: str) -> int:

@@ -18,9 +18,14 @@ from torch import nn
 
 def load_teacher(model_dir: str, device: torch.device, dtype: torch.dtype) -> nn.Module:
     """The teacher as a frozen eval-mode model (a plain HF model, or a recurrent one)."""
+    from retrofit.errors import ConfigError, first_line
     from retrofit.model.loading import load_saved_model
 
-    teacher = load_saved_model(model_dir, dtype=dtype).to(device).eval()
+    try:
+        teacher = load_saved_model(model_dir, dtype=dtype)
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # no weights, a broken config.json, ...
+        raise ConfigError(f"--distill.teacher={model_dir} does not load: {first_line(exc)[:300]}") from None
+    teacher = teacher.to(device).eval()
     teacher.requires_grad_(False)
     return teacher
 

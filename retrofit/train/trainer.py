@@ -54,6 +54,14 @@ class Trainer:
         self.max_steps, self.schedule = parts.max_steps, parts.schedule
         self.recurrent = not cfg.non_recurrent_model
         self.teacher = train_modes.prepare_modes(self.model, cfg, env, self.schedule, log=self.print)
+        if self.teacher is not None:  # the teacher reads the same token ids
+            teacher_rows = self.teacher.get_input_embeddings().num_embeddings
+            if teacher_rows < len(self.tokenizer):
+                raise ConfigError(
+                    f"--distill.teacher={cfg.distill.teacher} embeds {teacher_rows} tokens but the tokenizer of"
+                    f" --model_name has {len(self.tokenizer)}: distil from the model it was converted from"
+                )
+            self.vocab_rows = min(self.vocab_rows, teacher_rows)
         self.parallel = parallelize(self.model, cfg, env, teacher=self.teacher)
         for note in self.parallel.notes:
             self.print(note)
@@ -240,8 +248,13 @@ class Trainer:
         if dist_utils.any_rank(len(batches) < accumulation, self.env.device):
             return None
         max_token = max(int(b["input_ids"].max()) for b in batches)
-        if max_token >= self.vocab_rows:
-            raise DataError(f"token id {max_token} in the data is >= the model's vocabulary size {self.vocab_rows}")
+        min_token = min(int(b["input_ids"].min()) for b in batches)
+        if max_token >= self.vocab_rows or min_token < 0:
+            bad = max_token if max_token >= self.vocab_rows else min_token
+            raise DataError(
+                f"token id {bad} in the data (data step {self.counters.data_step + 1}) is outside the model's"
+                f" vocabulary [0, {self.vocab_rows}): re-tokenize the data with --model_name's tokenizer"
+            )
         return batches
 
     def set_step_lr(self, depths: list) -> None:
