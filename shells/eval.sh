@@ -89,6 +89,9 @@ for g in "${GROUP_LIST[@]}"; do
     [[ "$g" == zeroshot || "$g" == math ]] || die "unknown task group '$g' (choose zeroshot and/or math)"
 done
 [[ -z "$LIMIT" || "$LIMIT" =~ ^[0-9]+(\.[0-9]+)?$ ]] || die "--limit '$LIMIT' is not a number"
+[[ -z "$LIMIT" || ! "$LIMIT" =~ ^0*(\.0*)?$ ]] || die "--limit $LIMIT evaluates no document; pass N >= 1 (or a fraction > 0)"
+[[ -z "$BATCH_SIZE" || "$BATCH_SIZE" == auto || "$BATCH_SIZE" =~ ^auto:[1-9][0-9]*$ || "$BATCH_SIZE" =~ ^[1-9][0-9]*$ ]] \
+    || die "--batch_size '$BATCH_SIZE' must be a positive integer, auto or auto:N"
 
 if (( ! DRY_RUN )); then
     "$PYTHON" -c "import lm_eval" 2>/dev/null || die "lm-eval is not installed for $PYTHON (pip install -r requirements.txt, or set PYTHON=/path/to/python)"

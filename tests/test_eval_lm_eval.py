@@ -168,6 +168,8 @@ def test_default_sweep_is_the_papers(tmp_path, eval_run_dir):
     (["--groups", "fewshot", "{ckpt}"], "unknown task group 'fewshot'"),
     (["--bogus", "{ckpt}"], "unknown option --bogus"),
     ([], "no checkpoint directory given"),
+    (["--limit", "0", "{ckpt}"], "--limit 0 evaluates no document"),
+    (["--batch_size", "abc", "{ckpt}"], "--batch_size 'abc' must be a positive integer, auto or auto:N"),
 ])
 def test_eval_sh_errors(tmp_path, eval_run_dir, args, message):
     paths = {"missing": tmp_path / "missing", "empty": tmp_path, "ckpt": eval_run_dir / "model_only_chkpt_10"}

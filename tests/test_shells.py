@@ -378,6 +378,10 @@ def test_local_two_process_training_run(cluster, tmp_path, train_raven_dir, trai
         (["--", "python", "train.py"], {"GPUS_PER_NODE": ""}, "GPUS_PER_NODE is not set"),
         (["--", "python", "train.py"], {"MACHINE_CONFIG": "/nonexistent/config.sh"}, "MACHINE_CONFIG=/nonexistent/config.sh does not exist"),
         (["--", "python", "train.py"], {"LOG_DIR": '/tmp/say "hi"'}, "contains a double quote"),
+        (["--", "python", "train.py"], {"MAX_REQUEUES": "abc"}, "MAX_REQUEUES must be a whole number >= 0, got 'abc'"),
+        (["--", "python", "train.py"], {"MAX_REQUEUES": "-1"}, "MAX_REQUEUES must be a whole number >= 0, got '-1'"),
+        (["--", "python", "train.py"], {"CPUS_PER_TASK": "abc"}, "must be positive integers, got 'abc'"),
+        (["--cpu", "--", "python", "train.py"], {"CPU_JOB_CPUS": "0"}, "must be positive integers, got '0'"),
     ],
 )
 def test_submit_errors_are_one_line(cluster, args, env, message):
