@@ -92,3 +92,37 @@ def test_generate_runs_this_repos_model_code_unless_asked(recurrent_dir, tmp_pat
     assert gen.main(args) == 0 and not marker.exists()
     assert "mean depth 2.00" in capsys.readouterr().err
     assert gen.main(args + ["--trust_remote_code"]) == 0 and marker.read_text() == "ran"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--num_steps", "100000000"], "--num_steps must be in [1, 1024]"),
+    (["--adaptive", "-1"], "--adaptive must be a threshold >= 0, got -1.0"),
+    (["--dtype", "float128"], "invalid choice: 'float128'"),
+    (["--sample", "--temperature", "0"], "--temperature must be > 0"),
+    (["--sample", "--top_p", "1.5"], "--top_p must be in (0, 1]"),
+])
+def test_generate_refuses_values_out_of_range(recurrent_dir, capsys, args, message):
+    with pytest.raises(SystemExit) as exit_info:
+        load_generate().main([str(recurrent_dir), "--prompt", "x", *args])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_generate_devices_and_models_that_cannot_run_are_one_line_errors(recurrent_dir, tmp_path, capsys):
+    import shutil
+
+    import torch
+
+    gen = load_generate()
+    assert gen.main([str(recurrent_dir), "--prompt", "x", "--device", "meta"]) == 2
+    assert capsys.readouterr().err.startswith("error: --device=meta is not a device")
+    if not torch.cuda.is_available():
+        assert gen.main([str(recurrent_dir), "--prompt", "x", "--device", "cuda"]) == 2
+        assert "no CUDA device is visible" in capsys.readouterr().err
+    no_tokenizer = tmp_path / "no_tokenizer"
+    shutil.copytree(recurrent_dir, no_tokenizer)
+    for path in no_tokenizer.iterdir():
+        if path.name.startswith(("tokenizer", "special_tokens")):
+            path.unlink()
+    assert gen.main([str(no_tokenizer), "--prompt", "x"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {no_tokenizer} does not load") and err.count("\n") == 1, err

@@ -386,6 +386,11 @@ def _can_mkdir(path: str) -> bool:
     return True
 
 
+def _folder_in_run(tmp_path, name):
+    (tmp_path / "out" / "r" / name).mkdir(parents=True)
+    return ["--resume_path=auto"]
+
+
 MISTAKES = {
     "model path does not exist": (lambda t, a: ["--model_name=/no/such/model"], "--model_name=/no/such/model does not exist"),
     "garbage parquet file": (lambda t, a: [f"--preprocessed_data_path={_garbage_parquet(t)}"],
@@ -410,6 +415,8 @@ MISTAKES = {
     "mean recurrence 1e9": (lambda t, a: ["--mean_recurrence_schedule.max_mean_rec=1000000000"], "more than 1024 recurrent"),
     "lora iterations 1e6": (lambda t, a: ["--lora.rank=2", "--lora.per_iteration=true", "--lora.num_iterations=1000000"],
                             "--lora.num_iterations=1000000 must be in [1, 1024]"),
+    "metrics.jsonl is a folder": (lambda t, a: _folder_in_run(t, "metrics.jsonl"), "metrics.jsonl is not a file"),
+    "run.json is a folder": (lambda t, a: _folder_in_run(t, "run.json"), "run.json is not a file"),
     "teacher inside nothing": (lambda t, a: [f"--distill.teacher={t}"], "is not a model folder with config.json"),
 }
 

@@ -55,11 +55,12 @@ from retrofit.train.config import TrainConfig
 from retrofit.train.run_folder import (
     FINAL_CHECKPOINT,
     FULL_CHECKPOINT_RE,
+    METRICS_FILE,
     RUN_OUTPUT_RE,
     full_checkpoint_name,
     model_only_name,
 )
-from retrofit.train.run_record import write_run_record
+from retrofit.train.run_record import RUN_FILE, write_run_record
 
 STATE_FILE = "training_state.pt"
 COMPLETE_MARKER = "COMPLETE"
@@ -564,6 +565,9 @@ def prepare_run_dir(cfg: TrainConfig) -> str | None:
     messages = [lock.stale_note] if lock.stale_note else []
     lock.stale_note = None
     try:
+        for name in (METRICS_FILE, RUN_FILE):  # written every step / at start: a folder there ends the run late
+            if (run_dir / name).exists() and not (run_dir / name).is_file() and not cfg.overwrite:
+                raise ConfigError(f"{run_dir / name} is not a file; move it out of the run folder (or pass --overwrite=true)")
         outputs = previous_run_outputs(run_dir)
         if outputs and cfg.resume_path is None:
             names = ", ".join(p.name for p in outputs[:4]) + (", ..." if len(outputs) > 4 else "")

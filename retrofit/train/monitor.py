@@ -25,6 +25,7 @@ import torch
 
 from retrofit.atomic import write_file_atomic
 from retrofit.errors import ConfigError
+from retrofit.train.run_folder import METRICS_FILE
 
 
 def seed_everything(seed: int) -> None:
@@ -213,7 +214,7 @@ def open_monitors(cfg, is_main: bool, step: int, log=print) -> tuple[PreemptionW
     records past the resumed step."""
     watcher = PreemptionWatcher(cfg.save_n_mins_before_timeout)
     metrics = MetricsLogger(
-        cfg.run_dir / "metrics.jsonl",
+        cfg.run_dir / METRICS_FILE,
         enabled=is_main,
         wandb_kwargs=None
         if cfg.wandb_disabled

@@ -9,6 +9,7 @@ import re
 FULL_CHECKPOINT_PREFIX = "checkpoint_"
 MODEL_ONLY_PREFIX = "model_only_chkpt_"
 FINAL_CHECKPOINT = "final_checkpoint"
+METRICS_FILE = "metrics.jsonl"
 FULL_CHECKPOINT_RE = re.compile(rf"^{FULL_CHECKPOINT_PREFIX}(\d+)$")
 RUN_OUTPUT_RE = re.compile(
     rf"^({FULL_CHECKPOINT_PREFIX}\d+|{MODEL_ONLY_PREFIX}\d+|{FINAL_CHECKPOINT}|metrics\.jsonl|run\.json)$"
