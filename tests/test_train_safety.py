@@ -702,3 +702,33 @@ def test_bad_models_and_data_are_one_line_errors(tmp_path, capsys, base_args, tr
     errors, _ = error_lines(capsys)
     assert len(errors) == 1 and message.format(t=tmp_path) in errors[0], errors
     assert not (tmp_path / "out" / "r" / "final_checkpoint").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# A disk that fills up or turns read-only during a save: one line, no temporary left, resumable
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("error", [(28, "No space left on device"), (30, "Read-only file system")])
+def test_a_save_the_disk_refuses_ends_in_one_line_and_resumes_from_the_last_good_one(
+        tmp_path, capsys, monkeypatch, base_args, finished_run, error):
+    real_save = torch.save
+    calls = []
+
+    def save_then_fail(obj, path, *args, **kwargs):  # the second full checkpoint (step 4) hits the fault half-written
+        calls.append(path)
+        if len(calls) == 2:
+            Path(path).write_bytes(b"partial")
+            raise OSError(error[0], error[1])
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt.torch, "save", save_then_fail)
+    args = base_args + [f"--out_path={tmp_path}", "--run_name=r"]
+    assert run_train(args) == 1
+    errors, _ = error_lines(capsys)
+    run = tmp_path / "r"
+    assert len(errors) == 1 and f"cannot save {run / 'checkpoint_4'} ({error[1]}): it needs about" in errors[0], errors
+    assert "--resume_path=auto continues from checkpoint_2" in errors[0] and "GB free" in errors[0]
+    assert not [p.name for p in run.iterdir() if p.name.startswith(".")]  # no temporary folder, no lock left
+    assert not (run / "checkpoint_4").exists() and ckpt.verify_checkpoint(run / "checkpoint_2") is None
+    monkeypatch.setattr(ckpt.torch, "save", real_save)
+    assert run_train(args + ["--resume_path=auto"]) == 0
+    assert stable_metrics(run) == stable_metrics(finished_run)

@@ -167,6 +167,17 @@ def non_finite_entries(tree, prefix: str = "", limit: int = 3) -> list[str]:
     return found
 
 
+def tensor_bytes(tree) -> int:
+    """Bytes of every tensor in a nested state (what saving it writes, roughly)."""
+    if isinstance(tree, torch.Tensor):
+        return tree.numel() * tree.element_size()
+    if isinstance(tree, dict):
+        return sum(tensor_bytes(value) for value in tree.values())
+    if isinstance(tree, (list, tuple)):
+        return sum(tensor_bytes(value) for value in tree)
+    return 0
+
+
 def save_training_state(out_dir: str | Path, state: dict, add_files=None) -> Path:
     """The training state and its COMPLETE marker; `add_files(folder)` writes more files (run.json)
     first, so the marker checksums them too."""
@@ -663,10 +674,14 @@ class CheckpointManager:
         out_dir = self.cfg.run_dir / full_checkpoint_name(self.run.counters.optimizer_step)
         self.refuse_non_finite(out_dir.name, include_optimizer=True)
         state = self.state_dict()
+        problem = None
         if self.backend.writes_on(self.env):
-            self.backend.save(out_dir, self.model, self.optimizer, state, self._record_writer("full"))
-            self.log(f"saved full checkpoint {out_dir}")
-        dist_utils.barrier()
+            try:
+                self.backend.save(out_dir, self.model, self.optimizer, state, self._record_writer("full"))
+                self.log(f"saved full checkpoint {out_dir}")
+            except OSError as exc:
+                problem = self._save_failure(out_dir, exc, {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()})
+        self._raise_if_any_rank_failed(problem)
         return out_dir
 
     def save_model_only(self, name: str) -> None:
@@ -674,11 +689,36 @@ class CheckpointManager:
         self.refuse_non_finite(name, include_optimizer=False)
         # FSDP: gathered to rank 0 (collective); --lora.merge_on_save: shared deltas folded in
         model = exportable_model(self.model, self.cfg, self.backend, self.env.is_main)
+        problem = None
         if self.env.is_main:
             kind = "final" if name == FINAL_CHECKPOINT else "model_only"
-            save_model_only(model, self.tokenizer, self.cfg.run_dir / name, add_files=self._record_writer(kind))
-            self.log(f"saved {self.cfg.run_dir / name}")
-        dist_utils.barrier()
+            try:
+                save_model_only(model, self.tokenizer, self.cfg.run_dir / name, add_files=self._record_writer(kind))
+                self.log(f"saved {self.cfg.run_dir / name}")
+            except OSError as exc:
+                problem = self._save_failure(self.cfg.run_dir / name, exc, model.state_dict())
+        self._raise_if_any_rank_failed(problem)
+
+    def _save_failure(self, out_dir: Path, exc: OSError, tensors) -> str:
+        """One line for a save the file system refused (disk full, read-only, quota): the atomic
+        write has already removed its temporary folder, so the run folder holds only good checkpoints."""
+        try:
+            free = f"{shutil.disk_usage(out_dir.parent).free / 1e9:.2f} GB free"
+        except OSError:
+            free = "free space unknown"
+        needed = tensor_bytes(tensors) / 1e9
+        latest = find_latest_checkpoint(self.cfg.run_dir)
+        resume = f"--resume_path=auto continues from {latest.name}" if latest else "no full checkpoint to resume from yet"
+        return (
+            f"cannot save {out_dir} ({exc.strerror or exc}): it needs about {needed:.2f} GB, {free}; free space or"
+            f" make the folder writable, then {resume}"
+        )
+
+    def _raise_if_any_rank_failed(self, problem: str | None) -> None:
+        """Collective: every rank stops with the writer's error (no rank waits in a barrier for a dead save)."""
+        problems = [p for p in dist_utils.all_gather_object(problem) if p]
+        if problems:
+            raise TrainingError(problems[0])
 
     def save_final(self) -> None:
         self.save_model_only(FINAL_CHECKPOINT)
