@@ -22,6 +22,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from retrofit.data.rows import DataError, check_token_ids
 from retrofit.train.distributed import LaunchError, resolve_device
 from retrofit.model.split import (
     SplitError,
@@ -78,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
             raise SplitError(f"--plot {args.plot}: use a .png or .pdf file name")
         if args.batch_size < 1:
             raise SplitError(f"--batch_size must be >= 1, got {args.batch_size}")
+        if args.top < 1:
+            raise SplitError(f"--top must be >= 1 (splits listed), got {args.top}")
         shape = parse_shape(args.shape) if args.shape else paper_shape(args.keep)
         if not (Path(args.model_name) / "config.json").is_file():
             raise SplitError(f"--model_name {args.model_name} has no config.json: not a HF model directory")
@@ -90,10 +93,11 @@ def main(argv: list[str] | None = None) -> int:
             tokenizer = None
         ids, mask = load_sample_rows(args.data, tokenizer, args.num_sequences, args.max_length)
         model = AutoModelForCausalLM.from_pretrained(args.model_name, dtype=getattr(torch, dtype)).to(device).eval()
+        check_token_ids(ids, model.get_input_embeddings().num_embeddings, args.data)
         print(f"{args.model_name}: {num_layers} layers; {ids.shape[0]} sequences, {int(mask.sum())} tokens from {args.data}",
               file=sys.stderr)
         stats = measure(model, ids, mask, args.batch_size, progress=not args.no_progress)
-    except (SplitError, OSError, LaunchError) as err:
+    except (SplitError, DataError, OSError, LaunchError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

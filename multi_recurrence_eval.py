@@ -45,7 +45,7 @@ from retrofit.evaluate.loss_over_depth import (
     result_json,
     summary_lines,
 )
-from retrofit.data.rows import DataError
+from retrofit.data.rows import DataError, check_token_ids
 from retrofit.train.distributed import LaunchError, resolve_device
 
 
@@ -109,6 +109,7 @@ def main(argv=None) -> int:
         input_ids, attention_mask = load_eval_rows(args.eval_file_path, args.num_sequences)
         for label, path in todo:
             model = load_model(path, device, args.dtype, checkpoint_code=args.trust_remote_code)
+            check_token_ids(input_ids, model.get_input_embeddings().num_embeddings, args.eval_file_path)
             start = time.perf_counter()
             result = loss_over_depth(
                 model, input_ids, attention_mask, recurrences, batch_size=args.batch_size, seed=args.seed,

@@ -55,6 +55,13 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     try:
+        for flag, value, low in (("--checkpoint", args.checkpoint, 0), ("--max_steps", args.max_steps, 1),
+                                 ("--tokens_per_step", args.tokens_per_step, 1), ("--max_mean_rec", args.max_mean_rec, 1),
+                                 ("--backprop_depth", args.backprop_depth, 1), ("--num_rec", min(args.num_rec or [1]), 1)):
+            if value is not None and value < low:
+                raise ValueError(f"{flag} must be >= {low}, got {value}")
+        if args.warmup is not None and not 0 <= args.warmup <= 1:
+            raise ValueError(f"--warmup must be a fraction of max_steps in [0, 1], got {args.warmup}")
         if args.preset is not None:
             if args.model_dir is not None or args.checkpoint is not None or args.max_steps is not None:
                 raise ValueError("--preset counts a preset's models; give it without a model_dir, --checkpoint or --max_steps")

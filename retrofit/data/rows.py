@@ -76,6 +76,19 @@ def check_rows(table: pa.Table | pa.RecordBatch, where: str, row_len: int | None
     return row_len or 0
 
 
+def check_token_ids(ids, vocab_size: int, where: str) -> None:
+    """DataError unless every id of `ids` (a tensor or array) indexes the model's embedding: an id
+    outside [0, vocab_size) would fail deep in the model, or on a GPU as a device assert."""
+    if ids.numel() if hasattr(ids, "numel") else ids.size:
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or high >= vocab_size:
+            bad = low if low < 0 else high
+            raise DataError(
+                f"token id {bad} in {where} is outside the model's vocabulary [0, {vocab_size}): re-tokenize the data"
+                " with the model's tokenizer"
+            )
+
+
 def row_matrix(column, where: str, name: str, row_len: int | None = None, dtype=np.int64) -> np.ndarray:
     """A list column of rows -> a (rows, row_len) array, checked like `check_rows`."""
     if isinstance(column, pa.ChunkedArray):

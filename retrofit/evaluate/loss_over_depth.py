@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from retrofit.model.generation_raven import ADAPTIVE_CRITERIA, ExitTracker
 from retrofit.data.rows import inputs_and_labels, row_matrix
+from retrofit.train.depth import MAX_RECURRENCE
 from retrofit.data.shards import list_parquet_files, open_parquet, read_row_group
 from retrofit.train.run_folder import MODEL_ONLY_PREFIX
 
@@ -76,6 +77,10 @@ def parse_recurrences(value) -> list[int]:
             raise EvalError(f"recurrence {part!r} is not an integer") from None
         if r < 1:
             raise EvalError(f"recurrence {r} is < 1: every test recurrence needs at least one iteration")
+        if r > MAX_RECURRENCE:
+            raise EvalError(
+                f"recurrence {r} is more than {MAX_RECURRENCE}: every token would pass the recurrent block {r} times"
+            )
         recurrences.append(r)
     return sorted(set(recurrences))
 

@@ -106,6 +106,8 @@ def rows_from_parquet(path: Path, tokenizer, num_sequences: int) -> list[list[in
                 rows += [[t for t, m in zip(r, mk) if m] for r, mk in zip(data["input_ids"], data["attention_mask"])]
             else:
                 rows += data["input_ids"]
+            if any(token is None for row in rows for token in row):
+                raise SplitError(f"{file}: column {column!r} holds null values; re-create the data without them")
             if len(rows) >= num_sequences:
                 return rows
     return rows

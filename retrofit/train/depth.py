@@ -254,14 +254,25 @@ class RecurrenceSchedule:
         """The whole schedule as data: [[first step, mean recurrence, backprop depth], ...], one
         entry per step where (applied_at or at) changes, from step 1 to max_steps."""
         value_at = self.applied_at if applied else self.at
-        # Values change only during the warmups and on the last step (the original's scheduler
-        # drops to its floor there), so those steps are enough: 1e12 max_steps cost no more than 100.
-        warmup_end = min(self.max_steps, self.stable_from() + 2)
-        steps = [*range(1, warmup_end + 1), *range(max(warmup_end + 1, self.max_steps - 2), self.max_steps + 1)]
-        points, last = [], None
-        for step in steps:
-            value = value_at(step)
-            if value != last:
-                points.append([step, *value])
-                last = value
+        # Up to step max_steps - 1 the mean recurrence only grows and, while it stays put, the backprop
+        # depth moves one way: once the value differs from one seen, it never returns to it. So each
+        # change is found by bisection (a 1e12-step run costs ~40 evaluations per change), and the
+        # last step, where the original's scheduler drops to its floor, is looked at on its own.
+        end = max(1, self.max_steps - 1)
+        step, value = 1, value_at(1)
+        points = [[1, *value]]
+        while True:
+            low, high = step + 1, end + 1  # the first step in (step, end] with another value; end + 1: none
+            while low < high:
+                middle = (low + high) // 2
+                if value_at(middle) != value:
+                    high = middle
+                else:
+                    low = middle + 1
+            if low > end:
+                break
+            step, value = low, value_at(low)
+            points.append([step, *value])
+        if self.max_steps > end and value_at(self.max_steps) != value:
+            points.append([self.max_steps, *value_at(self.max_steps)])
         return points

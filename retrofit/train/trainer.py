@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from retrofit.train.flops import count_parameters, micro_batch_flops, model_flops_utilization, peak_tflops_of
-from retrofit.data.rows import DataError, inputs_and_labels
+from retrofit.data.rows import DataError, check_token_ids, inputs_and_labels
 from retrofit.train import checkpoint as ckpt
 from retrofit.train import distributed as dist_utils
 from retrofit.train import modes as train_modes
@@ -247,14 +247,8 @@ class Trainer:
             batches.append(batch)
         if dist_utils.any_rank(len(batches) < accumulation, self.env.device):
             return None
-        max_token = max(int(b["input_ids"].max()) for b in batches)
-        min_token = min(int(b["input_ids"].min()) for b in batches)
-        if max_token >= self.vocab_rows or min_token < 0:
-            bad = max_token if max_token >= self.vocab_rows else min_token
-            raise DataError(
-                f"token id {bad} in the data (data step {self.counters.data_step + 1}) is outside the model's"
-                f" vocabulary [0, {self.vocab_rows}): re-tokenize the data with --model_name's tokenizer"
-            )
+        for i, batch in enumerate(batches):
+            check_token_ids(batch["input_ids"], self.vocab_rows, f"the data (data step {self.counters.data_step + i + 1})")
         return batches
 
     def set_step_lr(self, depths: list) -> None:
