@@ -83,18 +83,25 @@ def classify(call, expect: str, watch=None, check=None) -> tuple[str, str]:
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     except Hang:
-        return "hang", f"still running after {HANG_SECONDS} s"
+        return lost_or(("hang", f"still running after {HANG_SECONDS} s"), before, watch)
     except MemoryError:
-        return "hang", "ran out of the memory cap"
+        return lost_or(("hang", "ran out of the memory cap"), before, watch)
     except Exception:
-        return "traceback", traceback.format_exc().strip().splitlines()[-1][:160]
+        return lost_or(("traceback", traceback.format_exc().strip().splitlines()[-1][:160]), before, watch)
     finally:
         signal.alarm(0)
     return judge(code, err.getvalue(), out.getvalue(), expect, before, watch, check)
 
 
-def judge(code, err: str, out: str, expect: str, before, watch, check) -> tuple[str, str]:
+def lost_or(result: tuple[str, str], before, watch) -> tuple[str, str]:
+    """Loss outranks how the program ended."""
     if watch and any(snapshot(watch).get(k) != v for k, v in before.items()):
+        return "loss", f"a watched file changed or went ({result[1][:100]})"
+    return result
+
+
+def judge(code, err: str, out: str, expect: str, before, watch, check) -> tuple[str, str]:
+    if lost_or(("", ""), before, watch)[0] == "loss":
         return "loss", "a watched file changed or went"
     if "Traceback (most recent call last)" in err:
         return "traceback", err.strip().splitlines()[-1][:160]
@@ -202,7 +209,7 @@ def census(W: Path, only: str | None) -> int:
         ("micro_batch_size", "0"), ("batch_size", "3"), ("batch_size", "-2"), ("save_interval", "0"),
         ("save_interval", "-2"), ("epochs", "0"), ("max_length", "0"), ("peak_tflops", "0"), ("peak_tflops", "-5"),
         ("muon.lr", "-1"), ("muon.weight_decay", "-1"), ("use_ellis_adam.eps", "0"), ("lora.rank", "-1"),
-("distill.alpha", "-1"), ("device", "meta"), ("device", "gpu"), ("device", "cuda:7"),
+ ("device", "meta"), ("device", "gpu"), ("device", "cuda:7"),
         ("max_steps", "1e12"), ("max_steps", "abc"), ("foo", "1"), ("optim_config.lr", "nan"),
     ]:
         train_case(f"--{flag}={value}", train(f"--{flag}={value}"))
@@ -211,6 +218,7 @@ def census(W: Path, only: str | None) -> int:
     train_case("--lora.num_iterations=0", train("--lora.rank=2", "--lora.per_iteration=true", "--lora.num_iterations=0"))
     train_case("--lora.num_iterations=1000000",
                train("--lora.rank=2", "--lora.per_iteration=true", "--lora.num_iterations=1000000"))
+    train_case("--distill.alpha=-1", train(f"--distill.teacher={llama}", "--distill.alpha=-1"))
     train_case("--lora.alpha=0", train("--lora.rank=2", "--lora.alpha=0"))
     train_case("--lora.merge_on_save without a rank", train("--lora.merge_on_save=true"))
     train_case("--distill.temperature=0", train(f"--distill.teacher={llama}", "--distill.temperature=0"))
