@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         shape = parse_shape(args.shape) if args.shape else paper_shape(args.keep)
         if not (Path(args.model_name) / "config.json").is_file():
             raise SplitError(f"--model_name {args.model_name} has no config.json: not a HF model directory")
-        num_layers = AutoConfig.from_pretrained(args.model_name).num_hidden_layers
+        base_config = AutoConfig.from_pretrained(args.model_name)
+        num_layers = base_config.num_hidden_layers
         if sum(shape) > num_layers:
             raise SplitError(f"shape {shape} keeps {sum(shape)} layers but {args.model_name} has only {num_layers}")
         try:
@@ -92,8 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, ValueError):
             tokenizer = None
         ids, mask = load_sample_rows(args.data, tokenizer, args.num_sequences, args.max_length)
+        check_token_ids(ids, base_config.vocab_size, args.data)  # before the weights load
         model = AutoModelForCausalLM.from_pretrained(args.model_name, dtype=getattr(torch, dtype)).to(device).eval()
-        check_token_ids(ids, model.get_input_embeddings().num_embeddings, args.data)
         print(f"{args.model_name}: {num_layers} layers; {ids.shape[0]} sequences, {int(mask.sum())} tokens from {args.data}",
               file=sys.stderr)
         stats = measure(model, ids, mask, args.batch_size, progress=not args.no_progress)

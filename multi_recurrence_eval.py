@@ -27,6 +27,7 @@ output already exists are skipped (--overwrite to redo).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -108,6 +109,9 @@ def main(argv=None) -> int:
             return 0
         input_ids, attention_mask = load_eval_rows(args.eval_file_path, args.num_sequences)
         for label, path in todo:
+            vocab_size = json.loads((Path(path) / "config.json").read_text()).get("vocab_size")
+            if isinstance(vocab_size, int):  # before the weights load
+                check_token_ids(input_ids, vocab_size, args.eval_file_path)
             model = load_model(path, device, args.dtype, checkpoint_code=args.trust_remote_code)
             check_token_ids(input_ids, model.get_input_embeddings().num_embeddings, args.eval_file_path)
             start = time.perf_counter()

@@ -165,9 +165,20 @@ def test_every_data_format_and_padding(tmp_path, tokenizer, corpus, tiny_llama_d
     (["--data", "{parquet}", "--shape", "2,x,2"], "--shape '2,x,2': expected three whole numbers"),
     (["--data", "{parquet}", "--keep", "6", "--plot", "{out}.jpg"], "use a .png or .pdf file name"),
     (["--data", "{empty}", "--keep", "6"], "is a folder without *.parquet files"),
+    (["--data", "{parquet}", "--keep", "6", "--top", "0"], "--top must be >= 1"),
+    (["--data", "{bad_ids}/negative.parquet", "--keep", "6"], "token id -5 in"),
+    (["--data", "{bad_ids}/null.parquet", "--keep", "6"], "holds null values"),
 ])
 def test_cli_errors_are_one_line(tiny_llama_dir, sample_parquet, tmp_path, capsys, args, message):
-    paths = {"missing": tmp_path / "missing", "parquet": sample_parquet, "out": tmp_path / "plot", "empty": tmp_path}
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    bad_ids = tmp_path / "bad_ids"
+    bad_ids.mkdir()
+    pq.write_table(pa.table({"input_ids": [[1, -5, 3, 4]] * 2}), bad_ids / "negative.parquet")
+    pq.write_table(pa.table({"input_ids": [[1, None, 3, 4]] * 2}), bad_ids / "null.parquet")
+    paths = {"missing": tmp_path / "missing", "parquet": sample_parquet, "out": tmp_path / "plot", "empty": tmp_path,
+             "bad_ids": bad_ids}
     args = [a.format(**paths) for a in args]
     code = choose_split.main(["--model_name", str(tiny_llama_dir), *args, "--no_progress"])
     err = capsys.readouterr().err

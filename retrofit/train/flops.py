@@ -203,12 +203,7 @@ def count_preset(name: str) -> tuple[ParamCounts, ParamCounts]:
 def count_model_dir(model_dir: str | Path) -> ParamCounts:
     """Parameter counts of the model in `model_dir` (reads only config.json)."""
     config_path = Path(model_dir).resolve() / "config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"no config.json in model dir {str(model_dir)!r}")
-    try:
-        config = json.loads(config_path.read_text())
-    except (ValueError, OSError) as exc:
-        raise ValueError(f"{config_path} is not a readable JSON config ({exc})") from None
+    config = read_config(model_dir)
     # A config without its sizes builds with its class's defaults (a 32-layer Llama): count nothing then.
     sizes = (("num_hidden_layers", "n_layer", "n_layers", "num_layers"), ("hidden_size", "n_embd", "d_model"))
     if not isinstance(config, dict):
@@ -216,7 +211,7 @@ def count_model_dir(model_dir: str | Path) -> ParamCounts:
     if config.get("model_type") != "huginn_raven":
         missing = [names[0] for names in sizes if not any(name in config for name in names)]
         if missing:
-            raise ValueError(f"{config_path} does not give {', '.join(missing)}: the counts would be the class defaults'")
+            raise ValueError(f"{config_path} does not give {', '.join(missing)}: the counts would be the class defaults")
     return _count_model_dir_cached(str(config_path.parent), config_path.stat().st_mtime)
 
 
