@@ -3,6 +3,11 @@
     python generate.py MODEL_DIR --prompt "Q: Ava has 3 apples ..." [--num_steps 8] [--max_new_tokens 128]
                        [--adaptive 1e-3 [--criterion kl|latent] | --compile] [--no_chat] [--sample --temperature 0.7]
 
+e.g. on the quickstart's recurrent model (docs/evaluation.md, Generating text):
+
+    python generate.py runs/quickstart/runs/recurrent/final_checkpoint --no_chat --num_steps 8 --max_new_tokens 40 \
+        --prompt $'Q: Ava has 23 books. Ava buys 30 more and then gives away 9. How many books does Ava have now?\nA:'
+
 The prompt goes through the tokenizer's chat template when it has one (disable with --no_chat).
 For recurrent models the mean number of recurrent iterations per generated token is reported
 (with --adaptive, tokens exit early once successive iterations agree).
@@ -18,6 +23,9 @@ from pathlib import Path
 
 from retrofit.train.depth import MAX_RECURRENCE
 
+from retrofit.openmp import passive_openmp_wait
+
+passive_openmp_wait()  # before torch starts OpenMP: --compile's kernels would slow later eager ops
 
 
 def parse_args(argv=None):
@@ -30,7 +38,8 @@ def parse_args(argv=None):
     parser.add_argument("--criterion", choices=["kl", "latent"], default="kl")
     parser.add_argument("--compile", action="store_true",
                         help="decode through a torch.compile'd step (recurrent models; not with --adaptive): "
-                             "compiles once per depth and cache size, then each token is faster")
+                             "compiles once per batch size, depth and cache size (about a minute on CPU), then each "
+                             "token is faster; pays off for long generations only (docs/evaluation.md, Generating text)")
     parser.add_argument("--no_chat", action="store_true", help="do not apply the chat template")
     parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     parser.add_argument("--temperature", type=float, default=0.7)
@@ -64,29 +73,25 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
-    from transformers import AutoTokenizer, TextStreamer
+    from transformers import TextStreamer
 
-    from retrofit.model.loading import load_saved_model
-    from retrofit.model.configuration_raven import RavenConfig
-
+    from retrofit.model.loading import load_saved_model, load_saved_tokenizer
     from retrofit.errors import first_line
+    from retrofit.model.configuration_raven import RavenConfig
     from retrofit.train.distributed import LaunchError, resolve_device
 
     try:
         device = resolve_device(args.device)
-    except LaunchError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except LaunchError as err:  # e.g. --device cuda on a machine without one
+        print(f"error: {err}", file=sys.stderr)
         return 2
     dtype = (torch.bfloat16 if device.type == "cuda" else torch.float32) if args.dtype == "auto" else getattr(torch, args.dtype)
     torch.manual_seed(args.seed)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+        tokenizer = load_saved_tokenizer(args.model_dir)
         model = load_saved_model(args.model_dir, dtype, checkpoint_code=args.trust_remote_code).to(device).eval()
     except (OSError, ValueError, KeyError, TypeError) as exc:  # no tokenizer files, no weights, bad config values
         print(f"error: {args.model_dir} does not load: {first_line(exc)[:300]}", file=sys.stderr)
-        return 2
-    if tokenizer is None or isinstance(tokenizer, bool):
-        print(f"error: {args.model_dir} has no tokenizer files (save the tokenizer beside the model)", file=sys.stderr)
         return 2
     recurrent = getattr(model.config, "model_type", "") == RavenConfig.model_type
     if not recurrent and (args.num_steps is not None or args.adaptive is not None or args.compile):

@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 from retrofit.atomic import write_json_atomic
+from retrofit.train.distributed import LaunchError, resolve_device
 from retrofit.evaluate.loss_over_depth import (
     ADAPTIVE_CRITERIA,
     DEFAULT_RECURRENCES,
@@ -62,7 +63,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--recurrences", default=",".join(map(str, DEFAULT_RECURRENCES)), help="test depths, e.g. 1,2,4,8")
     parser.add_argument("--num_sequences", type=int, default=1024, help="first N rows of the shard (default 1024)")
     parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda or cuda:N")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--seed", type=int, default=0, help="seed of the random initial states")
     parser.add_argument("--independent_runs", action="store_true", help="run every depth from scratch (the original's way)")
@@ -96,7 +97,7 @@ def main(argv=None) -> int:
         elif args.adaptive_criterion not in ADAPTIVE_CRITERIA:
             raise EvalError(f"adaptive criterion {args.adaptive_criterion!r} is not one of {', '.join(ADAPTIVE_CRITERIA)}")
         checkpoints = checkpoint_dirs(args.model_name, args.ckpts)
-        device = resolve_device(args.device or "auto")
+        device = resolve_device(args.device)
         out_dir = Path(args.output_dir) / Path(args.model_name).resolve().name
         todo = []
         for label, path in checkpoints:

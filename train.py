@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import sys
 
-from retrofit.train.config import parse_config
-from retrofit.train.trainer import run
+from retrofit.openmp import passive_openmp_wait
+
+passive_openmp_wait()  # before torch starts OpenMP: --compile's kernels would slow the eager ops between them
+from retrofit.train.config import parse_config  # noqa: E402
+from retrofit.train.trainer import run  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

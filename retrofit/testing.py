@@ -158,3 +158,68 @@ def write_token_parquet(rows, out_dir: Path, num_shards: int = 2, row_group_size
         table = pa.table({"input_ids": rows[part], "attention_mask": masks[part]})
         pq.write_table(table, out_dir / f"shard-{shard:05d}.parquet", row_group_size=row_group_size)
     return out_dir
+
+
+def write_tiny_gguf(path: str | Path, tokenizer_dir: str | Path, arch: str = "llama", layers: int = 2, hidden: int = 32,
+                    heads: int = 4, kv_heads: int = 2, ffn: int = 64, seed: int = 0) -> Path:
+    """A tiny float32 GGUF file in llama.cpp's layout: random weights of a Llama-shaped model of
+    architecture `arch` (tied embeddings: no output.weight) and the byte-level BPE tokenizer of
+    `tokenizer_dir` (its tokenizer.json: vocabulary, merges, special tokens, chat template)."""
+    import json
+
+    import gguf
+    import numpy as np
+
+    from retrofit.data.synthetic import CHAT_TEMPLATE
+
+    spec = json.loads((Path(tokenizer_dir) / "tokenizer.json").read_text())
+    tokens = [token for token, _ in sorted(spec["model"]["vocab"].items(), key=lambda item: item[1])]
+    special = {added["content"]: added["id"] for added in spec["added_tokens"]}
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_block_count(layers)
+    writer.add_context_length(128)
+    writer.add_embedding_length(hidden)
+    writer.add_feed_forward_length(ffn)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL for t in tokens])
+    writer.add_token_merges(merges)
+    writer.add_bos_token_id(special["<s>"])
+    writer.add_eos_token_id(special["</s>"])
+    writer.add_pad_token_id(special["<pad>"])
+    writer.add_chat_template(CHAT_TEMPLATE)
+    rng = np.random.default_rng(seed)
+
+    def weight(*shape, offset=0.0):
+        return (offset + 0.1 * rng.standard_normal(shape)).astype(np.float32)
+
+    kv = kv_heads * (hidden // heads)
+    writer.add_tensor("token_embd.weight", weight(len(tokens), hidden))
+    for i in range(layers):
+        for name, shape in (("attn_q", (hidden, hidden)), ("attn_k", (kv, hidden)), ("attn_v", (kv, hidden)),
+                            ("attn_output", (hidden, hidden)), ("ffn_gate", (ffn, hidden)), ("ffn_up", (ffn, hidden)),
+                            ("ffn_down", (hidden, ffn))):
+            writer.add_tensor(f"blk.{i}.{name}.weight", weight(*shape))
+        writer.add_tensor(f"blk.{i}.attn_norm.weight", weight(hidden, offset=1.0))
+        writer.add_tensor(f"blk.{i}.ffn_norm.weight", weight(hidden, offset=1.0))
+    writer.add_tensor("output_norm.weight", weight(hidden, offset=1.0))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return Path(path)
+
+
+# What a user must never see on stderr from a documented command: transformers' remote-code
+# prompt, a traceback, or a deprecation warning the user cannot act on.
+STDERR_NOISE = ("custom code", "Traceback", "deprecated", "DeprecationWarning", "FutureWarning", "[y/N]")
+
+
+def stderr_noise(stderr: str) -> list[str]:
+    """The lines of `stderr` holding any of STDERR_NOISE (empty when it is clean)."""
+    return [line for line in stderr.splitlines() if any(marker in line for marker in STDERR_NOISE)]

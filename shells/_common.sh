@@ -187,3 +187,27 @@ math_static() {  # MODEL DATA
     JOB_CMD=("${TRAIN_FLAGS[@]}" --model_name="$1" --preprocessed_data_path="$PROCESSED_DATA_PATH/$2"
         "${MATH_FLAGS[@]}" --non_recurrent_model=true "${MUON_FLAGS[@]}")
 }
+
+# ---------------------------------------------------------------------------------------------
+# The interpreter and OpenMP settings of every launcher that runs Python here (eval.sh,
+# generate.sh, quickstart.sh; the cluster jobs above run `python` after ENV_SETUP instead).
+# ---------------------------------------------------------------------------------------------
+# use_repo_python: PYTHON from the environment if set, else the repo's .venv (README: Fresh
+# machine), else python3 on PATH. Exported, so the scripts a launcher calls use the same one.
+use_repo_python() {
+    if [[ -z "${PYTHON:-}" ]]; then
+        if [[ -x "$REPO_ROOT/.venv/bin/python" ]]; then
+            PYTHON="$REPO_ROOT/.venv/bin/python"
+        else
+            PYTHON="$(command -v python3 || command -v python || echo python3)"
+        fi
+    fi
+    export PYTHON
+}
+
+# passive_openmp_wait: idle OpenMP threads sleep instead of spinning (unless the environment
+# chose a policy). torch.compile'd CPU kernels (generate.py --compile, lm-eval with compile=True)
+# otherwise leave threads spinning that slow every later eager op 3-8x (retrofit/openmp.py).
+passive_openmp_wait() {
+    export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
+}

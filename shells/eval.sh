@@ -7,7 +7,7 @@
 #   zeroshot  lambada_openai,hellaswag,arc_easy,arc_challenge,mmlu,openbookqa,piqa,social_iqa,winogrande,asdiv
 #             (task defaults = 0-shot; batch size auto)
 #   math      gsm8k_cot_sean,minerva_math, 1-shot, max_length=1024 (batch size 32)
-# with --model hf --model_args pretrained=CKPT,mean_recurrence=R,trust_remote_code=True,add_bos_token=True,dtype=float32
+# with --model hf --model_args pretrained=CKPT,mean_recurrence=R,trust_remote_code=True,add_bos_token=B,dtype=float32
 # writing {CKPT}/eval/rec_{R}/{group}/<model>/results_<time>.json, the layout plot_evals.py reads
 # (--non_recurrent: no mean_recurrence, {CKPT}/eval/non_recurrent/{group}/). Runs whose results
 # already exist (same tasks, same --limit) are skipped, so an interrupted sweep just reruns.
@@ -18,34 +18,40 @@
 #   --zeroshot_tasks LIST           replace the zero-shot task list
 #   --math_tasks LIST               replace the math task list
 #   --batch_size B                  lm-eval batch size for every group (default: auto / 32)
-#   --device DEV                    cuda (default), cuda:1, cpu, ...
+#   --device DEV                    auto (default: cuda if available, else cpu), cpu, cuda, cuda:1, ...
 #   --limit N                       only N documents per task (testing only)
 #   --include_path DIR              extra lm-eval task folder (repeatable; eval_yamls/ is always in)
 #   --non_recurrent                 a non-recurrent baseline: no mean_recurrence, one run per group
 #   --dry_run                       print the lm_eval commands that would run, run nothing
-# Environment: PYTHON, the interpreter with lm-eval installed (default: the repo's .venv, else python).
+#   --add_bos_token auto|true|false start every context with BOS (auto: when the tokenizer adds BOS
+#                                   itself, as in training, or its BOS is its EOS, as OLMo-2's)
+# Environment: PYTHON, the interpreter with lm-eval installed (default: the repo's .venv, else python3);
+# OMP_WAIT_POLICY (default PASSIVE: see retrofit/openmp.py).
+# Example, on the quickstart's recurrent model (CPU, 5 documents per task, about a minute):
+#   bash shells/eval.sh --recurrences 1,4 --groups math --limit 5 --batch_size 8 \
+#       --math_tasks quickstart_gsm8k_cot_sean --include_path runs/quickstart/data/tasks runs/quickstart/runs/recurrent/final_checkpoint
 # The two groups are independent: run them at once on two GPUs with
 #   CUDA_VISIBLE_DEVICES=0 bash shells/eval.sh --groups zeroshot CKPT & CUDA_VISIBLE_DEVICES=1 bash shells/eval.sh --groups math CKPT
 set -euo pipefail
 
-REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-die() { echo "error: $*" >&2; exit 2; }
+# shellcheck source=shells/_common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"  # REPO_ROOT, die, use_repo_python, passive_openmp_wait
+use_repo_python
+passive_openmp_wait
 
 RECURRENCES="1 2 4 8 16 32"
 TASK_GROUPS="zeroshot,math"
 ZEROSHOT_TASKS="lambada_openai,hellaswag,arc_easy,arc_challenge,mmlu,openbookqa,piqa,social_iqa,winogrande,asdiv"
 MATH_TASKS="gsm8k_cot_sean,minerva_math"
 BATCH_SIZE=""
-DEVICE="cuda"
+DEVICE="auto"
 LIMIT=""
 INCLUDE_PATHS=()
 NON_RECURRENT=0
 DRY_RUN=0
+ADD_BOS="auto"
 CHECKPOINTS=()
 EXTRA_ARGS=()
-if [[ -z "${PYTHON:-}" ]]; then  # the repo's venv (README: Fresh machine), else whatever python is on PATH
-    if [[ -x "$REPO_ROOT/.venv/bin/python" ]]; then PYTHON="$REPO_ROOT/.venv/bin/python"; else PYTHON="$(command -v python || command -v python3 || echo python)"; fi
-fi
 
 need_value() { [[ $# -ge 2 && -n "$2" ]] || die "$1 needs a value"; }
 while [[ $# -gt 0 ]]; do
@@ -60,6 +66,7 @@ while [[ $# -gt 0 ]]; do
         --include_path) need_value "$@"; INCLUDE_PATHS+=("$2"); shift 2 ;;
         --non_recurrent) NON_RECURRENT=1; shift ;;
         --dry_run) DRY_RUN=1; shift ;;
+        --add_bos_token) need_value "$@"; ADD_BOS="$2"; shift 2 ;;
         -h|--help) sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
         --) shift; EXTRA_ARGS=("$@"); break ;;
         -*) die "unknown option $1 (see --help)" ;;
@@ -92,10 +99,22 @@ done
 [[ -z "$LIMIT" || ! "$LIMIT" =~ ^0*(\.0*)?$ ]] || die "--limit $LIMIT evaluates no document; pass N >= 1 (or a fraction > 0)"
 [[ -z "$BATCH_SIZE" || "$BATCH_SIZE" == auto || "$BATCH_SIZE" =~ ^auto:[1-9][0-9]*$ || "$BATCH_SIZE" =~ ^[1-9][0-9]*$ ]] \
     || die "--batch_size '$BATCH_SIZE' must be a positive integer, auto or auto:N"
+[[ "$ADD_BOS" =~ ^(auto|true|false)$ ]] || die "--add_bos_token must be auto, true or false, got '$ADD_BOS'"
 
 if (( ! DRY_RUN )); then
     "$PYTHON" -c "import lm_eval" 2>/dev/null || die "lm-eval is not installed for $PYTHON (pip install -r requirements.txt, or set PYTHON=/path/to/python)"
 fi
+# auto -> cuda if available, else cpu; a CUDA device on a machine without one is a one-line error.
+# The rule train.py, generate.py and multi_recurrence_eval.py use (retrofit/train/distributed.py).
+RESOLVE_DEVICE_PY='
+import sys
+from retrofit.train.distributed import LaunchError, resolve_device
+try:
+    print(resolve_device(sys.argv[1]))
+except LaunchError as err:
+    sys.exit(f"error: {err}")
+'
+DEVICE="$(cd "$REPO_ROOT" && "$PYTHON" -c "$RESOLVE_DEVICE_PY" "$DEVICE")" || exit 2
 
 # lm-eval takes one --include_path: several folders are mirrored (symlinks) under one temp folder.
 INCLUDE="$REPO_ROOT/eval_yamls"
@@ -130,9 +149,32 @@ sys.exit(1)
 '
 run_done() { "$PYTHON" -c "$RUN_DONE_PY" "$1" "$2" "$LIMIT"; }
 
+# add_bos CKPT: True or False for lm-eval's add_bos_token (retrofit.evaluate.loss_over_depth.eval_prepends_bos);
+# the paper's True when the tokenizer cannot be read (lm-eval then names the problem).
+ADD_BOS_PY='
+import sys
+sys.path.insert(0, sys.argv[1])
+from retrofit.model.loading import load_saved_tokenizer
+from retrofit.evaluate.loss_over_depth import eval_prepends_bos
+try:
+    tokenizer = load_saved_tokenizer(sys.argv[2])
+except (OSError, ValueError):
+    print(True)
+else:
+    print(eval_prepends_bos(tokenizer))
+'
+add_bos() {
+    case "$ADD_BOS" in
+        true) echo True ;;
+        false) echo False ;;
+        *) "$PYTHON" -c "$ADD_BOS_PY" "$REPO_ROOT" "$1" ;;
+    esac
+}
+
 ran=0
 skipped=0
 for ckpt in "${CHECKPOINTS[@]}"; do
+    bos="$(add_bos "$ckpt")" || die "cannot read the tokenizer of $ckpt"
     for rec in "${REC_LIST[@]}"; do
         for group in "${GROUP_LIST[@]}"; do
             model_args="pretrained=$ckpt"
@@ -142,7 +184,7 @@ for ckpt in "${CHECKPOINTS[@]}"; do
                 out="$ckpt/eval/rec_$rec/$group"
                 model_args+=",mean_recurrence=$rec"
             fi
-            model_args+=",trust_remote_code=True,add_bos_token=True,dtype=float32"
+            model_args+=",trust_remote_code=True,add_bos_token=$bos,dtype=float32"
             if [[ "$group" == zeroshot ]]; then
                 tasks="$ZEROSHOT_TASKS"; batch="${BATCH_SIZE:-auto}"; group_args=()
             else

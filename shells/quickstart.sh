@@ -21,7 +21,7 @@
 #               OUT_DIR/summary.md: steps, FLOPs (param_counter.py), losses, accuracies, stage times;
 #               how each run trained comes from the run.json train.py writes, never from flags here
 #
-# Knobs (environment; the defaults take about 7 minutes on 2 cores, see the README's measured table):
+# Knobs (environment; the defaults take about 11 minutes on 2 busy cores, 3 on quiet ones; the README's table):
 #   QUICKSTART_NUM_PROBLEMS=20000  training problems       QUICKSTART_HIDDEN=64      base Llama width (8 layers)
 #   QUICKSTART_PRETRAIN_STEPS=300  pretraining steps       QUICKSTART_STEPS=200      recurrent / baseline steps
 #   QUICKSTART_BATCH=16            rows per step           QUICKSTART_MAX_LENGTH=128 tokens per row
@@ -29,26 +29,24 @@
 #   QUICKSTART_BACKPROP=4          mean backprop depth     QUICKSTART_LOSS_RECS=1,...,16  val-loss depths
 #   QUICKSTART_EVAL_RECS="1 4 8"   lm-eval recurrences     QUICKSTART_LIMIT=50       lm-eval documents per task
 #   QUICKSTART_VAL_SEQUENCES=256   validation rows         QUICKSTART_THREADS=nproc  torch threads per stage
+#   QUICKSTART_NUM_TEST=200        held-out test problems (the lm-eval tasks' documents)
 #   QUICKSTART_MODE=               how the recurrent run trains (docs/training.md, "Bigger bases and cheaper
 #                                  training"): empty = as the paper (default); lora = per-iteration LoRA
 #                                  deltas, rank 8; fsdp = 2 processes sharded with FSDP2 (same tokens per
 #                                  step: QUICKSTART_BATCH / 2 rows per rank); distill = KL to the pretrained
 #                                  parent added to the loss (alpha 0.5, temperature 2)
-#   PYTHON=.venv/bin/python (if present, else python3)
+#   PYTHON=.venv/bin/python (if present, else python3)   OMP_WAIT_POLICY=PASSIVE
 set -euo pipefail
 {  # the whole script is read before it runs, so editing this file never disturbs a running quickstart
 
-REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source=shells/_common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"  # REPO_ROOT, die, use_repo_python, passive_openmp_wait
 cd "$REPO_ROOT"
-die() { echo "error: $*" >&2; exit 2; }
 
 [[ $# -le 1 ]] || die "usage: bash shells/quickstart.sh [OUT_DIR] (got $# arguments)"
 OUT="${1:-runs/quickstart}"
 
-if [[ -z "${PYTHON:-}" ]]; then
-    if [[ -x "$REPO_ROOT/.venv/bin/python" ]]; then PYTHON="$REPO_ROOT/.venv/bin/python"; else PYTHON="$(command -v python3 || command -v python)"; fi
-fi
-export PYTHON
+use_repo_python
 
 NUM_PROBLEMS="${QUICKSTART_NUM_PROBLEMS:-20000}"
 NUM_TEST="${QUICKSTART_NUM_TEST:-200}"
@@ -87,7 +85,8 @@ OUT="$(cd "$OUT" && pwd)"
 # Offline by construction; passive OpenMP waiting keeps a busy machine from thrashing (spinning
 # threads of two processes fight for the same cores otherwise).
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}" OMP_NUM_THREADS="$THREADS" PYTHONUNBUFFERED=1
+passive_openmp_wait
+export OMP_NUM_THREADS="$THREADS" PYTHONUNBUFFERED=1
 export WANDB_MODE=disabled MPLBACKEND=Agg
 PAR_THREADS=$(( THREADS / 2 > 0 ? THREADS / 2 : 1 ))  # per process when two stages share the machine
 

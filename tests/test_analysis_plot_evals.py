@@ -195,3 +195,32 @@ def test_own_runs_and_paper_data_share_the_plots(runs, tmp_path):
     assert {r["model"] for r in rows} == {"mine", "4,8,4 (Train Recurrence=16)", "7,8,7 (Train Recurrence=16)"}
     assert (out / "gsm8k_cot_sean_vs_FLOPs.pdf").read_bytes().startswith(b"%PDF")
     assert (out / "minerva_math_vs_chkpt.pdf").exists()
+
+
+def test_local_task_variants_and_run_json_are_read_without_warnings(runs, tmp_path):
+    """docs/evaluation.md's gsm8k_cot_sean_local (a local copy of a known task) is scored with the
+    known task's metric; the run.json train.py writes into every run folder and checkpoint is not
+    mistaken for lm-eval output; a task that only shares a prefix with a known one stays unknown."""
+    import shutil
+
+    from retrofit.analysis.results import known_task, task_chance, task_metric, task_title
+    from retrofit.train.run_record import build_run_record, write_run_record
+
+    assert [known_task(t) for t in ("gsm8k_cot_sean_local", "quickstart_gsm8k_cot_sean", "mmlu_anatomy",
+                                    "quickstart_arith_mc", "my_task_local")] == [
+        "gsm8k_cot_sean", "gsm8k_cot_sean", None, "quickstart_arith_mc", None]
+    assert task_metric("gsm8k_cot_sean_local") == "exact_match,flexible-extract"
+    assert (task_title("gsm8k_cot_sean_local"), task_chance("arc_easy_local")) == ("GSM8K (local)", 0.25)
+
+    run = shutil.copytree(runs["static"], tmp_path / "static_run_with_record")
+    record = build_run_record(settings={}, schedule=None, model_type="llama", max_steps=MAX_STEPS, max_length=64,
+                              world_size=1, micro_batches_per_step=1, batch_size=4, lr_schedule={})
+    write_run_record(run, record)
+    checkpoint = run / "model_only_chkpt_300"
+    write_run_record(checkpoint, record, {"kind": "model_only", "step": 300})
+    local = task_results(300, 1)["gsm8k_cot_sean"] | {"alias": "gsm8k_cot_sean_local"}
+    write_lm_eval_results(checkpoint / "eval" / "math", f"pretrained={checkpoint}", {"gsm8k_cot_sean_local": local})
+    collected = collect_run(RunSpec(path=run))
+    assert ("gsm8k_cot_sean_local", 300, accuracy(300, 1)) in [(r["task"], r["chkpt"], r["acc"]) for r in collected.rows]
+    assert not collected.unknown_tasks
+    assert not collected.warnings, collected.warnings

@@ -116,6 +116,39 @@ def test_identity_adapter_equals_layer_dropped_base_at_any_recurrence(request, t
             torch.testing.assert_close(model(ids, num_steps=r).logits, expected, atol=1e-4, rtol=1e-4)
 
 
+def test_labels_follow_hf_convention_on_a_converted_model(tiny_llama_dir, tmp_path):
+    """`labels=input_ids` is shifted inside, as in HF (the original's aligned labels scored copying
+    the input); aligned labels, as the trainer makes them, go in `shift_labels` for both models."""
+    from transformers import AutoModelForCausalLM
+
+    from retrofit.data.rows import inputs_and_labels
+
+    out, _ = convert(tiny_llama_dir, tmp_path / "rec", CHOICE, dtype="float32", adapter_init="identity", verify=False)
+    model = RavenForCausalLM.from_pretrained(out).eval()
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    base.model.layers = torch.nn.ModuleList(base.model.layers[i] for i in CHOICE.kept)
+    rows = torch.randint(3, model.config.vocab_size, (2, 13), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(rows)
+    mask[1, 9:] = 0  # a right-padded row, as the packers write
+    inputs, _, labels = inputs_and_labels(rows, mask)
+    with torch.no_grad():
+        ours_hf_way = model(inputs, labels=inputs, num_steps=2).loss
+        torch.testing.assert_close(ours_hf_way, base(inputs, labels=inputs).loss, atol=1e-5, rtol=1e-5)
+        logits = model(inputs, num_steps=2).logits
+        next_token = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), inputs[:, 1:].flatten())
+        torch.testing.assert_close(ours_hf_way, next_token)
+        # The original's reading of the same call (labels aligned): the loss of copying the input.
+        copy_loss = model(inputs, shift_labels=inputs, num_steps=2).loss
+        torch.testing.assert_close(copy_loss, torch.nn.functional.cross_entropy(logits.flatten(0, 1), inputs.flatten()))
+        assert not torch.isclose(copy_loss, ours_hf_way, rtol=1e-4, atol=0)
+
+        trainer_loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+        ours = model(input_ids=inputs, labels=labels, shift_labels=labels, num_steps=2).loss
+        torch.testing.assert_close(ours, trainer_loss)
+        theirs = base(input_ids=inputs, labels=labels, shift_labels=labels).loss
+        torch.testing.assert_close(theirs, trainer_loss, atol=1e-5, rtol=1e-5)
+
+
 def test_default_adapter_is_pytorch_linear_init_and_seeded(tiny_llama_dir, tmp_path):
     a, _ = convert(tiny_llama_dir, tmp_path / "a", CHOICE, dtype="float32", verify=False)
     b, _ = convert(tiny_llama_dir, tmp_path / "b", CHOICE, dtype="float32", verify=False, seed=1)

@@ -123,6 +123,22 @@ def test_bf16_weights_generate():
     assert out.shape == (2, 9) and int(out.max()) < VOCAB
 
 
+@pytest.mark.slow  # inductor compiles C++ on the CPU: about half a minute
+def test_compiled_decode_step_with_a_random_initial_state_has_no_graph_break():
+    """The converted models keep Huginn's random initial state (std > 0): its truncated-normal
+    draw (rejection sampling, `Tensor.item()`) happens outside the compiled step, so the step is one
+    graph without a break."""
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    model = tiny_model(seed=4, init_values={"std": 0.5})
+    ids = torch.randint(3, VOCAB, (2, 5), generator=torch.Generator().manual_seed(5))
+    kw = dict(max_new_tokens=5, num_steps=2, eos_token_id=[], pad_token_id=2)
+    out = model.generate(ids, compile=True, **kw)
+    assert out.shape == (2, 10)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+
+
 @pytest.mark.slow  # inductor compiles forward and backward: one to two minutes
 def test_compiled_layers_training_step_matches_eager():
     """train.py --compile compiles each layer, so the depths the sampler draws reuse one graph."""

@@ -148,3 +148,28 @@ def test_headline_table_matches_the_shipped_data(model):
         assert [len(a) for a in actual] == [1, 1], (model, train_rec, num_rec, actual)
         actual = [a.pop() for a in actual]
         assert [round(a, 1) for a in actual] == stated, (model, train_rec, num_rec, actual)
+
+
+def test_readme_quickstart_figures_are_the_reference_runs():
+    """The README's quickstart results and stage times are those of bench/quickstart_summary.md, the
+    summary.md of a default `bash shells/quickstart.sh` (tests/test_quickstart.py checks that a
+    fresh summary reads the same way)."""
+    from utils.quickstart_summary import summary_figures
+
+    readme = (ROOT / "README.md").read_text()
+    reference = (ROOT / "bench" / "quickstart_summary.md").read_text()
+    figures = summary_figures(reference)
+    m = re.search(r"falls from ([\d.]+) at r=1 to ([\d.]+) at r≥(\d+), while the baseline, which kept all 8 layers, "
+                  r"reaches ([\d.]+) \(GSM8K-style accuracy (\d+)[-–](\d+)% vs (\d+)%", " ".join(readme.split()))
+    assert m, "the README's quickstart result sentence changed: update this test with it"
+    stated = [float(x) for x in m.groups()]
+    assert stated == [figures["loss_r1"], figures["loss_lowest"], figures["lowest_from_r"], figures["loss_baseline"],
+                      *figures["gsm8k_recurrent"], figures["gsm8k_baseline"]]
+    seconds = figures["seconds"]
+    rows = dict(re.findall(r"^\| ([a-z_, ]+) \| .+ \| (\d+) \|$", readme, flags=re.M))
+    expected = {"data, pack, parquet": seconds["data"] + seconds["pack"] + seconds["parquet"],
+                **{stage: seconds[stage] for stage in ("pretrain", "convert", "train", "val_loss", "lm_eval")}}
+    for stage, value in expected.items():
+        assert abs(int(rows[stage]) - value) <= 1, (stage, rows[stage], value)  # the summary rounds each part
+    commit = re.search(r"at commit ([0-9a-f]{7,}): its summary is\s+\[bench/quickstart_summary\.md\]", readme)
+    assert commit and commit.group(1) in reference, "the README and the reference summary name the same commit"

@@ -167,6 +167,7 @@ def test_default_sweep_is_the_papers(tmp_path, eval_run_dir):
     (["--recurrences", "two", "{ckpt}"], "recurrence 'two' is not an integer"),
     (["--groups", "fewshot", "{ckpt}"], "unknown task group 'fewshot'"),
     (["--bogus", "{ckpt}"], "unknown option --bogus"),
+    (["--device", "gpu0", "{ckpt}"], "--device=gpu0 is not a device; use auto, cpu, cuda or cuda:N"),
     ([], "no checkpoint directory given"),
     (["--limit", "0", "{ckpt}"], "--limit 0 evaluates no document"),
     (["--batch_size", "abc", "{ckpt}"], "--batch_size 'abc' must be a positive integer, auto or auto:N"),
@@ -237,3 +238,24 @@ def test_lm_eval_on_a_converted_qwen3_is_batch_independent(tmp_path, tiny_family
         assert a == pytest.approx(b, abs=1e-4)
     assert [r["resps"] for r in samples(batched, "gsm8k_cot_sean_local")] == [r["resps"] for r in samples(alone, "gsm8k_cot_sean_local")]
     assert results_file(batched)[1]["results"] == results_file(alone)[1]["results"]
+
+
+def test_eval_prepends_bos_as_training_rows_begin(tokenizer_dir, tmp_path):
+    """eval.sh's `--add_bos_token auto`: BOS when the tokenizer adds it (the packed rows have it) or
+    when BOS is EOS (OLMo-2's document separator); not for a BOS no text starts with (SmolLM2-Instruct's
+    chat marker <|im_start|>), nor without a BOS."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    from retrofit.evaluate.loss_over_depth import eval_prepends_bos
+
+    assert eval_prepends_bos(AutoTokenizer.from_pretrained(tokenizer_dir))  # adds <s> itself, like Llama's
+    spec = json.loads((tokenizer_dir / "tokenizer.json").read_text())
+    spec["post_processor"] = None  # a tokenizer that adds no BOS, like SmolLM2's and OLMo-2's
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+
+    def variant(**special):
+        return PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"), **special)
+
+    assert not eval_prepends_bos(variant(bos_token="<|im_start|>", eos_token="<|im_end|>"))
+    assert eval_prepends_bos(variant(bos_token="</s>", eos_token="</s>"))
+    assert not eval_prepends_bos(variant(eos_token="</s>"))

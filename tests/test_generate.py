@@ -77,6 +77,20 @@ def test_generate_shell_wrapper(recurrent_dir):
     assert "mean depth 2.00" in result.stderr
 
 
+@pytest.mark.slow
+def test_generate_without_a_terminal_never_asks_to_run_checkpoint_code(recurrent_dir):
+    """stdin closed, no controlling terminal (a batch job): the tokenizer of a freshly converted
+    checkpoint loads without transformers' remote-code prompt, and stderr is clean."""
+    from retrofit.testing import stderr_noise
+
+    result = subprocess.run([sys.executable, str(ROOT / "generate.py"), str(recurrent_dir), "--prompt", "Q: 2 + 3?",
+                             "--max_new_tokens", "4", "--num_steps", "2"], stdin=subprocess.DEVNULL,
+                            capture_output=True, text=True, start_new_session=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert stderr_noise(result.stderr) == []
+    assert "mean depth 2.00" in result.stderr
+
+
 def test_generate_runs_this_repos_model_code_unless_asked(recurrent_dir, tmp_path, capsys):
     """The modeling file copied beside the weights is not executed by default (a checkpoint from
     someone else could put anything there); --trust_remote_code runs it."""
@@ -92,6 +106,17 @@ def test_generate_runs_this_repos_model_code_unless_asked(recurrent_dir, tmp_pat
     assert gen.main(args) == 0 and not marker.exists()
     assert "mean depth 2.00" in capsys.readouterr().err
     assert gen.main(args + ["--trust_remote_code"]) == 0 and marker.read_text() == "ran"
+
+
+def test_generate_cuda_without_a_gpu_is_a_one_line_error(recurrent_dir, capsys):
+    """--device follows the one rule of every script here (retrofit.train.distributed.resolve_device)."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    gen = load_generate()
+    assert gen.main([str(recurrent_dir), "--prompt", "x", "--device", "cuda"]) == 2
+    assert capsys.readouterr().err == "error: --device=cuda but no CUDA device is visible; use --device=cpu (or auto)\n"
 
 
 @pytest.mark.parametrize("args, message", [
@@ -110,14 +135,9 @@ def test_generate_refuses_values_out_of_range(recurrent_dir, capsys, args, messa
 def test_generate_devices_and_models_that_cannot_run_are_one_line_errors(recurrent_dir, tmp_path, capsys):
     import shutil
 
-    import torch
-
     gen = load_generate()
     assert gen.main([str(recurrent_dir), "--prompt", "x", "--device", "meta"]) == 2
     assert capsys.readouterr().err.startswith("error: --device=meta is not a device")
-    if not torch.cuda.is_available():
-        assert gen.main([str(recurrent_dir), "--prompt", "x", "--device", "cuda"]) == 2
-        assert "no CUDA device is visible" in capsys.readouterr().err
     no_tokenizer = tmp_path / "no_tokenizer"
     shutil.copytree(recurrent_dir, no_tokenizer)
     for path in no_tokenizer.iterdir():

@@ -114,9 +114,12 @@ def test_forward_shapes_loss_and_stats(family):
     labels[:, :3] = -100
     out = model(ids, labels=labels, num_steps=(1, 2))
     assert out.logits.shape == (2, 9, VOCAB)
-    expected = torch.nn.functional.cross_entropy(out.logits[:, 3:].reshape(-1, VOCAB).float(), ids[:, 3:].reshape(-1))
+    # labels are shifted inside (HF's convention): position t is scored on labels[t + 1]
+    expected = torch.nn.functional.cross_entropy(out.logits[:, 2:-1].reshape(-1, VOCAB).float(), ids[:, 3:].reshape(-1))
     torch.testing.assert_close(out.loss, expected)
     torch.testing.assert_close(out.log_ppl, expected.exp())
+    aligned = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+    torch.testing.assert_close(model(ids, shift_labels=aligned, num_steps=(1, 2)).loss, expected)
     assert out.stats == {"num_steps_no_grad": 1, "num_steps_with_grad": 2}
     assert model(ids, num_steps=3).stats == {"num_steps_no_grad": 3, "num_steps_with_grad": 0}
     assert model(ids).stats["num_steps_no_grad"] == 4  # eval mode: config.mean_recurrence

@@ -11,6 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from utils.quickstart_summary import markdown_table as table
+from utils.quickstart_summary import summary_figures
+
 pytestmark = pytest.mark.slow  # runs the whole pipeline through bash
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,11 +44,6 @@ def quickstart_run(tmp_path_factory):
     return out, first
 
 
-def table(summary: str, heading: str) -> list[list[str]]:
-    """The rows (cells) of the markdown table under `## heading`, header row included."""
-    section = summary.split(f"## {heading}\n", 1)[1].split("\n## ", 1)[0]
-    return [[c.strip() for c in line.strip().strip("|").split("|")]
-            for line in section.splitlines() if line.startswith("|") and not line.startswith("|---")]
 
 
 def mean_loss(path: Path, rec: int) -> float:
@@ -112,6 +110,15 @@ def test_quickstart_writes_summary_and_plots(quickstart_run):
         (model, rec, task) for task in TASKS for model, rec in (("recurrent", 2), ("baseline", 1)))
     times = table(summary, "Stage wall times")
     assert {row[0] for row in times[1:]} >= set(STAGES[:-1]) | {"train", "val_loss", "lm_eval"}
+
+    # The figures the README quotes from a default run's summary (tests/test_docs.py holds the README
+    # to bench/quickstart_summary.md) read the same way from this run's summary.
+    figures = summary_figures(summary)
+    assert figures["loss_r1"] == float(rows["recurrent"][1])
+    assert figures["loss_lowest"] == min(float(c) for c in rows["recurrent"][1:])
+    assert figures["loss_baseline"] == float(rows["baseline (static)"][1])
+    assert figures["gsm8k_baseline"] == float(accuracy[1][2].split("%")[0])
+    assert set(figures["seconds"]) >= set(STAGES[:-1])
 
 
 def test_quickstart_rerun_skips_every_stage(quickstart_run):

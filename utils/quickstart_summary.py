@@ -28,10 +28,10 @@ from pathlib import Path
 # The quickstart's lm-eval tasks (utils/make_synthetic_data.py): (headline metric, title, chance),
 # read from the one task table plot_evals.py and paper_plots share.
 from retrofit.atomic import write_file_atomic
-from retrofit.analysis.results import TASK_CHANCE, TASK_METRICS, TASK_TITLES
+from retrofit.analysis.results import task_chance, task_metric, task_title
 
 QUICKSTART_TASKS = {
-    task: (TASK_METRICS[task], TASK_TITLES[task], TASK_CHANCE[task])
+    task: (task_metric(task), task_title(task), task_chance(task))
     for task in ("quickstart_gsm8k_cot_sean", "quickstart_arith_mc")
 }
 RUN_LABELS = {"recurrent": "recurrent", "baseline": "baseline (static)", "pretrain": "pretrained (static)"}
@@ -344,6 +344,40 @@ def times_section(out: Path) -> list[str]:
     lines.append(f"| **total** (all but the plots and this summary) | {total:.1f} |")
 
     return lines
+
+
+def markdown_table(summary_text: str, heading: str) -> list[list[str]]:
+    """The rows (cells) of the markdown table under `## heading` of a summary.md, header row included."""
+    section = summary_text.split(f"## {heading}\n", 1)[1].split("\n## ", 1)[0]
+    return [[c.strip() for c in line.strip().strip("|").split("|")]
+            for line in section.splitlines() if line.startswith("|") and not line.startswith("|---")]
+
+
+def summary_figures(summary_text: str) -> dict:
+    """The figures of a summary.md that the README quotes: the recurrent model's validation loss at
+    r=1, its lowest (as printed, 3 decimals) and the first depth that reaches it, the baseline's
+    loss, the synthetic GSM8K accuracies (recurrent: lowest and highest over the depths evaluated)
+    and the stage seconds (rounded)."""
+    losses = markdown_table(summary_text, "Validation loss vs test recurrence")
+    depths = [int(c.removeprefix("r=")) for c in losses[0][1:]]
+    rows = {row[0]: row[1:] for row in losses[1:]}
+    recurrent = [float(c) for c in rows["recurrent"]]
+    lowest = min(recurrent)
+    accuracy = markdown_table(summary_text, "lm-eval accuracy")
+    header, gsm8k = accuracy[0], next(row for row in accuracy[1:] if "`quickstart_gsm8k_cot_sean`" in row[0])
+    percent = {h: float(c.split("%")[0]) for h, c in zip(header[1:], gsm8k[1:])}
+    recurrent_acc = [v for h, v in percent.items() if h.startswith("recurrent")]
+    times = {row[0]: round(float(row[1])) for row in markdown_table(summary_text, "Stage wall times")[1:]
+             if not row[0].startswith("**")}
+    return {
+        "loss_r1": recurrent[0],
+        "loss_lowest": lowest,
+        "lowest_from_r": depths[recurrent.index(lowest)],
+        "loss_baseline": float(rows["baseline (static)"][0]),
+        "gsm8k_recurrent": (min(recurrent_acc), max(recurrent_acc)),
+        "gsm8k_baseline": percent["baseline (static)"],
+        "seconds": times,
+    }
 
 
 def report(args) -> int:

@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     n_train = len(paths) - args.val_shards
     print(
-        f"wrote {table.num_rows:,} rows: {n_train} training shards in {args.dataset_save_dir}"
+        f"wrote {table.num_rows:,} rows: {n_train} {'training ' if args.val_shards else ''}shards in {args.dataset_save_dir}"
         + (f", {args.val_shards} validation shards in {Path(args.dataset_save_dir) / 'val'}" if args.val_shards else "")
     )
     return 0

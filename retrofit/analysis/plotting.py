@@ -21,7 +21,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 
 from retrofit.atomic import atomic_file  # noqa: E402
 from retrofit.train.depth import WARMUP_TYPES, MeanRecurrenceSchedule, RecurrenceSchedule  # noqa: E402
-from retrofit.analysis.results import TASK_CHANCE, TASK_TITLES  # noqa: E402
+from retrofit.analysis.results import task_chance, task_title  # noqa: E402
 
 # Okabe & Ito (2008), distinguishable with the common colour-vision deficiencies. Yellow last:
 # it is the weakest on white.
@@ -65,10 +65,6 @@ def apply_style(font_size: float = 11) -> str:
         }
     )
     return serif[0]
-
-
-def task_title(task: str) -> str:
-    return TASK_TITLES.get(task, task)
 
 
 def series_label(name: str) -> str:
@@ -182,7 +178,7 @@ def format_x(ax, x: str):
 
 
 def chance_line(ax, task: str):
-    chance = TASK_CHANCE.get(task)
+    chance = task_chance(task)
     if chance:
         ax.axhline(100 * chance, color="grey", linestyle=":", linewidth=1.2, label="chance")
 
@@ -252,7 +248,7 @@ def accuracy_figure(panels: list[tuple[list[dict], str]], colors: dict, *, title
         fig.suptitle(title)
     used = {r["model"] for r in all_rows}
     handles = run_legend_handles({m: c for m, c in colors.items() if m in used}, all_rows, line_styles)
-    if task is not None and TASK_CHANCE.get(task):
+    if task is not None and task_chance(task):
         handles.append(Line2D([0], [0], color="grey", linestyle=":", linewidth=1.2, label="chance"))
     fig.tight_layout()
     legend_outside(fig, handles, title="Run", where=legend_where,

@@ -45,8 +45,8 @@ TASK_METRICS = {
     "asdiv": "acc,none",
     "gsm8k_cot_sean": "exact_match,flexible-extract",
     "minerva_math": "math_verify,none",
-    # the bundled quickstart's local tasks (utils/make_synthetic_data.py)
-    "quickstart_gsm8k_cot_sean": "exact_match,flexible-extract",
+    # the bundled quickstart's multiple-choice task (utils/make_synthetic_data.py); its other task,
+    # quickstart_gsm8k_cot_sean, is a local variant of gsm8k_cot_sean (`known_task`)
     "quickstart_arith_mc": "acc,none",
 }
 
@@ -82,7 +82,6 @@ TASK_CHANCE = {
     "asdiv": 0.0,
     "gsm8k_cot_sean": 0.0,
     "minerva_math": 0.0,
-    "quickstart_gsm8k_cot_sean": 0.0,
     "quickstart_arith_mc": 0.25,
 }
 
@@ -98,9 +97,42 @@ _NOT_EVAL_FILES = {
     "model.safetensors.index.json",
     "trainer_state.json",
     "chat_template.json",
+    "run.json",  # train.py's run record (retrofit/run_record.py), in every run folder and checkpoint
 }
 _CHECKPOINT_STEP = re.compile(r"chkpt_(\d+)")
 _REC_DIR = re.compile(r"^rec_(\d+)$")
+
+
+# A local variant of a known task: a task file that includes the known one and reads other data
+# (docs/evaluation.md's gsm8k_cot_sean_local, the quickstart's quickstart_gsm8k_cot_sean). It is
+# scored, titled and given a chance level as the known task is.
+_LOCAL_VARIANT = re.compile(r"^(?:quickstart_)?(?P<known>.+?)(?:_local)?$")
+
+
+def known_task(task: str) -> str | None:
+    """The TASK_METRICS entry that scores `task`: itself, or the task it is a local variant of."""
+    if task in TASK_METRICS:
+        return task
+    known = _LOCAL_VARIANT.match(task)["known"]
+    return known if known != task and known in TASK_METRICS else None
+
+
+def task_metric(task: str) -> str | None:
+    known = known_task(task)
+    return None if known is None else TASK_METRICS[known]
+
+
+def task_title(task: str) -> str:
+    """The name on plots: the task's own title, else its known task's with "(local)", else the task name."""
+    if task in TASK_TITLES:
+        return TASK_TITLES[task]
+    known = known_task(task)
+    return f"{TASK_TITLES[known]} (local)" if known in TASK_TITLES else task
+
+
+def task_chance(task: str) -> float | None:
+    known = known_task(task)
+    return None if known is None else TASK_CHANCE.get(known)
 
 
 class NotLmEvalOutput(ValueError):
@@ -316,7 +348,8 @@ def collect_run(spec: RunSpec) -> Collected:
     if not out.rows:
         raise ValueError(
             f"run {spec.label!r} ({spec.path}) has lm-eval files but no task with a known metric; "
-            f"tasks seen: {sorted(out.unknown_tasks)}; known: {sorted(TASK_METRICS)}"
+            f"tasks seen: {sorted(out.unknown_tasks)}; known: {sorted(TASK_METRICS)} and their local variants "
+            f"(quickstart_TASK, TASK_local)"
         )
     return out
 
@@ -342,7 +375,7 @@ def _task_rows(data: dict, shared: dict, out: Collected) -> list[dict]:
     rows = []
     subtasks = {t for subs in (data.get("group_subtasks") or {}).values() for t in subs}
     for task, metrics in data["results"].items():
-        metric = TASK_METRICS.get(task)
+        metric = task_metric(task)
         if metric is None or metric not in metrics:
             if task not in subtasks:
                 out.unknown_tasks.add(task if metric is None else f"{task} (no {metric!r})")
@@ -386,7 +419,7 @@ def collect_runs(specs: list[RunSpec]) -> list[dict]:
         for warning in collected.warnings:
             log.warning(warning)
     if unknown:
-        log.warning("skipped tasks with no known metric (add them to TASK_METRICS): %s", ", ".join(sorted(unknown)))
+        log.warning("skipped tasks with no known metric (add them to TASK_METRICS, or name a local copy TASK_local): %s", ", ".join(sorted(unknown)))
     return rows
 
 

@@ -141,10 +141,10 @@ def check_packing_options(dataset_location, max_length: int, batch_size: int, pa
 
 
 def load_packing_tokenizer(tokenizer_name: str):
-    from transformers import AutoTokenizer
+    from retrofit.model.loading import load_saved_tokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_name)
+        tokenizer = load_saved_tokenizer(tokenizer_name)
     except (OSError, ValueError) as err:
         raise DataError(f"cannot load tokenizer {tokenizer_name!r} ({first_line(err)})") from None
     tokenizer.model_max_length = int(1e30)  # documents are longer than a row before packing

@@ -106,10 +106,10 @@ def row_matrix(column, where: str, name: str, row_len: int | None = None, dtype=
 def inputs_and_labels(input_ids, attention_mask=None, loss_mask=None):
     """Rows of max_length + 1 tokens -> (input_ids, attention_mask, labels), each max_length long.
 
-    The model reads row[:-1] and is scored on row[1:] (labels are aligned: no shift inside the
-    model). A target is scored (label = its token id, else -100) when it is a real token, the
-    token predicting it is a real token, and, with a `loss_mask`, the target is part of the
-    answer.
+    The model reads row[:-1] and is scored on row[1:]. The labels are aligned with the inputs:
+    pass them as `shift_labels`, which HF's causal LMs and ours take unshifted. A target is scored
+    (label = its token id, else -100) when it is a real token, the token predicting it is a real
+    token, and, with a `loss_mask`, the target is part of the answer.
 
     Why "both real": the output at a padding position comes from a pad token that attends to
     nothing real (left padding) or follows the document (right padding), so the token after it is

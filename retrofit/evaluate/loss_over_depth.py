@@ -399,3 +399,20 @@ def summary_lines(result: LossOverDepth, adaptive: AdaptiveExit | None) -> list[
             line += f" {result.mean_depth[r]:>11.2f}"
         lines.append(line)
     return lines
+
+
+def eval_prepends_bos(tokenizer) -> bool:
+    """Whether lm-eval should start every context with BOS (`add_bos_token`, shells/eval.sh's `auto`).
+
+    Contexts should begin as training rows do: the packer writes BOS wherever the tokenizer adds
+    it (Llama's, TinyLlama's: True, the paper's setting). A tokenizer that adds none gets BOS only
+    when its BOS is its EOS, the document separator (OLMo-2's <|endoftext|>: again the paper's
+    True). Otherwise BOS is something plain text never starts with (SmolLM2-Instruct's BOS is the
+    chat-turn marker <|im_start|>), and prepending it would score every context off-distribution.
+    """
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return False
+    if tokenizer("x").input_ids[:1] == [bos]:
+        return True
+    return bos == tokenizer.eos_token_id

@@ -335,9 +335,15 @@ class RavenGenerationMixin:
             torch._dynamo.maybe_mark_dynamic(ctx.mask, 3)
         ctx.cache_position = torch.full((1,), length - 1, dtype=torch.long, device=device)
         ctx.past_length = 0  # not a shape here: keeps the compiled step from specialising on it
+        # The random initial state is drawn here, eagerly: truncated-normal sampling rejects and
+        # redraws until every value is in range (`Tensor.item()` and a data-dependent loop), which
+        # would break the compiled graph on every call. `state_like`: the shape and dtype of one
+        # decode step's prelude output.
+        state_like = torch.zeros(B, 1, self.config.n_embd, dtype=self.transformer.wte.weight.dtype, device=device)
+        state = self.initial_state(state_like)
         # contiguous: a column of `tokens` has its row stride, which differs with the generation's
         # length, and a new stride means a new graph.
-        logits = self._compiled_decode_step(device)(self, run.step_input().contiguous(), ctx, n, k)
+        logits = self._compiled_decode_step(device)(self, run.step_input().contiguous(), ctx, n, k, state)
         cache.seen_tokens = length
         return logits
 
@@ -356,11 +362,11 @@ class RavenGenerationMixin:
         return step
 
     @staticmethod
-    def _decode_step(model, step_input, ctx: AttentionContext, n: int, k: int) -> torch.Tensor:
+    def _decode_step(model, step_input, ctx: AttentionContext, n: int, k: int, initial_state: torch.Tensor) -> torch.Tensor:
         """One token through the preallocated cache, for `torch.compile`: the write position is a
         tensor and the attended length a static or a dynamic shape, so one compiled graph serves
-        every token of a generation."""
-        x, _ = model.run_layers(step_input, ctx, n, k)
+        every token of a generation. The caller draws `initial_state` (`initial_state()`, eager)."""
+        x, _ = model.run_layers(step_input, ctx, n, k, initial_state=initial_state)
         return model.lm_head(x[:, -1])
 
     def _adaptive_decode_step(self, run: DecodeRun, cache: KVCache, max_steps: int, threshold: float, criterion: str):

@@ -1,5 +1,5 @@
-"""Loading a saved model folder for evaluation, generation or distillation: this repository's
-classes by default, the checkpoint's own code only when asked."""
+"""Loading a saved model folder (and its tokenizer) for training, evaluation, generation or
+distillation: this repository's classes by default, the checkpoint's own code only when asked."""
 
 from __future__ import annotations
 
@@ -7,6 +7,24 @@ import json
 from pathlib import Path
 
 import torch
+
+
+def load_saved_tokenizer(name_or_dir: str | Path, **kwargs):
+    """`AutoTokenizer.from_pretrained` for any model folder or Hub id, recurrent checkpoints included.
+
+    AutoTokenizer first reads the model's config to pick the tokenizer class. A recurrent
+    checkpoint's config names its code in `auto_map` under a model_type transformers does not
+    know, so transformers would ask whether to run that code (a 15 s prompt on a terminal, a
+    traceback without one) and fall back to a generic config with warnings. With this repo's
+    RavenConfig registered for that model_type first, the config resolves to it and no checkpoint
+    code is ever considered.
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    from retrofit.model.configuration_raven import RavenConfig
+
+    AutoConfig.register(RavenConfig.model_type, RavenConfig, exist_ok=True)
+    return AutoTokenizer.from_pretrained(name_or_dir, **kwargs)
 
 
 def load_saved_model(model_dir: str | Path, dtype: torch.dtype | None = None, checkpoint_code: bool = False):

@@ -476,9 +476,14 @@ class RavenForCausalLM(RavenGenerationMixin, RavenPreTrainedModel):
         output_hidden_states: bool = False,
         logits_to_keep: int = 0,
         return_dict: bool = True,
+        shift_labels: torch.Tensor | None = None,
         **kwargs,
     ) -> RavenCausalLMOutput:
-        """Labels are aligned with input_ids (no shift inside, as in the authors' Huginn code).
+        """The loss follows HF's causal LMs: `labels` are shifted inside (`labels=input_ids` scores
+        the next token, as every HF tool expects), and `shift_labels` takes labels already aligned
+        with the logits (`shift_labels[t]` is the target of position t; it wins over `labels`), as
+        HF's ForCausalLM loss does. The authors' Huginn code took `labels` aligned, without the
+        shift: pass such labels as `shift_labels`. -100 marks targets that are not scored.
 
         `logits_to_keep=m > 0` computes logits for the last m positions only (decoding).
         """
@@ -494,9 +499,11 @@ class RavenForCausalLM(RavenGenerationMixin, RavenPreTrainedModel):
         logits = self.lm_head(x)
 
         loss = log_ppl = None
-        if labels is not None:
+        if shift_labels is None and labels is not None:
+            shift_labels = F.pad(labels[..., 1:], (0, 1), value=-100)  # position t predicts labels[t + 1]
+        if shift_labels is not None:
             loss = F.cross_entropy(
-                logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100
+                logits.float().reshape(-1, logits.shape[-1]), shift_labels.reshape(-1), ignore_index=-100
             )
             log_ppl = loss.detach().exp()
         return RavenCausalLMOutput(

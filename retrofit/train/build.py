@@ -16,6 +16,7 @@ from retrofit.data.rows import DataError
 from retrofit.data.stream import open_training_stream
 from retrofit.errors import first_line
 from retrofit.model.configuration_raven import RavenConfig
+from retrofit.model.loading import load_saved_tokenizer
 from retrofit.train.checkpoint import claim_run_dir
 from retrofit.errors import ConfigError
 from retrofit.train.config import TrainConfig
@@ -44,10 +45,8 @@ def check_model_name(name: str) -> None:
 
 
 def load_tokenizer(cfg: TrainConfig):
-    from transformers import AutoTokenizer
-
     try:
-        tokenizer = AutoTokenizer.from_pretrained(cfg.model_name)
+        tokenizer = load_saved_tokenizer(cfg.model_name)
     except OSError as exc:
         raise ConfigError(f"cannot load the tokenizer of --model_name={cfg.model_name}: {first_line(exc)}") from None
     if tokenizer.pad_token is None:

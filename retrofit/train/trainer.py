@@ -147,13 +147,10 @@ class Trainer:
         kl = None
         with self.parallel.gradient_sync(sync):
             with self.parallel.autocast:
-                if self.recurrent:
-                    out = self.parallel.forward(input_ids, labels=labels, num_steps=num_steps)
-                else:
-                    # HF models shift labels internally; ours are already aligned with input_ids,
-                    # so hand them over as `shift_labels` (no second shift) and the loss is the
-                    # same mean next-token cross-entropy as the recurrent model's.
-                    out = self.parallel.forward(input_ids=input_ids, labels=labels, shift_labels=labels)
+                # Our labels are already aligned with input_ids (inputs_and_labels), so both the
+                # recurrent model and HF models take them as `shift_labels` (no second shift).
+                depth = {"num_steps": num_steps} if self.recurrent else {}
+                out = self.parallel.forward(input_ids=input_ids, labels=labels, shift_labels=labels, **depth)
                 loss = objective = out.loss
                 if self.teacher is not None:  # the parent on the same micro-batch, no grad
                     distill = self.cfg.distill

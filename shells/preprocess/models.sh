@@ -41,8 +41,8 @@ experiment convert-llama-2-4-2 1 0 "Llama-3.2-1B -> (2,4,2): layers 0-1, 10-13, 
     convert convert_llama.py Llama-3.2-1B Recurrent-Llama-3.2-2-4-2-untrained llama-2-4-2
 experiment convert-llama-4-6-4 1 0 "Llama-3.2-1B -> (4,6,4): layers 0-3, 6-11, 12-15" \
     convert convert_llama.py Llama-3.2-1B Recurrent-Llama-3.2-untrained llama-4-6-4
-# The original kept the stage-1 OLMo snapshot in models/OLMo-2-0425-1B-step1907359 (olmo.sh's
-# static baseline reads it there too); download-olmo saves it as OLMo-2-0425-1B: rename it.
+# The stage-1 OLMo snapshot lives in models/OLMo-2-0425-1B-step1907359, as in the original:
+# download-olmo saves it there (utils/download_to_local.py), olmo.sh's static baseline reads it there.
 experiment convert-olmo-4-6-4 1 0 "OLMo-2-0425-1B step 1907359 -> (4,6,4): layers 0-3, 6-11, 12-15" \
     convert convert_olmo.py OLMo-2-0425-1B-step1907359 Recurrent-OLMo-2-0425-untrained olmo-4-6-4
 
