@@ -659,6 +659,15 @@ def _teacher_with_broken_config(tmp_path, model_dir):
     return copy
 
 
+def _without_tokenizer(tmp_path, model_dir):
+    copy = tmp_path / "no_tokenizer"
+    shutil.copytree(model_dir, copy)
+    for path in copy.iterdir():
+        if path.name.startswith(("tokenizer", "special_tokens")):
+            path.unlink()
+    return copy
+
+
 def _small_vocab_teacher(tmp_path, tokenizer_dir):
     from retrofit.testing import save_hf_model, tiny_llama_config
 
@@ -681,6 +690,8 @@ LOAD_MISTAKES = {
                                 "--distill.teacher=" + "{t}/teacher does not load"),
     "teacher with a broken config": (lambda t, m, k: [f"--distill.teacher={_teacher_with_broken_config(t, m)}"],
                                      "{t}/teacher does not load"),
+    "model without tokenizer files": (lambda t, m, k: [f"--model_name={_without_tokenizer(t, m)}"],
+                                      "cannot load the tokenizer of --model_name="),
     "teacher with a smaller vocabulary": (lambda t, m, k: [f"--distill.teacher={_small_vocab_teacher(t, k)}"],
                                           "embeds 16 tokens but the tokenizer of --model_name has"),
     "token id >= vocab": (lambda t, m, k: [f"--preprocessed_data_path={_parquet_with_ids(t, lambda: [ROW[:-1] + [10**6]] * 8)}"],

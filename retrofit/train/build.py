@@ -47,7 +47,7 @@ def check_model_name(name: str) -> None:
 def load_tokenizer(cfg: TrainConfig):
     try:
         tokenizer = load_saved_tokenizer(cfg.model_name)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # ValueError: no tokenizer files (transformers then asks for sentencepiece)
         raise ConfigError(f"cannot load the tokenizer of --model_name={cfg.model_name}: {first_line(exc)}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
