@@ -175,7 +175,7 @@ def max_logit_diff(saved_dir: Path, reference, tokenizer, dtype: str) -> tuple[f
     import torch
     from transformers import AutoModelForCausalLM
 
-    from retrofit.model.conversion import VERIFY_PROMPT, round_weights_like_saved
+    from retrofit.model.verification import VERIFY_PROMPT, round_weights_like_saved
 
     ids = tokenizer(VERIFY_PROMPT, return_tensors="pt").input_ids
     saved = AutoModelForCausalLM.from_pretrained(saved_dir, dtype=torch.float32).eval()
@@ -188,7 +188,7 @@ def max_logit_diff(saved_dir: Path, reference, tokenizer, dtype: str) -> tuple[f
 
 def gguf_to_hf(gguf_file: Path, save_name: Path, dtype: str = "float32", overwrite: bool = False) -> float:
     """Write the HF folder `save_name` from `gguf_file`; returns the verified max |logit diff|."""
-    from retrofit.model.conversion import TOLERANCE
+    from retrofit.model.verification import TOLERANCE
 
     if not gguf_file.is_file():
         raise GGUFError(f"--gguf_file {gguf_file} does not exist")

@@ -97,7 +97,7 @@ _NOT_EVAL_FILES = {
     "model.safetensors.index.json",
     "trainer_state.json",
     "chat_template.json",
-    "run.json",  # train.py's run record (retrofit/run_record.py), in every run folder and checkpoint
+    "run.json",  # train.py's run record (retrofit/train/run_record.py), in every run folder and checkpoint
 }
 _CHECKPOINT_STEP = re.compile(r"chkpt_(\d+)")
 _REC_DIR = re.compile(r"^rec_(\d+)$")
