@@ -1,4 +1,4 @@
-"""Recommend which base layers become prelude, recurrent block and coda (retrofit/split.py).
+"""Recommend which base layers become prelude, recurrent block and coda (retrofit/model/split.py).
 
     python choose_split.py --model_name models/SmolLM2-360M --data data/parquet/val --keep 16
     python choose_split.py --model_name models/TinyLlama --data sample.txt --shape 4,8,4 --plot split.png
@@ -22,7 +22,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from retrofit.split import (
+from retrofit.data.rows import DataError, check_token_ids
+from retrofit.train.distributed import LaunchError, resolve_device
+from retrofit.model.split import (
     SplitError,
     layer_table,
     load_sample_rows,
@@ -58,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num_sequences", type=int, default=256, help="sample rows (default 256)")
     parser.add_argument("--max_length", type=int, default=512, help="tokens per row at most (default 512)")
     parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    parser.add_argument("--device", default="auto", help="auto (cuda if present, the default), cpu or cuda[:N]")
     parser.add_argument("--dtype", default=None, help="float32 (default on CPU) or bfloat16 (default on GPU)")
     parser.add_argument("--plot", help="write the figure here (.png or .pdf)")
     parser.add_argument("--out_json", help="write every statistic and the full ranking here")
@@ -69,17 +71,21 @@ def main(argv: list[str] | None = None) -> int:
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-        dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+        device = resolve_device(args.device)
+        dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
         if dtype not in ("float32", "bfloat16", "float16"):
             raise SplitError(f"--dtype {dtype!r}: choose float32, bfloat16 or float16")
         if args.plot and Path(args.plot).suffix.lower() not in (".png", ".pdf"):
             raise SplitError(f"--plot {args.plot}: use a .png or .pdf file name")
         if args.batch_size < 1:
             raise SplitError(f"--batch_size must be >= 1, got {args.batch_size}")
+        if args.top < 1:
+            raise SplitError(f"--top must be >= 1 (splits listed), got {args.top}")
         shape = parse_shape(args.shape) if args.shape else paper_shape(args.keep)
         if not (Path(args.model_name) / "config.json").is_file():
             raise SplitError(f"--model_name {args.model_name} has no config.json: not a HF model directory")
-        num_layers = AutoConfig.from_pretrained(args.model_name).num_hidden_layers
+        base_config = AutoConfig.from_pretrained(args.model_name)
+        num_layers = base_config.num_hidden_layers
         if sum(shape) > num_layers:
             raise SplitError(f"shape {shape} keeps {sum(shape)} layers but {args.model_name} has only {num_layers}")
         try:
@@ -87,11 +93,12 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, ValueError):
             tokenizer = None
         ids, mask = load_sample_rows(args.data, tokenizer, args.num_sequences, args.max_length)
-        model = AutoModelForCausalLM.from_pretrained(args.model_name, dtype=getattr(torch, dtype)).to(args.device).eval()
+        check_token_ids(ids, base_config.vocab_size, args.data)  # before the weights load
+        model = AutoModelForCausalLM.from_pretrained(args.model_name, dtype=getattr(torch, dtype)).to(device).eval()
         print(f"{args.model_name}: {num_layers} layers; {ids.shape[0]} sequences, {int(mask.sum())} tokens from {args.data}",
               file=sys.stderr)
         stats = measure(model, ids, mask, args.batch_size, progress=not args.no_progress)
-    except (SplitError, OSError) as err:
+    except (SplitError, DataError, OSError, LaunchError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
@@ -110,15 +117,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.out_json:
         print(f"statistics: {write_json(args.out_json, report(stats, shape, ranked, paper))}")
     return 0
-
-
-def _cuda() -> bool:
-    try:
-        import torch
-
-        return torch.cuda.is_available()
-    except ImportError:
-        return False
 
 
 if __name__ == "__main__":

@@ -16,9 +16,12 @@ For recurrent models the mean number of recurrent iterations per generated token
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
+
+from retrofit.train.depth import MAX_RECURRENCE
 
 from retrofit.openmp import passive_openmp_wait
 
@@ -43,14 +46,23 @@ def parse_args(argv=None):
     parser.add_argument("--top_p", type=float, default=0.95)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="auto (cuda if present), cpu or cuda")
-    parser.add_argument("--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16")
     parser.add_argument("--trust_remote_code", action="store_true",
                         help="run the modeling code saved in the checkpoint instead of this repo's (only for checkpoints you trust)")
     args = parser.parse_args(argv)
     if not (Path(args.model_dir) / "config.json").is_file():
         parser.error(f"{args.model_dir} has no config.json: not a model directory")
-    if args.num_steps is not None and args.num_steps < 1:
-        parser.error(f"--num_steps must be >= 1, got {args.num_steps}")
+    if args.num_steps is not None and not 1 <= args.num_steps <= MAX_RECURRENCE:
+        parser.error(f"--num_steps must be in [1, {MAX_RECURRENCE}] (recurrent iterations per token), got {args.num_steps}")
+    if args.adaptive is not None and not (math.isfinite(args.adaptive) and args.adaptive >= 0):
+        parser.error(f"--adaptive must be a threshold >= 0, got {args.adaptive}")
+    if args.sample and not (math.isfinite(args.temperature) and args.temperature > 0):
+        parser.error(f"--temperature must be > 0, got {args.temperature}")
+    if args.sample and not 0 < args.top_p <= 1:
+        parser.error(f"--top_p must be in (0, 1], got {args.top_p}")
+    if args.seed < 0:
+        parser.error(f"--seed must be >= 0, got {args.seed}")
     if args.compile and args.adaptive is not None:
         parser.error("--compile cannot be combined with --adaptive (the compiled step runs a fixed depth)")
     if args.max_new_tokens < 1:
@@ -63,9 +75,10 @@ def main(argv=None) -> int:
     import torch
     from transformers import TextStreamer
 
-    from retrofit.checkpoint import load_saved_model, load_saved_tokenizer
-    from retrofit.configuration_raven import RavenConfig
-    from retrofit.distributed import LaunchError, resolve_device
+    from retrofit.model.loading import load_saved_model, load_saved_tokenizer
+    from retrofit.errors import first_line
+    from retrofit.model.configuration_raven import RavenConfig
+    from retrofit.train.distributed import LaunchError, resolve_device
 
     try:
         device = resolve_device(args.device)
@@ -74,8 +87,12 @@ def main(argv=None) -> int:
         return 2
     dtype = (torch.bfloat16 if device.type == "cuda" else torch.float32) if args.dtype == "auto" else getattr(torch, args.dtype)
     torch.manual_seed(args.seed)
-    tokenizer = load_saved_tokenizer(args.model_dir)
-    model = load_saved_model(args.model_dir, dtype, checkpoint_code=args.trust_remote_code).to(device).eval()
+    try:
+        tokenizer = load_saved_tokenizer(args.model_dir)
+        model = load_saved_model(args.model_dir, dtype, checkpoint_code=args.trust_remote_code).to(device).eval()
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # no tokenizer files, no weights, bad config values
+        print(f"error: {args.model_dir} does not load: {first_line(exc)[:300]}", file=sys.stderr)
+        return 2
     recurrent = getattr(model.config, "model_type", "") == RavenConfig.model_type
     if not recurrent and (args.num_steps is not None or args.adaptive is not None or args.compile):
         print("error: --num_steps/--adaptive/--compile need a recurrent checkpoint", file=sys.stderr)

@@ -36,9 +36,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from retrofit.mixing import MixRequest, gather_rows, mix_order, parse_mix_spec, plan_mix
-from retrofit.rows import LOSS_MASK_COLUMN, DataError
-from retrofit.shards import (
+from retrofit.data.mixing import MixRequest, gather_rows, mix_order, parse_mix_spec, plan_mix
+from retrofit.data.rows import LOSS_MASK_COLUMN, DataError
+from retrofit.data.shards import (
     DEFAULT_ROW_GROUP_SIZE,
     check_output_folder,
     load_disk_table,

@@ -27,13 +27,14 @@ output already exists are skipped (--overwrite to redo).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
 
 from retrofit.atomic import write_json_atomic
-from retrofit.distributed import LaunchError, resolve_device
-from retrofit.evaluation import (
+from retrofit.train.distributed import LaunchError, resolve_device
+from retrofit.evaluate.loss_over_depth import (
     ADAPTIVE_CRITERIA,
     DEFAULT_RECURRENCES,
     AdaptiveExit,
@@ -46,7 +47,8 @@ from retrofit.evaluation import (
     result_json,
     summary_lines,
 )
-from retrofit.rows import DataError
+from retrofit.data.rows import DataError, check_token_ids
+from retrofit.train.distributed import LaunchError, resolve_device
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -77,7 +79,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def load_model(path: Path, device: str, dtype: str, checkpoint_code: bool = False):
     import torch
 
-    from retrofit.checkpoint import load_saved_model
+    from retrofit.model.loading import load_saved_model
 
     model = load_saved_model(path, getattr(torch, dtype), checkpoint_code=checkpoint_code)
     if not hasattr(model, "recur"):
@@ -108,7 +110,11 @@ def main(argv=None) -> int:
             return 0
         input_ids, attention_mask = load_eval_rows(args.eval_file_path, args.num_sequences)
         for label, path in todo:
+            vocab_size = json.loads((Path(path) / "config.json").read_text()).get("vocab_size")
+            if isinstance(vocab_size, int):  # before the weights load
+                check_token_ids(input_ids, vocab_size, args.eval_file_path)
             model = load_model(path, device, args.dtype, checkpoint_code=args.trust_remote_code)
+            check_token_ids(input_ids, model.get_input_embeddings().num_embeddings, args.eval_file_path)
             start = time.perf_counter()
             result = loss_over_depth(
                 model, input_ids, attention_mask, recurrences, batch_size=args.batch_size, seed=args.seed,

@@ -3,7 +3,7 @@
 Reads only config.json (the model is built on the meta device, so a 1B model costs no memory) and
 the run.json that train.py writes into every checkpoint and run folder: for a checkpoint of a run,
 the training FLOPs up to that checkpoint need no flags at all. Prints JSON. Formulas:
-docs/analysis.md (Parameters and FLOPs); the curriculum is retrofit.depth.RecurrenceSchedule.at
+docs/analysis.md (Parameters and FLOPs); the curriculum is retrofit.train.depth.RecurrenceSchedule.at
 (the paper counter's convention).
 
     # counts, effective parameters at test recurrence 16, and (from run.json) the FLOPs spent so far
@@ -20,7 +20,7 @@ docs/analysis.md (Parameters and FLOPs); the curriculum is retrofit.depth.Recurr
 
 With run.json, any flag given overrides the recorded value. Without it, --warmup > 0 turns the
 mean-recurrence curriculum on (train.py's default is off), and the backprop depth is the model
-config's mean_backprop_depth, as train.py uses it. The same functions: retrofit.reporting.
+config's mean_backprop_depth, as train.py uses it. The same functions: retrofit.analysis.reporting.
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ import argparse
 import json
 import sys
 
-from retrofit.depth import WARMUP_TYPES
-from retrofit.reporting import count, flops_report, preset_report
-from retrofit.run_record import find_run_record
+from retrofit.train.depth import WARMUP_TYPES
+from retrofit.analysis.reporting import count, flops_report, preset_report
+from retrofit.train.run_record import find_run_record
 
 
 def main(argv=None) -> int:
@@ -55,10 +55,17 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     try:
+        for flag, value, low in (("--checkpoint", args.checkpoint, 0), ("--max_steps", args.max_steps, 1),
+                                 ("--tokens_per_step", args.tokens_per_step, 1), ("--max_mean_rec", args.max_mean_rec, 1),
+                                 ("--backprop_depth", args.backprop_depth, 1), ("--num_rec", min(args.num_rec or [1]), 1)):
+            if value is not None and value < low:
+                raise ValueError(f"{flag} must be >= {low}, got {value}")
+        if args.warmup is not None and not 0 <= args.warmup <= 1:
+            raise ValueError(f"--warmup must be a fraction of max_steps in [0, 1], got {args.warmup}")
         if args.preset is not None:
             if args.model_dir is not None or args.checkpoint is not None or args.max_steps is not None:
                 raise ValueError("--preset counts a preset's models; give it without a model_dir, --checkpoint or --max_steps")
-            from retrofit.conversion import PRESET_DEFINITIONS
+            from retrofit.model.conversion import PRESET_DEFINITIONS
 
             if args.preset != "all" and args.preset not in PRESET_DEFINITIONS:
                 raise ValueError(f"unknown --preset {args.preset!r}; choose one of {', '.join(PRESET_DEFINITIONS)} or all")

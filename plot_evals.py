@@ -19,7 +19,7 @@ Examples:
     python plot_evals.py downloaded_run --max_steps 50000 --max_mean_rec 32 --warmup 0.75 \
         --warmup_type 1-sqrt --out_dir plots/downloaded    # no run.json: describe the run with flags
     python plot_evals.py --runs_file runs.json --jsonl paper_plots/data/olmo_50k_steps.jsonl --out_dir plots
-where runs.json is a list of objects with the RunSpec fields of retrofit/results.py (path, label,
+where runs.json is a list of objects with the RunSpec fields of retrofit/analysis/results.py (path, label,
 train_rec, max_steps, warmup, warmup_type, backprop_depth, tokens_per_step, non_recurrent,
 model_dir, cooldown). The training flags are overrides of run.json; without it they mean what
 param_counter.py's do. --jsonl adds rows of an existing table (e.g. the paper's) to the same plots.
@@ -33,10 +33,10 @@ import logging
 import sys
 from pathlib import Path
 
-from retrofit import plotting
-from retrofit.depth import WARMUP_TYPES
-from retrofit.reporting import collect_and_plot
-from retrofit.results import RunSpec
+from retrofit.analysis import plotting
+from retrofit.train.depth import WARMUP_TYPES
+from retrofit.analysis.reporting import collect_and_plot
+from retrofit.analysis.results import RunSpec
 
 log = logging.getLogger("plot_evals")
 

@@ -25,8 +25,8 @@ import sys
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # parallelism comes from --num_proc
 
-from retrofit.preprocess import process_data  # noqa: E402
-from retrofit.rows import DataError  # noqa: E402
+from retrofit.data.preprocess import process_data  # noqa: E402
+from retrofit.data.rows import DataError  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

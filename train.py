@@ -10,7 +10,7 @@ Launch one process per GPU with `torchrun --nproc_per_node N train.py ...` or `s
 
 The run folder gets run.json (every setting, the resolved curriculum, tokens per step, world size,
 package versions), metrics.jsonl and the checkpoints, each with its own copy of run.json.
-Settings: retrofit/train_config.py; the loop: retrofit/trainer.py; outputs and resuming: docs/training.md.
+Settings: retrofit/train/config.py; the loop: retrofit/train/trainer.py; outputs and resuming: docs/training.md.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import sys
 from retrofit.openmp import passive_openmp_wait
 
 passive_openmp_wait()  # before torch starts OpenMP: --compile's kernels would slow the eager ops between them
-from retrofit.train_config import parse_config  # noqa: E402
-from retrofit.trainer import run  # noqa: E402
+from retrofit.train.config import parse_config  # noqa: E402
+from retrofit.train.trainer import run  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,8 +22,8 @@ import time
 import torch
 
 from retrofit.benchmarking import raven_config, time_call
-from retrofit.evaluation import loss_over_depth, parse_recurrences, per_sequence_loss
-from retrofit.modeling_raven import RavenForCausalLM
+from retrofit.evaluate.loss_over_depth import loss_over_depth, parse_recurrences, per_sequence_loss
+from retrofit.model.modeling_raven import RavenForCausalLM
 
 
 def small_model(vocab: int, device: str) -> RavenForCausalLM:

@@ -23,8 +23,8 @@ from pathlib import Path
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from retrofit.packing import pack_best_fit, pack_wrapped, tokenize_texts  # noqa: E402
-from retrofit.synthetic import arithmetic_problems, problem_text, train_tokenizer  # noqa: E402
+from retrofit.data.packing import pack_best_fit, pack_wrapped, tokenize_texts  # noqa: E402
+from retrofit.data.synthetic import arithmetic_problems, problem_text, train_tokenizer  # noqa: E402
 
 
 def make_corpus(n_docs: int, seed: int = 0) -> list[str]:
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     datasets.disable_progress_bars()
     from transformers import AutoTokenizer
 
-    from retrofit.preprocess import process_data
+    from retrofit.data.preprocess import process_data
 
     work = Path(tempfile.mkdtemp(prefix="bench_packing_"))
     try:

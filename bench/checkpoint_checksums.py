@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from retrofit import checkpoint as ckpt
+from retrofit.train import checkpoint as ckpt
 
 
 def best_of(repeats: int, fn) -> float:

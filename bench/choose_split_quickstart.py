@@ -63,8 +63,8 @@ def held_out_loss(model_dir: Path, val: Path, num_sequences: int, recurrent: boo
     import torch
     from transformers import AutoModelForCausalLM
 
-    from retrofit.evaluation import inputs_and_labels, load_eval_rows
-    from retrofit.modeling_raven import RavenForCausalLM
+    from retrofit.evaluate.loss_over_depth import inputs_and_labels, load_eval_rows
+    from retrofit.model.modeling_raven import RavenForCausalLM
 
     rows, mask = load_eval_rows(val, num_sequences)
     input_ids, attention_mask, labels = inputs_and_labels(rows, mask)
@@ -95,7 +95,7 @@ def main(argv=None) -> int:
     else:
         pretrained, parquet = build_quickstart_base(workdir)
 
-    from retrofit.conversion import LayerChoice, convert
+    from retrofit.model.conversion import LayerChoice, convert
 
     split_json = workdir / "split.json"
     # The stage script itself, as a user runs it (scripts do not import scripts).

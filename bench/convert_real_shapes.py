@@ -82,7 +82,7 @@ def run_conversion(key: str, base: str, out: str, dtype: str) -> None:
     """Child process: convert with the preset, verification on; print one JSON line."""
     import resource
 
-    from retrofit.conversion import ConversionError, convert, layer_choice
+    from retrofit.model.conversion import ConversionError, convert, layer_choice
 
     shape = SHAPES[key]
     start = time.perf_counter()

@@ -27,7 +27,7 @@ passive_openmp_wait()  # before torch starts OpenMP: HF's eager runs are timed a
 import torch  # noqa: E402
 
 from retrofit.benchmarking import llama_config, raven_config, time_call  # noqa: E402
-from retrofit.modeling_raven import RavenForCausalLM  # noqa: E402
+from retrofit.model.modeling_raven import RavenForCausalLM  # noqa: E402
 
 # The shape: hidden 256, intermediate 704, 4 heads / 2 KV heads, (2, 2, 2), vocab 4096.
 SHAPE = dict(hidden=256, intermediate=704, heads=4, kv_heads=2, vocab=4096, prelude=2, core=2, coda=2)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from retrofit.benchmarking import scaled_tinyllama_model
 from retrofit.benchmarking import time_call as timed
-from retrofit.modeling_raven import KVCache, RavenForCausalLM
+from retrofit.model.modeling_raven import KVCache, RavenForCausalLM
 
 
 @torch.no_grad()

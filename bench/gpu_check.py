@@ -7,7 +7,7 @@ intermediate 5632, vocab 32000), in bf16, prints:
    depth 8 ((n, k) = (24, 8), fixed so runs compare), micro batch 8 x 1024, eager and with
    `--compile` (each layer compiled, as train.py --compile does), and the SDPA kernel used.
    MFU = model FLOPs (param_counter.py's count: 6 D (N_prelude + N_coda + k N_rec) + 2 D n N_rec)
-   over the chip's peak (--peak_tflops, else the datasheet table in retrofit/flops.py, else the
+   over the chip's peak (--peak_tflops, else the datasheet table in retrofit/train/flops.py, else the
    bf16 matmul rate measured here);
 2. cached greedy generation tokens/s at recurrence 32 (4 + 32 * 8 + 4 = 264 layer applications)
    for batch 1 and 32, and the same for a HF `LlamaForCausalLM` with 264 layers of the same shape
@@ -28,8 +28,8 @@ import torch
 
 
 from retrofit.benchmarking import llama_config, raven_config, sync
-from retrofit.flops import count_parameters, micro_batch_flops, peak_tflops_of
-from retrofit.modeling_raven import Block, RavenForCausalLM
+from retrofit.train.flops import count_parameters, micro_batch_flops, peak_tflops_of
+from retrofit.model.modeling_raven import Block, RavenForCausalLM
 
 REAL = dict(hidden=2048, heads=32, kv_heads=4, intermediate=5632, vocab=32000, layers=(4, 8, 4),
             batch=8, seq=1024, steps=5, warmup=2, mean_rec=32, backprop=8,

@@ -28,7 +28,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from retrofit.synthetic import arithmetic_problems, problem_text, train_tokenizer  # noqa: E402
+from retrofit.data.synthetic import arithmetic_problems, problem_text, train_tokenizer  # noqa: E402
 from retrofit.testing import pack_token_rows, save_raven_model, tiny_raven_config, write_token_parquet  # noqa: E402
 
 

@@ -23,8 +23,8 @@ from torch import nn
 from tqdm import tqdm
 
 from retrofit.atomic import write_file_atomic
-from retrofit.conversion import parse_indices
-from retrofit.evaluation import inputs_and_labels, load_eval_rows, per_sequence_loss
+from retrofit.model.conversion import parse_indices
+from retrofit.evaluate.loss_over_depth import inputs_and_labels, load_eval_rows, per_sequence_loss
 
 # name -> kept base layers (prelude | recurrent block | coda), SmolLM2-135M's 30 layers.
 NAMED_SPLITS = {

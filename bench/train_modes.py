@@ -39,7 +39,7 @@ LORA = dict(rank=16, alpha=32, targets=["core_block"])
 
 
 def raven(device):
-    from retrofit.modeling_raven import RavenForCausalLM
+    from retrofit.model.modeling_raven import RavenForCausalLM
 
     torch.manual_seed(0)
     return RavenForCausalLM(raven_config(SHAPE, init_values={"std": 0.0})).to(device).train()
@@ -75,8 +75,8 @@ def state_bytes(model, optimizer) -> int:
 def build_mode(mode: str, args, device, rank: int) -> dict:
     """The model, optimizer and step of one mode (all modes live side by side, so their steps can
     be interleaved and machine noise hits every mode alike)."""
-    from retrofit import fsdp
-    from retrofit.distill import distillation_kl
+    from retrofit.train import fsdp
+    from retrofit.train.distill import distillation_kl
 
     model = raven(device)
     if "lora" in mode:

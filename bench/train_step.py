@@ -28,7 +28,7 @@ from retrofit.benchmarking import (
     scaled_tinyllama_model,
     time_call,
 )
-from retrofit.modeling_raven import RavenForCausalLM
+from retrofit.model.modeling_raven import RavenForCausalLM
 
 SHAPE = SCALED_TINYLLAMA
 DEPTHS = [(0, 1), (0, 4), (3, 4), (24, 8)]

@@ -14,7 +14,7 @@ the base with only the chosen layers kept; it exits non-zero when a difference e
 
 import sys
 
-from retrofit.conversion import main
+from retrofit.model.conversion import main
 
 if __name__ == "__main__":
     sys.exit(main(None))

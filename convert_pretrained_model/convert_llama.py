@@ -11,7 +11,7 @@ only the chosen layers kept; it exits non-zero when a difference exceeds 1e-4 * 
 import sys
 
 
-from retrofit.conversion import main
+from retrofit.model.conversion import main
 
 if __name__ == "__main__":
     sys.exit(main("llama"))

@@ -14,9 +14,9 @@ Figures (file stem: what it shows; input file):
   curriculum_shape              linear vs 1-sqrt curriculum, and their length (tinyllama_1_sqrt_app_fig)
   extend_prelude_coda           (4,8,4) vs (7,8,7) (extend_prelude_coda)
   loop_whole_model              TinyLlama shapes on FineWeb-Edu at test recurrence 32 (loop_whole_model)
-  scheduling_options            the two curriculum shapes (retrofit.plotting.plot_schedules)
+  scheduling_options            the two curriculum shapes (retrofit.analysis.plotting.plot_schedules)
 
-The same plotting primitives draw plot_evals.py's figures of your own runs (retrofit/plotting.py).
+The same plotting primitives draw plot_evals.py's figures of your own runs (retrofit/analysis/plotting.py).
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ import sys
 from pathlib import Path
 
 
-from retrofit import plotting
-from retrofit.results import read_jsonl
+from retrofit.analysis import plotting
+from retrofit.analysis.results import read_jsonl
 
 log = logging.getLogger("paper_plots")
 # The authors' published results ship with the repository (see data/README.md for the columns).

@@ -1,7 +1,7 @@
 """Mean recurrence vs training step for the linear and 1-sqrt curricula (the paper's schedule figure).
 
-The figure is retrofit.plotting.plot_schedules (paper_plots/plot.py draws it too): the curves come from
-retrofit.depth.RecurrenceSchedule.at (the paper's counting convention); the legend gives each curriculum's
+The figure is retrofit.analysis.plotting.plot_schedules (paper_plots/plot.py draws it too): the curves come from
+retrofit.train.depth.RecurrenceSchedule.at (the paper's counting convention); the legend gives each curriculum's
 summed mean recurrence over the run (its cost in recurrent-block iterations).
 
     python paper_plots/scheduling_options.py --out_dir figs [--max_steps 6125 --warmup 0.5 --max_mean_rec 32]
@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from retrofit import plotting
+from retrofit.analysis import plotting
 
 
 def main(argv=None) -> int:

@@ -7,8 +7,8 @@ import time
 
 import torch
 
-from retrofit.configuration_raven import RavenConfig
-from retrofit.modeling_raven import RavenForCausalLM
+from retrofit.model.configuration_raven import RavenConfig
+from retrofit.model.modeling_raven import RavenForCausalLM
 
 # TinyLlama's proportions scaled down (hidden 512, GQA 8/2 heads), (2, 2, 2) layers.
 SCALED_TINYLLAMA = dict(hidden=512, intermediate=1408, heads=8, kv_heads=2, vocab=4096, prelude=2, core=2, coda=2)

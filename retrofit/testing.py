@@ -102,7 +102,7 @@ def save_hf_model(config, out_dir: Path, tokenizer_dir: Path | None = None, seed
 
 def tiny_raven_config(vocab_size: int, **overrides):
     """A tiny recurrent config: hidden 64, GQA 4/2, (1, 2, 1) layers, r = 4, k = 2."""
-    from retrofit.configuration_raven import RavenConfig
+    from retrofit.model.configuration_raven import RavenConfig
 
     kwargs = dict(
         n_embd=64,
@@ -128,7 +128,7 @@ def tiny_raven_config(vocab_size: int, **overrides):
 def save_raven_model(config, out_dir: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
     from transformers import AutoTokenizer
 
-    from retrofit.modeling_raven import RavenForCausalLM
+    from retrofit.model.modeling_raven import RavenForCausalLM
 
     torch.manual_seed(seed)
     RavenForCausalLM(config).save_pretrained(out_dir)
@@ -170,7 +170,7 @@ def write_tiny_gguf(path: str | Path, tokenizer_dir: str | Path, arch: str = "ll
     import gguf
     import numpy as np
 
-    from retrofit.synthetic import CHAT_TEMPLATE
+    from retrofit.data.synthetic import CHAT_TEMPLATE
 
     spec = json.loads((Path(tokenizer_dir) / "tokenizer.json").read_text())
     tokens = [token for token, _ in sorted(spec["model"]["vocab"].items(), key=lambda item: item[1])]

@@ -148,6 +148,11 @@ if $requeue && ((lead >= time_seconds)); then
     die "--time $time_limit leaves no room for the checkpoint signal sent $lead s before the end"
 fi
 max_requeues=${MAX_REQUEUES:-50}
+# Both go into the job script verbatim: a typo there would only fail at the time limit (no requeue).
+[[ "$max_requeues" =~ ^[0-9]+$ ]] || die "MAX_REQUEUES must be a whole number >= 0, got '$max_requeues'"
+for cpus in "${CPUS_PER_TASK:-}" "${CPU_JOB_CPUS:-}"; do
+    [[ -z "$cpus" ]] || is_positive_int "$cpus" || die "CPUS_PER_TASK and CPU_JOB_CPUS must be positive integers, got '$cpus'"
+done
 
 if [[ -z "$job_name" ]]; then
     for arg in "${CMD[@]}"; do

@@ -96,16 +96,19 @@ for g in "${GROUP_LIST[@]}"; do
     [[ "$g" == zeroshot || "$g" == math ]] || die "unknown task group '$g' (choose zeroshot and/or math)"
 done
 [[ -z "$LIMIT" || "$LIMIT" =~ ^[0-9]+(\.[0-9]+)?$ ]] || die "--limit '$LIMIT' is not a number"
+[[ -z "$LIMIT" || ! "$LIMIT" =~ ^0*(\.0*)?$ ]] || die "--limit $LIMIT evaluates no document; pass N >= 1 (or a fraction > 0)"
+[[ -z "$BATCH_SIZE" || "$BATCH_SIZE" == auto || "$BATCH_SIZE" =~ ^auto:[1-9][0-9]*$ || "$BATCH_SIZE" =~ ^[1-9][0-9]*$ ]] \
+    || die "--batch_size '$BATCH_SIZE' must be a positive integer, auto or auto:N"
 [[ "$ADD_BOS" =~ ^(auto|true|false)$ ]] || die "--add_bos_token must be auto, true or false, got '$ADD_BOS'"
 
 if (( ! DRY_RUN )); then
     "$PYTHON" -c "import lm_eval" 2>/dev/null || die "lm-eval is not installed for $PYTHON (pip install -r requirements.txt, or set PYTHON=/path/to/python)"
 fi
 # auto -> cuda if available, else cpu; a CUDA device on a machine without one is a one-line error.
-# The rule train.py, generate.py and multi_recurrence_eval.py use (retrofit/distributed.py).
+# The rule train.py, generate.py and multi_recurrence_eval.py use (retrofit/train/distributed.py).
 RESOLVE_DEVICE_PY='
 import sys
-from retrofit.distributed import LaunchError, resolve_device
+from retrofit.train.distributed import LaunchError, resolve_device
 try:
     print(resolve_device(sys.argv[1]))
 except LaunchError as err:
@@ -146,13 +149,13 @@ sys.exit(1)
 '
 run_done() { "$PYTHON" -c "$RUN_DONE_PY" "$1" "$2" "$LIMIT"; }
 
-# add_bos CKPT: True or False for lm-eval's add_bos_token (retrofit.evaluation.eval_prepends_bos);
+# add_bos CKPT: True or False for lm-eval's add_bos_token (retrofit.evaluate.loss_over_depth.eval_prepends_bos);
 # the paper's True when the tokenizer cannot be read (lm-eval then names the problem).
 ADD_BOS_PY='
 import sys
 sys.path.insert(0, sys.argv[1])
-from retrofit.checkpoint import load_saved_tokenizer
-from retrofit.evaluation import eval_prepends_bos
+from retrofit.model.loading import load_saved_tokenizer
+from retrofit.evaluate.loss_over_depth import eval_prepends_bos
 try:
     tokenizer = load_saved_tokenizer(sys.argv[2])
 except (OSError, ValueError):

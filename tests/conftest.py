@@ -24,7 +24,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from retrofit.synthetic import arithmetic_problems, problem_text, train_tokenizer  # noqa: E402
+from retrofit.data.synthetic import arithmetic_problems, problem_text, train_tokenizer  # noqa: E402
 from retrofit.testing import (  # noqa: E402
     pack_token_rows,
     save_hf_model,
@@ -101,7 +101,7 @@ def eval_run_dir(tmp_path_factory, tiny_llama_dir) -> Path:
     evaluation is deterministic (converted models default to Huginn's random state)."""
     import json
 
-    from retrofit.conversion import LayerChoice, convert
+    from retrofit.model.conversion import LayerChoice, convert
 
     run = tmp_path_factory.mktemp("eval_run")
     ckpt = run / "model_only_chkpt_10"

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 import param_counter
-from retrofit.reporting import count, flops_report
+from retrofit.analysis.reporting import count, flops_report
 from conftest import PAPER_DATA
-from retrofit.depth import MeanBackpropDepthSchedule, MeanRecurrenceSchedule, RecurrenceSchedule
-from retrofit.flops import (
+from retrofit.train.depth import MeanBackpropDepthSchedule, MeanRecurrenceSchedule, RecurrenceSchedule
+from retrofit.train.flops import (
     ParamCounts,
     build_on_meta,
     count_model_dir,
@@ -60,7 +60,7 @@ def save_hf_config(out: Path, family: str) -> Path:
 
 
 def save_raven_config(out: Path, family: str, shape: tuple[int, int, int], mean_recurrence: int = 32) -> Path:
-    from retrofit.configuration_raven import RavenConfig
+    from retrofit.model.configuration_raven import RavenConfig
 
     f = FAMILIES[family]
     RavenConfig(n_embd=f["hidden"], n_heads=f["heads"], num_key_value_heads=f["kv"], intermediate_size=f["mlp"],
@@ -164,9 +164,20 @@ def test_param_counter_cli(model_dirs, capsys):
         (["/nonexistent/model"], "no config.json"),
         ([str(model_dirs[("tinyllama", (4, 8, 4))]), "--checkpoint", "10"], "--max_steps"),
         ([str(model_dirs[("tinyllama", (4, 8, 4))]), "--non_recurrent", "--checkpoint", "10"], "recurrent model"),
+        ([str(model_dirs[("tinyllama", (4, 8, 4))]), "--num_rec", "0"], "--num_rec must be >= 1, got 0"),
+        ([str(model_dirs[("tinyllama", (4, 8, 4))]), "--checkpoint", "2", "--max_steps", "4", "--tokens_per_step", "-5"],
+         "--tokens_per_step must be >= 1, got -5"),
+        ([str(model_dirs[("tinyllama", (4, 8, 4))]), "--checkpoint", "2", "--max_steps", "4", "--warmup", "2"],
+         "--warmup must be a fraction of max_steps in [0, 1], got 2.0"),
     ]:
         assert param_counter.main(bad_args) == 2
         assert message in capsys.readouterr().err
+
+
+def test_param_counter_refuses_a_config_without_its_sizes(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
+    assert param_counter.main([str(tmp_path)]) == 2  # a 32-layer default Llama would be counted otherwise
+    assert "does not give num_hidden_layers" in capsys.readouterr().err
 
 
 # The paper's runs (docs/training.md, The paper's runs) and their run names: file, legend label -> model and training.

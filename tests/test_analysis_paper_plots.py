@@ -58,7 +58,7 @@ def test_clean_label():
 def test_scheduling_options_curves_and_figure(tmp_path):
     # 8 steps, curriculum over 50% (4 steps) to 4. linear: ceil(4 t / 4) = t, then 4.
     # 1-sqrt: ceil(4 (1 - sqrt(1 - t/4))) = ceil(0.54), ceil(1.17), ceil(2) = 1, 2, 2, then 4.
-    from retrofit.plotting import schedule_curves
+    from retrofit.analysis.plotting import schedule_curves
 
     curves = schedule_curves(max_steps=8, warmup=0.5, max_mean_rec=4)
     assert curves["linear"] == ([1, 2, 3, 4, 4, 4, 4, 4], 26)

@@ -14,9 +14,9 @@ import pytest
 
 import plot_evals
 from conftest import PAPER_DATA
-from retrofit.depth import MeanBackpropDepthSchedule, MeanRecurrenceSchedule, RecurrenceSchedule
-from retrofit.flops import count_model_dir, training_flops
-from retrofit.results import COLUMNS, NotLmEvalOutput, RunSpec, collect_run, read_jsonl
+from retrofit.train.depth import MeanBackpropDepthSchedule, MeanRecurrenceSchedule, RecurrenceSchedule
+from retrofit.train.flops import count_model_dir, training_flops
+from retrofit.analysis.results import COLUMNS, NotLmEvalOutput, RunSpec, collect_run, read_jsonl
 
 MAX_STEPS = 300
 RECS = (1, 2, 4)
@@ -66,7 +66,7 @@ def task_results(step: int, rec: int) -> dict:
 def runs(tmp_path_factory, tokenizer):
     """A recurrent run (checkpoints 100, 200, final at 300; rec 1, 2, 4) and a static baseline run."""
     from retrofit.testing import tiny_llama_config
-    from retrofit.configuration_raven import RavenConfig
+    from retrofit.model.configuration_raven import RavenConfig
 
     root = tmp_path_factory.mktemp("eval_runs")
     recurrent = root / "tiny_recurrent_run"
@@ -203,8 +203,8 @@ def test_local_task_variants_and_run_json_are_read_without_warnings(runs, tmp_pa
     mistaken for lm-eval output; a task that only shares a prefix with a known one stays unknown."""
     import shutil
 
-    from retrofit.results import known_task, task_chance, task_metric, task_title
-    from retrofit.run_record import build_run_record, write_run_record
+    from retrofit.analysis.results import known_task, task_chance, task_metric, task_title
+    from retrofit.train.run_record import build_run_record, write_run_record
 
     assert [known_task(t) for t in ("gsm8k_cot_sean_local", "quickstart_gsm8k_cot_sean", "mmlu_anatomy",
                                     "quickstart_arith_mc", "my_task_local")] == [

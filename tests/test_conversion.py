@@ -10,8 +10,8 @@ import pytest
 import torch
 from conftest import ROOT
 
-from retrofit.conversion import ConversionError, LayerChoice, convert, layer_choice, parse_indices
-from retrofit.modeling_raven import RavenForCausalLM
+from retrofit.model.conversion import ConversionError, LayerChoice, convert, layer_choice, parse_indices
+from retrofit.model.modeling_raven import RavenForCausalLM
 from retrofit.testing import save_hf_model, tiny_hf_config, tiny_llama_config
 
 LLAMA3_ROPE = {
@@ -37,7 +37,7 @@ def run_cli(script: str, *args: str) -> subprocess.CompletedProcess:
 
 def run_main(capsys, family: str, *args: str) -> tuple[int, str, str]:
     """The converters' shared CLI in-process (what both scripts call), for the many error cases."""
-    from retrofit.conversion import main
+    from retrofit.model.conversion import main
 
     code = main(family, list(args))
     captured = capsys.readouterr()
@@ -151,7 +151,7 @@ def test_labels_follow_hf_convention_on_a_converted_model(tiny_llama_dir, tmp_pa
     the input); aligned labels, as the trainer makes them, go in `shift_labels` for both models."""
     from transformers import AutoModelForCausalLM
 
-    from retrofit.rows import inputs_and_labels
+    from retrofit.data.rows import inputs_and_labels
 
     out, _ = convert(tiny_llama_dir, tmp_path / "rec", CHOICE, dtype="float32", adapter_init="identity", verify=False)
     model = RavenForCausalLM.from_pretrained(out).eval()
@@ -236,7 +236,7 @@ def test_old_reference_rounding_rope_buffers_would_fail(tiny_olmo2_dir, tmp_path
     reference itself is off, far beyond the tolerance, so a correct conversion would be refused."""
     from transformers import AutoModelForCausalLM
 
-    from retrofit.conversion import round_weights_like_saved, verification_input, verification_table
+    from retrofit.model.verification import round_weights_like_saved, verification_input, verification_table
 
     out, _ = convert(tiny_olmo2_dir, tmp_path / "rec", CHOICE, dtype="bfloat16")
     ours = RavenForCausalLM.from_pretrained(out, dtype=torch.float32)
@@ -412,7 +412,7 @@ def test_download_to_local_arguments(capsys):
 
 def test_verification_catches_a_wrong_mapping(tiny_llama_dir, tmp_path, monkeypatch):
     """If the weight map were wrong, the table flags it and nothing is saved."""
-    import retrofit.conversion as conversion
+    import retrofit.model.conversion as conversion
 
     real = conversion.map_state_dict
 

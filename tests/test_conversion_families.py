@@ -18,7 +18,7 @@ from conftest import ROOT
 
 from retrofit.testing import FAMILY_OVERRIDES, save_hf_model, tiny_family_config
 
-from retrofit.conversion import (
+from retrofit.model.conversion import (
     MIDDLE_DROP_RECIPE,
     PAPER,
     PRESET_DEFINITIONS,
@@ -29,8 +29,8 @@ from retrofit.conversion import (
     layer_choice,
     main,
 )
-from retrofit.split import paper_shape
-from retrofit.modeling_raven import RavenForCausalLM
+from retrofit.model.modeling_raven import RavenForCausalLM
+from retrofit.model.split import paper_shape
 
 CHOICE = LayerChoice(prelude=[0, 1], core=[4, 5], coda=[6, 7])
 FAMILY_SWITCHES = {  # what each family becomes in the one model file
@@ -229,7 +229,7 @@ def test_preset_bases_build_with_the_real_hf_classes_on_meta():
     """Each preset's stored sizes make a valid HF config of its family (counted on the meta device)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from retrofit.conversion import FAMILIES
+    from retrofit.model.conversion import FAMILIES
 
     for name, preset in PRESET_DEFINITIONS.items():
         model_type = FAMILIES[preset.family].hf_model_types[0]
@@ -240,7 +240,7 @@ def test_preset_bases_build_with_the_real_hf_classes_on_meta():
 
 def test_bases_of_the_supported_families_pass_old_qk_norm_configs(tmp_path):
     """Configs written before qk_norm took "none" | "whole" | "per_head" (booleans) still load."""
-    from retrofit.configuration_raven import RavenConfig
+    from retrofit.model.configuration_raven import RavenConfig
 
     assert RavenConfig(qk_norm=True).qk_norm == "whole" and RavenConfig(qk_norm=False).qk_norm == "none"
     assert RavenConfig().qk_norm == "none" and RavenConfig(qk_norm="per_head").qk_norm == "per_head"

@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import get_scheduler
 
-from retrofit.depth import MeanBackpropDepthSchedule, MeanRecurrenceSchedule, RecurrenceSchedule, sample_num_steps
+from retrofit.train.depth import MeanBackpropDepthSchedule, MeanRecurrenceSchedule, RecurrenceSchedule, sample_num_steps
 
 # The dummy optimizers never step (the original's don't either).
 pytestmark = pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step")
@@ -105,7 +105,7 @@ def test_no_curriculum_uses_the_config_values_uncapped():
 
 def test_parquet_micro_batches_draw_with_the_originals_numbering():
     """The original's parquet loop enumerates micro-batches from 2; other data from 1."""
-    from retrofit.train_config import TrainConfig
+    from retrofit.train.config import TrainConfig
 
     parquet = TrainConfig(model_name="m", preprocessed_data_path="d", is_parquet_dataset=True, max_length=8, max_steps=1)
     plain = TrainConfig(model_name="m", preprocessed_data_path="d", max_length=8, max_steps=1)

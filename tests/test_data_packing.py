@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from retrofit.packing import (
+from retrofit.data.packing import (
     Docs,
     PackConfig,
     Rows,
@@ -25,8 +25,8 @@ from retrofit.packing import (
     tokenize_chats,
     tokenize_texts,
 )
-from retrofit.rows import DataError, inputs_and_labels
-from retrofit.synthetic import arithmetic_problems
+from retrofit.data.rows import DataError, inputs_and_labels
+from retrofit.data.synthetic import arithmetic_problems
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -197,7 +197,7 @@ def test_two_workers_equal_one_worker(tokenizer, corpus, mode):
 def test_tokenizer_without_eos_is_an_error(tmp_path, tokenizer_dir, raw_text_dir):
     from transformers import AutoTokenizer
 
-    from retrofit.preprocess import process_data
+    from retrofit.data.preprocess import process_data
 
     no_eos = AutoTokenizer.from_pretrained(tokenizer_dir)
     no_eos.eos_token = None
@@ -233,7 +233,7 @@ def raw_text_dir(tmp_path_factory, corpus):
 def test_cli_best_fit_and_chat(tmp_path, tokenizer_dir, tokenizer):
     import datasets
 
-    from retrofit.preprocess import process_data
+    from retrofit.data.preprocess import process_data
 
     problems = arithmetic_problems(40, seed=5)
     qa_dir = tmp_path / "qa"
@@ -265,7 +265,7 @@ def test_cli_best_fit_and_chat(tmp_path, tokenizer_dir, tokenizer):
     assert all(p["answer"] in answer_text for p in problems)
     assert not (tmp_path / "out" / "posttrain_huginn").exists()  # cache cleaned up
     # train.py's reader of save_to_disk data trains on the answer tokens only.
-    from retrofit.data import PackedDatasetStream
+    from retrofit.data.stream import PackedDatasetStream
 
     batch = PackedDatasetStream(packed, micro_batch_size=4, shuffle=False).next_batch()
     _, _, labels = inputs_and_labels(**batch)
@@ -296,7 +296,7 @@ def test_cli_errors_are_one_line(tmp_path, tokenizer_dir, raw_text_dir, capsys):
 
 
 def test_process_data_input_errors(tmp_path, tokenizer_dir, raw_text_dir):
-    from retrofit.preprocess import process_data
+    from retrofit.data.preprocess import process_data
 
     kw = dict(tokenizer_name=str(tokenizer_dir), save_path=str(tmp_path), num_proc=1, progress=False)
     with pytest.raises(DataError, match="max_length=1 is too small"):

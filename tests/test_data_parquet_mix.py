@@ -13,10 +13,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from retrofit.mixing import MixRequest, mix_order, parse_mix_spec, plan_mix
-from retrofit.packing import Rows
-from retrofit.rows import DataError
-from retrofit.shards import write_parquet_shards
+from retrofit.data.mixing import MixRequest, mix_order, parse_mix_spec, plan_mix
+from retrofit.data.packing import Rows
+from retrofit.data.rows import DataError
+from retrofit.data.shards import write_parquet_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_LENGTH = 32
@@ -36,7 +36,7 @@ def packed_dir(tmp_path_factory, tokenizer_dir, corpus) -> Path:
     """The corpus tokenized and wrap-packed by the real CLI function (a save_to_disk dataset)."""
     import datasets
 
-    from retrofit.preprocess import process_data
+    from retrofit.data.preprocess import process_data
 
     base = tmp_path_factory.mktemp("packed")
     datasets.Dataset.from_dict({"text": corpus}).save_to_disk(str(base / "raw"))
@@ -53,7 +53,7 @@ def packed_dir(tmp_path_factory, tokenizer_dir, corpus) -> Path:
 def test_to_parquet_round_trip_and_training_reader(tmp_path, packed_dir, capsys):
     import datasets
 
-    from retrofit.data import ParquetStream
+    from retrofit.data.stream import ParquetStream
     from utils.to_parquet import main
 
     out = tmp_path / "parquet"
@@ -219,7 +219,7 @@ def test_corrupt_and_foreign_parquet_fail_with_one_line(tmp_path):
 
 
 def test_foreign_parquet_message(tmp_path):
-    from retrofit.shards import open_parquet
+    from retrofit.data.shards import open_parquet
 
     path = tmp_path / "x.parquet"
     pq.write_table(pa.table({"text": ["a"]}), path)

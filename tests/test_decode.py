@@ -8,7 +8,8 @@ import pytest
 import torch
 from test_model import FAMILIES, VOCAB, tiny_model
 
-from retrofit.modeling_raven import Block, KVCache, compiled_cache_capacity
+from retrofit.model.generation_raven import compiled_cache_capacity
+from retrofit.model.modeling_raven import Block, KVCache
 
 
 @torch.no_grad()
@@ -83,7 +84,7 @@ def test_compiled_decode_step_gives_the_same_tokens(static, monkeypatch):
     and CUDA's (static shapes, the whole capacity masked), forced here on CPU."""
     from torch._dynamo.utils import counters
 
-    import retrofit.modeling_raven as modeling
+    import retrofit.model.generation_raven as modeling
 
     monkeypatch.setattr(modeling, "static_decode_shapes", lambda device: static)
     model = tiny_model(seed=2, n_layers_in_recurrent_block=1)

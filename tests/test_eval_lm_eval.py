@@ -79,7 +79,7 @@ def loglikelihoods(rows) -> list[float]:
 
 @pytest.mark.slow
 def test_one_json_per_recurrence_in_the_plot_layout(evaluated):
-    from retrofit.results import checkpoint_from, recurrence_from
+    from retrofit.analysis.results import checkpoint_from, recurrence_from
 
     sweep = evaluated["sweep"]
     assert len(list((sweep / "eval").rglob("results_*.json"))) == 2
@@ -169,6 +169,8 @@ def test_default_sweep_is_the_papers(tmp_path, eval_run_dir):
     (["--bogus", "{ckpt}"], "unknown option --bogus"),
     (["--device", "gpu0", "{ckpt}"], "--device=gpu0 is not a device; use auto, cpu, cuda or cuda:N"),
     ([], "no checkpoint directory given"),
+    (["--limit", "0", "{ckpt}"], "--limit 0 evaluates no document"),
+    (["--batch_size", "abc", "{ckpt}"], "--batch_size 'abc' must be a positive integer, auto or auto:N"),
 ])
 def test_eval_sh_errors(tmp_path, eval_run_dir, args, message):
     paths = {"missing": tmp_path / "missing", "empty": tmp_path, "ckpt": eval_run_dir / "model_only_chkpt_10"}
@@ -214,7 +216,7 @@ def test_gsm8k_cot_sean_on_local_rows(monkeypatch):
 def test_lm_eval_on_a_converted_qwen3_is_batch_independent(tmp_path, tiny_family_dirs):
     """A new family through the same path: Qwen3 (per-head q/k norms) converted, then eval.sh at
     recurrence 2 with batch 4 (padded) and batch 1, concurrently; same scores and generations."""
-    from retrofit.conversion import LayerChoice, convert
+    from retrofit.model.conversion import LayerChoice, convert
 
     ckpt = tmp_path / "qwen3_run" / "model_only_chkpt_10"
     convert(tiny_family_dirs["qwen3"], ckpt, LayerChoice([0, 1], [4, 5], [6, 7]), dtype="float32", mean_recurrence=2)
@@ -244,7 +246,7 @@ def test_eval_prepends_bos_as_training_rows_begin(tokenizer_dir, tmp_path):
     chat marker <|im_start|>), nor without a BOS."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    from retrofit.evaluation import eval_prepends_bos
+    from retrofit.evaluate.loss_over_depth import eval_prepends_bos
 
     assert eval_prepends_bos(AutoTokenizer.from_pretrained(tokenizer_dir))  # adds <s> itself, like Llama's
     spec = json.loads((tokenizer_dir / "tokenizer.json").read_text())

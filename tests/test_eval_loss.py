@@ -14,8 +14,8 @@ import pytest
 import torch
 from conftest import ROOT
 
-from retrofit.configuration_raven import DEFAULT_STATE_STD
-from retrofit.evaluation import (
+from retrofit.model.configuration_raven import DEFAULT_STATE_STD
+from retrofit.evaluate.loss_over_depth import (
     AdaptiveExit,
     EvalError,
     depth_sweep,
@@ -97,7 +97,7 @@ def test_readout_in_chunks_equals_one_chunk(model, shard, monkeypatch):
     """The sweep's head + loss over chunks of tokens (bounded logits memory at real vocabulary
     sizes) gives the losses of the whole-batch readout; 7 rows per chunk leaves a ragged last
     chunk and crosses the padded rows."""
-    import retrofit.evaluation as evaluation
+    import retrofit.evaluate.loss_over_depth as evaluation
 
     ids, mask = load_eval_rows(shard, 10)
     whole = loss_over_depth(model, ids, mask, RECURRENCES, batch_size=5, progress=False)
@@ -188,6 +188,9 @@ def test_cli_writes_the_original_format(eval_run_dir, shard, tmp_path, capsys, m
     (["{run}", "10", "--adaptive_threshold", "-1"], "adaptive threshold"),
     (["{run}", "10", "--adaptive_threshold", "0.1", "--adaptive_criterion", "entropy"], "'entropy'"),
     (["{run}/nope", "10"], "does not exist"),
+    (["{run}", "10", "--recurrences", "1000000000"], "recurrence 1000000000 is more than 1024"),
+    (["{run}", "10", "--eval_file_path", "{negative_ids}", "--num_sequences", "2"], "token id -5 in"),
+    (["{run}", "10", "--eval_file_path", "{huge_ids}", "--num_sequences", "2"], "token id 1000000 in"),
 ])
 def test_cli_errors(eval_run_dir, shard, tmp_path, capsys, monkeypatch, argv, message):
     import pyarrow as pa
@@ -196,8 +199,11 @@ def test_cli_errors(eval_run_dir, shard, tmp_path, capsys, monkeypatch, argv, me
     (eval_run_dir / "no_config").mkdir(exist_ok=True)
     bad_shard = tmp_path / "bad.parquet"
     pq.write_table(pa.table({"tokens": [[1, 2, 3]]}), bad_shard)
+    negative_ids, huge_ids = tmp_path / "negative.parquet", tmp_path / "huge.parquet"
+    pq.write_table(pa.table({"input_ids": [[1, -5, 3, 4]] * 2}), negative_ids)
+    pq.write_table(pa.table({"input_ids": [[1, 10**6, 3, 4]] * 2}), huge_ids)
     monkeypatch.chdir(tmp_path)
-    argv = [a.format(run=eval_run_dir, bad_shard=bad_shard) for a in argv]
+    argv = [a.format(run=eval_run_dir, bad_shard=bad_shard, negative_ids=negative_ids, huge_ids=huge_ids) for a in argv]
     if "--eval_file_path" not in argv:
         argv += ["--eval_file_path", str(shard)]
     assert run_cli(*argv, "--device", "cpu") == 2

@@ -9,7 +9,7 @@ import sys
 import pytest
 from conftest import ROOT
 
-from retrofit.conversion import LayerChoice, convert
+from retrofit.model.conversion import LayerChoice, convert
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +109,7 @@ def test_generate_runs_this_repos_model_code_unless_asked(recurrent_dir, tmp_pat
 
 
 def test_generate_cuda_without_a_gpu_is_a_one_line_error(recurrent_dir, capsys):
-    """--device follows the one rule of every script here (retrofit.distributed.resolve_device)."""
+    """--device follows the one rule of every script here (retrofit.train.distributed.resolve_device)."""
     import torch
 
     if torch.cuda.is_available():
@@ -117,3 +117,32 @@ def test_generate_cuda_without_a_gpu_is_a_one_line_error(recurrent_dir, capsys):
     gen = load_generate()
     assert gen.main([str(recurrent_dir), "--prompt", "x", "--device", "cuda"]) == 2
     assert capsys.readouterr().err == "error: --device=cuda but no CUDA device is visible; use --device=cpu (or auto)\n"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--num_steps", "100000000"], "--num_steps must be in [1, 1024]"),
+    (["--adaptive", "-1"], "--adaptive must be a threshold >= 0, got -1.0"),
+    (["--dtype", "float128"], "invalid choice: 'float128'"),
+    (["--sample", "--temperature", "0"], "--temperature must be > 0"),
+    (["--sample", "--top_p", "1.5"], "--top_p must be in (0, 1]"),
+])
+def test_generate_refuses_values_out_of_range(recurrent_dir, capsys, args, message):
+    with pytest.raises(SystemExit) as exit_info:
+        load_generate().main([str(recurrent_dir), "--prompt", "x", *args])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_generate_devices_and_models_that_cannot_run_are_one_line_errors(recurrent_dir, tmp_path, capsys):
+    import shutil
+
+    gen = load_generate()
+    assert gen.main([str(recurrent_dir), "--prompt", "x", "--device", "meta"]) == 2
+    assert capsys.readouterr().err.startswith("error: --device=meta is not a device")
+    no_tokenizer = tmp_path / "no_tokenizer"
+    shutil.copytree(recurrent_dir, no_tokenizer)
+    for path in no_tokenizer.iterdir():
+        if path.name.startswith(("tokenizer", "special_tokens")):
+            path.unlink()
+    assert gen.main([str(no_tokenizer), "--prompt", "x"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {no_tokenizer} does not load") and err.count("\n") == 1, err

@@ -59,7 +59,7 @@ def test_gguf_becomes_a_hf_folder_with_the_same_logits(tiny_gguf, tmp_path, dtyp
 
 
 def test_the_converter_reads_the_output(tiny_gguf, tmp_path, capsys):
-    from retrofit.conversion import LayerChoice, convert
+    from retrofit.model.conversion import LayerChoice, convert
 
     hf = tmp_path / "hf"
     assert gguf_to_hf.main(["--gguf_file", str(tiny_gguf), "--save_name", str(hf)]) == 0

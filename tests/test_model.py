@@ -11,9 +11,9 @@ import textwrap
 import pytest
 import torch
 
-from retrofit.configuration_raven import RavenConfig
-from retrofit.depth import sample_num_steps
-from retrofit.modeling_raven import KVCache, RavenForCausalLM, RMSNorm
+from retrofit.model.configuration_raven import RavenConfig
+from retrofit.train.depth import sample_num_steps
+from retrofit.model.modeling_raven import KVCache, RavenForCausalLM, RMSNorm
 from retrofit.testing import tiny_raven_config
 
 VOCAB = 97

@@ -7,7 +7,7 @@ import torch
 
 from retrofit.testing import tiny_raven_config
 
-from retrofit.modeling_raven import LoRALinear, RavenForCausalLM
+from retrofit.model.modeling_raven import LoRALinear, RavenForCausalLM
 
 
 def build(vocab=96, seed=0, **overrides) -> RavenForCausalLM:
@@ -66,7 +66,7 @@ def test_activation_checkpointing_gives_identical_gradients_and_keeps_less(lora)
 
 
 def test_lora_starts_at_zero_and_round_trips_through_remote_code(tmp_path):
-    from retrofit.checkpoint import load_saved_model
+    from retrofit.model.loading import load_saved_model
 
     ids = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(4))
     model = build().eval()
@@ -147,7 +147,7 @@ def test_param_counter_and_flops_count_lora_deltas(tmp_path, capsys):
     import json
 
     import param_counter
-    from retrofit.flops import count_parameters, step_flops
+    from retrofit.train.flops import count_parameters, step_flops
 
     plain = count_parameters(build())
     model = build()

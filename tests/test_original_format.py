@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from retrofit.configuration_raven import RavenConfig
-from retrofit.modeling_raven import RavenForCausalLM
+from retrofit.model.configuration_raven import RavenConfig
+from retrofit.model.modeling_raven import RavenForCausalLM
 
 DATA = Path(__file__).parent / "data" / "original_configs"
 CONFIGS = {

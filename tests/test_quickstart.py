@@ -66,8 +66,8 @@ def test_quickstart_writes_summary_and_plots(quickstart_run):
     # FLOPs as param_counter.py counts them from the checkpoint's run.json, which holds the
     # curriculum the script typed once (1-sqrt over half the steps to QUICKSTART_MAX_REC, the
     # converted model's backprop depth QUICKSTART_BACKPROP) and the tokens per step.
-    from retrofit.depth import MeanBackpropDepthSchedule, MeanRecurrenceSchedule, RecurrenceSchedule
-    from retrofit.reporting import flops_report
+    from retrofit.train.depth import MeanBackpropDepthSchedule, MeanRecurrenceSchedule, RecurrenceSchedule
+    from retrofit.analysis.reporting import flops_report
 
     counted = flops_report(out / "runs/recurrent/final_checkpoint")
     expected = RecurrenceSchedule(3, MeanRecurrenceSchedule(True, 0.5, 2, "1-sqrt"), MeanBackpropDepthSchedule(max_backprop=1))

@@ -93,7 +93,7 @@ def test_conversion_is_exact_on_real_text_at_r1_and_r4(smollm2_dir, converted_di
     1e-4 relative to the largest logit; on CPU in float32 the difference is 0)."""
     from transformers import AutoModelForCausalLM
 
-    from retrofit.modeling_raven import RavenForCausalLM
+    from retrofit.model.modeling_raven import RavenForCausalLM
 
     ids = held_out_rows(python_docs, 2)[:, :-1]
     model = RavenForCausalLM.from_pretrained(converted_dir, dtype=torch.float32).eval()

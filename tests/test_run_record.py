@@ -46,7 +46,7 @@ def curriculum_run(tmp_path_factory, train_raven_dir, train_parquet_dir):
 def paper_formula_flops(model_dir: Path, schedule, checkpoint: int, tokens_per_step: int) -> int:
     """docs/analysis.md, written out: sum over steps u = 1..checkpoint of
     6 D (N_prelude + N_coda + min(r_u, s_u) N_rec) + 2 D max(r_u - s_u, 0) N_rec, (r_u, s_u) = schedule.at(u)."""
-    from retrofit.flops import count_model_dir
+    from retrofit.train.flops import count_model_dir
 
     counts = count_model_dir(model_dir)
     total = 0
@@ -60,10 +60,10 @@ def paper_formula_flops(model_dir: Path, schedule, checkpoint: int, tokens_per_s
 def test_run_json_records_the_run_in_every_checkpoint(curriculum_run):
     import torch
 
-    from retrofit import checkpoint as ckpt
-    from retrofit.configuration_raven import RavenConfig
-    from retrofit.depth import MeanBackpropDepthSchedule, MeanRecurrenceSchedule, RecurrenceSchedule
-    from retrofit.train_config import parse_config
+    from retrofit.train import checkpoint as ckpt
+    from retrofit.model.configuration_raven import RavenConfig
+    from retrofit.train.depth import MeanBackpropDepthSchedule, MeanRecurrenceSchedule, RecurrenceSchedule
+    from retrofit.train.config import parse_config
 
     run_dir, args = curriculum_run
     record = json.loads((run_dir / "run.json").read_text())
@@ -102,7 +102,7 @@ def test_run_json_records_the_run_in_every_checkpoint(curriculum_run):
 
 def test_param_counter_reads_run_json_for_paper_formula_flops(curriculum_run, capsys):
     import param_counter
-    from retrofit.run_record import read_run_record, record_schedule
+    from retrofit.train.run_record import read_run_record, record_schedule
 
     run_dir, _ = curriculum_run
     schedule = record_schedule(read_run_record(run_dir))
@@ -134,8 +134,8 @@ def write_results(checkpoint: Path, rec: int, acc: float) -> None:
 
 def test_plot_evals_run_dir_without_curriculum_flags(curriculum_run, tmp_path):
     import plot_evals
-    from retrofit.results import read_jsonl
-    from retrofit.run_record import read_run_record, record_schedule
+    from retrofit.analysis.results import read_jsonl
+    from retrofit.train.run_record import read_run_record, record_schedule
 
     run_dir, _ = curriculum_run
     for name in ("model_only_chkpt_2", "final_checkpoint"):
@@ -161,9 +161,9 @@ def test_plot_evals_run_dir_without_curriculum_flags(curriculum_run, tmp_path):
 
 def test_one_definition_of_the_curriculum_settings():
     """train.py's flag groups are the curriculum classes that counting and plotting use, defaults included."""
-    from retrofit import depth
-    from retrofit.results import RunSpec
-    from retrofit.train_config import TrainConfig
+    from retrofit.train import depth
+    from retrofit.analysis.results import RunSpec
+    from retrofit.train.config import TrainConfig
 
     cfg = TrainConfig()
     assert type(cfg.mean_recurrence_schedule) is depth.MeanRecurrenceSchedule
@@ -176,9 +176,9 @@ def test_one_definition_of_the_curriculum_settings():
 def test_counting_without_run_json_follows_train_py_defaults(tmp_path, tokenizer):
     """No run.json: a run is what train.py's defaults do on this model config (no curriculum;
     the config's mean_recurrence and mean_backprop_depth), unless a flag says otherwise."""
-    from retrofit.configuration_raven import RavenConfig
-    from retrofit.depth import MeanBackpropDepthSchedule, MeanRecurrenceSchedule, RecurrenceSchedule
-    from retrofit.reporting import flops_report
+    from retrofit.model.configuration_raven import RavenConfig
+    from retrofit.train.depth import MeanBackpropDepthSchedule, MeanRecurrenceSchedule, RecurrenceSchedule
+    from retrofit.analysis.reporting import flops_report
 
     model = tmp_path / "model"
     RavenConfig(n_embd=64, n_heads=4, num_key_value_heads=2, intermediate_size=128, n_layers_in_prelude=1,
@@ -196,7 +196,7 @@ def test_counting_without_run_json_follows_train_py_defaults(tmp_path, tokenizer
 def test_plotting_and_counting_import_neither_torch_nor_transformers():
     code = """
 import importlib.util, sys
-import retrofit.plotting, retrofit.results, retrofit.reporting, retrofit.run_record, retrofit.flops, retrofit.depth
+import retrofit.analysis.plotting, retrofit.analysis.results, retrofit.analysis.reporting, retrofit.train.run_record, retrofit.train.flops, retrofit.train.depth
 import plot_evals, param_counter
 for name in ("plot", "scheduling_options"):
     spec = importlib.util.spec_from_file_location("paper_plots_" + name, "paper_plots/" + name + ".py")
@@ -211,7 +211,7 @@ print(sorted(m for m in ("torch", "transformers") if m in sys.modules))
 
 def test_counting_knows_the_recurrent_model_type_without_importing_transformers():
     """flops.py spells the model type out (it must not import transformers); it is the config's."""
-    from retrofit.configuration_raven import RavenConfig
-    from retrofit.flops import RECURRENT_MODEL_TYPE
+    from retrofit.model.configuration_raven import RavenConfig
+    from retrofit.train.flops import RECURRENT_MODEL_TYPE
 
     assert RECURRENT_MODEL_TYPE == RavenConfig.model_type

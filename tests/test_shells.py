@@ -379,6 +379,10 @@ def test_local_two_process_training_run(cluster, tmp_path, train_raven_dir, trai
         (["--", "python", "train.py"], {"GPUS_PER_NODE": ""}, "GPUS_PER_NODE is not set"),
         (["--", "python", "train.py"], {"MACHINE_CONFIG": "/nonexistent/config.sh"}, "MACHINE_CONFIG=/nonexistent/config.sh does not exist"),
         (["--", "python", "train.py"], {"LOG_DIR": '/tmp/say "hi"'}, "contains a double quote"),
+        (["--", "python", "train.py"], {"MAX_REQUEUES": "abc"}, "MAX_REQUEUES must be a whole number >= 0, got 'abc'"),
+        (["--", "python", "train.py"], {"MAX_REQUEUES": "-1"}, "MAX_REQUEUES must be a whole number >= 0, got '-1'"),
+        (["--", "python", "train.py"], {"CPUS_PER_TASK": "abc"}, "must be positive integers, got 'abc'"),
+        (["--cpu", "--", "python", "train.py"], {"CPU_JOB_CPUS": "0"}, "must be positive integers, got '0'"),
     ],
 )
 def test_submit_errors_are_one_line(cluster, args, env, message):
@@ -527,7 +531,7 @@ def dry_run_command(cluster, script: Path, name: str) -> list[str]:
 @pytest.mark.skipif(not (ROOT / "train.py").exists(), reason="train.py not written yet")
 def test_every_experiment_parses_and_validates_with_train_py(cluster):
     """train.py's own parser accepts every experiment's flags (names, types, consistency)."""
-    from retrofit.train_config import parse_config
+    from retrofit.train.config import parse_config
 
     for script in EXPERIMENT_SCRIPTS:
         for name in list_names(SHELLS / script):
@@ -629,7 +633,7 @@ def test_model_jobs_download_untie_and_convert_in_models_dir(cluster):
     ]  # the path olmo.sh's static baseline reads too (with MODELS_DIR=models: the original's)
     presets = [n.removeprefix("convert-") for n in list_names(models) if n.startswith("convert-")]
     assert presets == ["tinyllama-4-8-4", "llama-2-4-2", "llama-4-6-4", "olmo-4-6-4"]
-    conversion = pytest.importorskip("retrofit.conversion")
+    conversion = pytest.importorskip("retrofit.model.conversion")
     assert set(presets) <= set(conversion.PRESETS)
     download = pytest.importorskip("utils.download_to_local")
     assert {"tinyllama", "llama", "olmo"} <= set(download.PAPER_MODELS)

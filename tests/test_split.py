@@ -1,4 +1,4 @@
-"""choose_split.py / retrofit/split.py: the statistics against HF's own forward, the ranking on a
+"""choose_split.py / retrofit/model/split.py: the statistics against HF's own forward, the ranking on a
 base with known no-op layers, every data format, padding, the CLI and its errors."""
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from conftest import ROOT
 from retrofit.testing import save_hf_model, tiny_llama_config, write_token_parquet
 
 import choose_split
-from retrofit.conversion import LayerChoice
-from retrofit.conversion import main as convert_main
-from retrofit.split import (
+from retrofit.model.conversion import LayerChoice
+from retrofit.model.conversion import main as convert_main
+from retrofit.model.split import (
     SplitError,
     candidate_splits,
     load_sample_rows,
@@ -112,7 +112,7 @@ def test_noop_layers_are_found_dropped_and_cost_nothing(noop_base, sample_parque
     flags = best.flags().split()
     assert convert_main(None, ["--model_name", str(noop_base), "--save_name", str(tmp_path / "rec"), *flags,
                                "--dtype", "float32", "--adapter_init", "identity"]) == 0
-    from retrofit.modeling_raven import RavenForCausalLM
+    from retrofit.model.modeling_raven import RavenForCausalLM
 
     rec = RavenForCausalLM.from_pretrained(tmp_path / "rec").eval()
     with torch.no_grad():
@@ -165,9 +165,20 @@ def test_every_data_format_and_padding(tmp_path, tokenizer, corpus, tiny_llama_d
     (["--data", "{parquet}", "--shape", "2,x,2"], "--shape '2,x,2': expected three whole numbers"),
     (["--data", "{parquet}", "--keep", "6", "--plot", "{out}.jpg"], "use a .png or .pdf file name"),
     (["--data", "{empty}", "--keep", "6"], "is a folder without *.parquet files"),
+    (["--data", "{parquet}", "--keep", "6", "--top", "0"], "--top must be >= 1"),
+    (["--data", "{bad_ids}/negative.parquet", "--keep", "6"], "token id -5 in"),
+    (["--data", "{bad_ids}/null.parquet", "--keep", "6"], "holds null values"),
 ])
 def test_cli_errors_are_one_line(tiny_llama_dir, sample_parquet, tmp_path, capsys, args, message):
-    paths = {"missing": tmp_path / "missing", "parquet": sample_parquet, "out": tmp_path / "plot", "empty": tmp_path}
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    bad_ids = tmp_path / "bad_ids"
+    bad_ids.mkdir()
+    pq.write_table(pa.table({"input_ids": [[1, -5, 3, 4]] * 2}), bad_ids / "negative.parquet")
+    pq.write_table(pa.table({"input_ids": [[1, None, 3, 4]] * 2}), bad_ids / "null.parquet")
+    paths = {"missing": tmp_path / "missing", "parquet": sample_parquet, "out": tmp_path / "plot", "empty": tmp_path,
+             "bad_ids": bad_ids}
     args = [a.format(**paths) for a in args]
     code = choose_split.main(["--model_name", str(tiny_llama_dir), *args, "--no_progress"])
     err = capsys.readouterr().err

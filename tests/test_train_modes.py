@@ -30,7 +30,7 @@ TOLERANCE = {"loss": 1e-5, "log_ppl": 1e-5, "distill_kl": 1e-5, "grad_norm": 1e-
 def parent_and_child(tmp_path_factory, tiny_llama_dir) -> tuple[Path, Path]:
     """The tiny Llama (the parent) and its recurrent conversion (prelude 0-1, block 4-5, coda 6-7),
     float32, zero initial state so that runs over 1 and 2 ranks can agree to the last digits."""
-    from retrofit.conversion import LayerChoice, convert
+    from retrofit.model.conversion import LayerChoice, convert
 
     child = tmp_path_factory.mktemp("modes") / "recurrent"
     convert(tiny_llama_dir, child, LayerChoice([0, 1], [4, 5], [6, 7]), dtype="float32", mean_recurrence=4)
@@ -177,8 +177,8 @@ def test_fsdp_muon_matches_one_process_and_resumes_identically_after_sigkill(tmp
 
 
 def test_lora_per_iteration_frozen_base_activation_checkpointing_and_distillation(tmp_path, parent_and_child, packed_dir):
-    from retrofit.checkpoint import load_saved_model
-    from retrofit.flops import count_model_dir
+    from retrofit.model.loading import load_saved_model
+    from retrofit.train.flops import count_model_dir
 
     parent, child = parent_and_child
     args = common_args(child, packed_dir, tmp_path, steps=3) + [

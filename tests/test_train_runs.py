@@ -61,9 +61,9 @@ def curriculum_args(model_dir, data_dir, out, run_name) -> list[str]:
 
 @pytest.mark.slow
 def test_curriculum_run_stopped_twice_and_resumed_matches_uninterrupted(tmp_path, train_raven_dir, train_parquet_dir):
-    from retrofit.checkpoint import load_training_state
-    from retrofit.depth import sample_num_steps
-    from retrofit.modeling_raven import RavenForCausalLM
+    from retrofit.train.checkpoint import load_training_state
+    from retrofit.train.depth import sample_num_steps
+    from retrofit.model.modeling_raven import RavenForCausalLM
 
     full = curriculum_args(train_raven_dir, train_parquet_dir, tmp_path, "full")
     train(full)
@@ -149,7 +149,7 @@ def test_two_process_ddp_matches_one_process(tmp_path, tokenizer, tokenizer_dir,
             assert a[key] == b[key], key
         for key in ("loss", "log_ppl", "grad_norm", "lr"):
             assert b[key] == pytest.approx(a[key], rel=1e-5), key
-    from retrofit.checkpoint import load_training_state
+    from retrofit.train.checkpoint import load_training_state
 
     state = load_training_state(tmp_path / "two" / "checkpoint_4")
     assert state["world_size"] == 2 and len(state["data"]) == 2 and len(state["rng"]) == 2
@@ -170,7 +170,7 @@ SEED_COMMANDS = [
 
 @pytest.mark.slow
 def test_seed_shell_commands_parse_and_one_runs(tmp_path, tokenizer, tokenizer_dir, corpus, tiny_llama_dir):
-    from retrofit.train_config import parse_config
+    from retrofit.train.config import parse_config
 
     data = write_token_parquet(pack_token_rows(tokenizer, corpus, 1025), tmp_path / "data", num_shards=2)
     model = save_raven_model(tiny_raven_config(len(tokenizer)), tmp_path / "model", tokenizer_dir)
@@ -209,7 +209,7 @@ def main_in_process(args: list[str]) -> int:
 def test_chat_sft_mode_on_plain_hf_model(tmp_path, tiny_llama_dir):
     import datasets
 
-    from retrofit.synthetic import arithmetic_problems
+    from retrofit.data.synthetic import arithmetic_problems
 
     problems = arithmetic_problems(24, seed=1)
     datasets.Dataset.from_dict({"question": [p["question"] for p in problems],
@@ -253,9 +253,9 @@ def test_error_cases_exit_2_with_a_clear_message(tmp_path, capsys, train_raven_d
 
 
 def test_init_from_scratch_ellis_adam_fixed_steps(tmp_path, train_raven_dir, train_parquet_dir):
-    from retrofit.checkpoint import load_training_state
-    from retrofit.flops import count_model_dir
-    from retrofit.modeling_raven import RavenForCausalLM
+    from retrofit.train.checkpoint import load_training_state
+    from retrofit.train.flops import count_model_dir
+    from retrofit.model.modeling_raven import RavenForCausalLM
 
     code = main_in_process([f"--model_name={train_raven_dir}", f"--preprocessed_data_path={train_parquet_dir}",
                             "--is_parquet_dataset=true", "--max_steps=2", "--save_interval=1", "--micro_batch_size=2",

@@ -20,9 +20,9 @@ import pytest
 import torch
 from conftest import ROOT  # noqa: E402
 
-from retrofit import checkpoint as ckpt
+from retrofit.train import checkpoint as ckpt
 from retrofit.testing import save_raven_model, tiny_raven_config  # noqa: E402
-from retrofit.training import MetricsLogger
+from retrofit.train.monitor import MetricsLogger
 
 TRAIN = str(ROOT / "train.py")
 
@@ -305,7 +305,7 @@ def test_resume_with_changed_settings_is_refused(tmp_path, capsys, base_args, fi
 # Non-finite values are never saved
 # ---------------------------------------------------------------------------------------------
 def test_nan_weights_are_never_saved(tmp_path, capsys, tokenizer, tokenizer_dir, train_parquet_dir):
-    from retrofit.modeling_raven import RavenForCausalLM
+    from retrofit.model.modeling_raven import RavenForCausalLM
 
     model_dir = save_raven_model(tiny_raven_config(len(tokenizer)), tmp_path / "model", tokenizer_dir)
     model = RavenForCausalLM.from_pretrained(model_dir)
@@ -336,9 +336,9 @@ def test_nan_weights_are_never_saved(tmp_path, capsys, tokenizer, tokenizer_dir,
 
 
 def test_non_finite_optimizer_state_is_never_saved(tmp_path, base_args):
-    from retrofit import distributed as dist_utils
-    from retrofit.train_config import parse_config
-    from retrofit.trainer import Trainer, TrainingError
+    from retrofit.train import distributed as dist_utils
+    from retrofit.train.config import parse_config
+    from retrofit.train.trainer import Trainer, TrainingError
 
     cfg = parse_config(base_args + ["--max_steps=1", f"--out_path={tmp_path}", "--run_name=inf",
                                                  "--wandb_disabled=true"])
@@ -386,6 +386,11 @@ def _can_mkdir(path: str) -> bool:
     return True
 
 
+def _folder_in_run(tmp_path, name):
+    (tmp_path / "out" / "r" / name).mkdir(parents=True)
+    return ["--resume_path=auto"]
+
+
 MISTAKES = {
     "model path does not exist": (lambda t, a: ["--model_name=/no/such/model"], "--model_name=/no/such/model does not exist"),
     "garbage parquet file": (lambda t, a: [f"--preprocessed_data_path={_garbage_parquet(t)}"],
@@ -397,6 +402,22 @@ MISTAKES = {
     "cuda without a GPU": (lambda t, a: ["--device=cuda"], "--device=cuda but no CUDA device is visible"),
     "unknown device": (lambda t, a: ["--device=gpu"], "--device=gpu is not a device"),
     "read-only out_path": (lambda t, a: [f"--out_path={_read_only_out(t)}"], "cannot write to --out_path"),
+    "beta2 of 1": (lambda t, a: ["--optim_config.betas=[0.9,1.0]"], "--optim_config.betas[1]=1.0 must be in [0, 1)"),
+    "negative beta1": (lambda t, a: ["--optim_config.betas=[-0.1,0.95]"], "betas[0]=-0.1 must be in [0, 1)"),
+    "eps 0": (lambda t, a: ["--optim_config.eps=0"], "--optim_config.eps=0.0 must be > 0"),
+    "negative lr": (lambda t, a: ["--optim_config.lr=-1e-3"], "--optim_config.lr=-0.001 must be >= 0"),
+    "negative weight decay": (lambda t, a: ["--optim_config.weight_decay=-0.1"], "weight_decay=-0.1 must be >= 0"),
+    "min_lr_ratio -1": (lambda t, a: ["--scheduler_args.min_lr_ratio=-1"], "min_lr_ratio=-1.0 must be in [0, 1]"),
+    "min_lr_ratio 5": (lambda t, a: ["--scheduler_args.min_lr_ratio=5"], "min_lr_ratio=5.0 must be in [0, 1]"),
+    "negative seed": (lambda t, a: ["--seed=-1"], "--seed=-1 must be in [0, 4294967295]"),
+    "negative timeout margin": (lambda t, a: ["--save_n_mins_before_timeout=-5"], "save_n_mins_before_timeout=-5.0 must be >= 0"),
+    "meta device": (lambda t, a: ["--device=meta"], "--device=meta is not a device"),
+    "mean recurrence 1e9": (lambda t, a: ["--mean_recurrence_schedule.max_mean_rec=1000000000"], "more than 1024 recurrent"),
+    "lora iterations 1e6": (lambda t, a: ["--lora.rank=2", "--lora.per_iteration=true", "--lora.num_iterations=1000000"],
+                            "--lora.num_iterations=1000000 must be in [1, 1024]"),
+    "metrics.jsonl is a folder": (lambda t, a: _folder_in_run(t, "metrics.jsonl"), "metrics.jsonl is not a file"),
+    "run.json is a folder": (lambda t, a: _folder_in_run(t, "run.json"), "run.json is not a file"),
+    "teacher inside nothing": (lambda t, a: [f"--distill.teacher={t}"], "is not a model folder with config.json"),
 }
 
 
@@ -441,3 +462,284 @@ def test_kill_before_first_checkpoint_then_auto_resume_has_each_step_once(tmp_pa
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "no checkpoint in" in done.stdout and f"dropped {len(logged) + 1} record(s) after step 0" in done.stdout
     assert read_steps(tmp_path / "k") == [1, 2, 3, 4, 5, 6]
+
+
+# ---------------------------------------------------------------------------------------------
+# One process per run folder: a lock held for the run's life, stale locks taken over and reported
+# ---------------------------------------------------------------------------------------------
+HOLD_LOCK = (
+    "import sys; from retrofit.train.checkpoint import RunFolderLock;"
+    " RunFolderLock.acquire(sys.argv[1]); print('locked', flush=True); sys.stdin.read()"
+)
+
+
+def test_a_second_process_into_a_locked_run_folder_is_refused(tmp_path, capsys, base_args):
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(run_dir)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert run_train(base_args + [f"--out_path={tmp_path}", "--run_name=r"]) == 2
+        errors, _ = error_lines(capsys)
+        assert len(errors) == 1 and "in use by another training process" in errors[0], errors
+        assert f"pid {holder.pid} on host" in errors[0]
+        assert not (run_dir / "metrics.jsonl").exists()
+    finally:
+        holder.kill()  # SIGKILL: the lock file stays behind with the dead holder's name in it
+        holder.wait(timeout=30)
+        holder.stdout.close()
+    assert (run_dir / ckpt.LOCK_FILE).is_file()
+    assert run_train(base_args + [f"--out_path={tmp_path}", "--run_name=r", "--max_steps=1"]) == 0
+    _, printed = error_lines(capsys)
+    assert f"took over the lock of a run that died without releasing it (pid {holder.pid}" in printed
+    assert not (run_dir / ckpt.LOCK_FILE).exists()  # released when the run ended
+    assert read_steps(run_dir) == [1]
+
+
+def test_lock_without_flock_tells_a_dead_holder_from_a_live_one(tmp_path):
+    import socket
+
+    lock = ckpt.RunFolderLock(tmp_path)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = socket.gethostname()
+    lock.path.write_text(json.dumps({"pid": int(dead.stdout), "host": host, "started": 1.0}))
+    lock._take_without_flock()
+    assert "died without releasing it" in lock.stale_note
+    assert json.loads(lock.path.read_text())["pid"] == os.getpid()
+    lock.release()
+    alive = ckpt.RunFolderLock(tmp_path)
+    lock.path.write_text(json.dumps({"pid": os.getppid(), "host": host, "started": ckpt.process_start_time(os.getppid())}))
+    with pytest.raises(ckpt.ConfigError, match=f"pid {os.getppid()} on host"):
+        alive._take_without_flock()
+    assert lock.path.is_file()  # a live holder's lock is left alone
+
+
+# ---------------------------------------------------------------------------------------------
+# --overwrite=true deletes outputs only, all of them or none
+# ---------------------------------------------------------------------------------------------
+def test_overwrite_never_deletes_an_input_named_by_any_flag(tmp_path, capsys, base_args, finished_run, train_raven_dir):
+    run = copy_run(finished_run, tmp_path, "ref")
+    shutil.copytree(train_raven_dir, run / "model_only_chkpt_9")  # a teacher kept inside the run folder
+    before = snapshot(run)
+    teacher = run / "model_only_chkpt_9"
+    assert run_train(base_args + [f"--out_path={tmp_path}", "--run_name=ref", "--overwrite=true",
+                                  f"--distill.teacher={teacher}"]) == 2
+    errors, _ = error_lines(capsys)
+    assert len(errors) == 1 and f"would delete --distill.teacher={teacher}" in errors[0], errors
+    assert snapshot(run) == before
+
+
+def test_overwrite_removes_a_symlinked_checkpoint_as_a_link_only(tmp_path, capsys, base_args, finished_run):
+    run = copy_run(finished_run, tmp_path, "ref")
+    elsewhere = tmp_path / "kept" / "checkpoint_2"
+    elsewhere.parent.mkdir()
+    shutil.move(run / "checkpoint_2", elsewhere)
+    (run / "checkpoint_2").symlink_to(elsewhere, target_is_directory=True)
+    kept = snapshot(elsewhere)
+    assert run_train(base_args + [f"--out_path={tmp_path}", "--run_name=ref", "--overwrite=true"]) == 0
+    assert read_steps(run) == [1, 2, 3, 4] and not (run / "checkpoint_2").is_symlink()
+    assert snapshot(elsewhere) == kept  # what the link pointed to is untouched
+    assert not [p for p in run.iterdir() if p.name.startswith(".")]  # nothing left aside
+
+
+def test_overwrite_that_cannot_move_a_target_deletes_nothing(tmp_path, monkeypatch, base_args, finished_run):
+    from retrofit.train.config import parse_config
+
+    run = copy_run(finished_run, tmp_path, "ref")
+    before = snapshot(run)
+    real_replace = os.replace
+
+    def replace_failing_on_metrics(src, dst):  # an OS refusal half-way through (EBUSY, EPERM, ...)
+        if Path(src).name == "metrics.jsonl":
+            raise PermissionError(13, "Permission denied")
+        return real_replace(src, dst)
+
+    cfg = parse_config(base_args + [f"--out_path={tmp_path}", "--run_name=ref", "--overwrite=true"])
+    monkeypatch.setattr(ckpt.os, "replace", replace_failing_on_metrics)
+    with pytest.raises(ckpt.ConfigError, match="cannot delete .*metrics.jsonl .*nothing was deleted"):
+        ckpt.prepare_run_dir(cfg)
+    assert snapshot(run) == before and not (run / ckpt.LOCK_FILE).exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Which checkpoint, which data: names and contents are checked, not trusted
+# ---------------------------------------------------------------------------------------------
+def test_a_checkpoint_named_for_another_step_is_skipped(tmp_path, capsys, base_args, finished_run):
+    run = copy_run(finished_run, tmp_path, "ref")
+    shutil.rmtree(run / "final_checkpoint")
+    shutil.copytree(run / "checkpoint_2", run / "checkpoint_9")  # holds step 2 under a newer name
+    assert "named for step 9 but holds optimizer step 2" in ckpt.verify_checkpoint(run / "checkpoint_9")
+    assert ckpt.find_latest_checkpoint(run) == run / "checkpoint_4"
+    assert run_train(base_args + [f"--out_path={tmp_path}", "--run_name=ref", "--resume_path=auto"]) == 0
+    _, printed = error_lines(capsys)
+    assert "skipping checkpoint_9: does not verify: it is named for step 9 but holds optimizer step 2" in printed
+    assert f"resumed from {run / 'checkpoint_4'} at optimizer step 4" in printed
+    # a marker rewritten to match the name does not help: the training state itself says step 2
+    shutil.rmtree(run / "final_checkpoint")
+    ckpt.write_complete_marker(run / "checkpoint_9", optimizer_step=9)
+    assert ckpt.verify_checkpoint(run / "checkpoint_9") is None
+    assert run_train(base_args + [f"--out_path={tmp_path}", "--run_name=ref", "--resume_path=auto"]) == 0
+    _, printed = error_lines(capsys)
+    assert "skipping checkpoint_9: it is named for step 9 but holds optimizer step 2" in printed
+    assert f"resumed from {run / 'checkpoint_4'} at optimizer step 4" in printed
+
+
+def test_resume_on_shards_rewritten_under_the_same_names_is_refused(tmp_path, capsys, base_args, finished_run,
+                                                                    train_parquet_dir):
+    import pyarrow.parquet as pq
+
+    run = copy_run(finished_run, tmp_path, "ref")
+    shutil.rmtree(run / "final_checkpoint")
+    data = tmp_path / "data"
+    shutil.copytree(train_parquet_dir, data)
+    shard = sorted(data.glob("*.parquet"))[-1]
+    table = pq.read_table(shard)
+    pq.write_table(table.slice(0, table.num_rows - 1), shard, row_group_size=16)  # one row fewer, same name
+    args = [a for a in base_args if not a.startswith("--preprocessed_data_path")]
+    before = snapshot(run)
+    assert run_train(args + [f"--preprocessed_data_path={data}", f"--out_path={tmp_path}", "--run_name=ref",
+                             "--resume_path=auto"]) == 2
+    errors, _ = error_lines(capsys)
+    assert len(errors) == 1 and f"{shard} holds other data than when the checkpoint was written" in errors[0], errors
+    assert snapshot(run) == before
+
+
+def test_a_batch_larger_than_the_data_trains_nothing_and_says_so(tmp_path, capsys, base_args):
+    args = [a for a in base_args if not a.startswith(("--batch_size", "--max_steps"))]
+    assert run_train(args + ["--batch_size=4096", "--max_steps=3", f"--out_path={tmp_path}", "--run_name=r"]) == 2
+    errors, _ = error_lines(capsys)
+    assert len(errors) == 1 and "the data ends before the first optimizer step" in errors[0], errors
+    assert not (tmp_path / "r" / "final_checkpoint").exists()
+
+
+def test_run_record_of_a_huge_max_steps_is_written_at_once():
+    from retrofit.train.depth import MeanBackpropDepthSchedule, MeanRecurrenceSchedule, RecurrenceSchedule
+
+    def schedule(max_steps, warmup):
+        return RecurrenceSchedule(
+            max_steps=max_steps,
+            mean_recurrence_schedule=MeanRecurrenceSchedule(turn_on=True, warmup=warmup, max_mean_rec=4),
+            mean_backprop_depth_schedule=MeanBackpropDepthSchedule(turn_on=True, warmup=warmup, max_backprop=3, start=2),
+        )
+
+    small = schedule(40, 0.25)
+    for applied, value_at in ((True, small.applied_at), (False, small.at)):  # the same points as every step's value
+        every = [[step, *value_at(step)] for step in range(1, 41)]
+        expected = [point for i, point in enumerate(every) if i == 0 or point[1:] != every[i - 1][1:]]
+        assert small.change_points(applied) == expected
+    points = schedule(10**12, 0.25).change_points()  # a 2.5e11-step warmup, bisected instead of walked
+    assert len(points) < 12 and points[-1][0] == 10**12  # the backprop depth drops to its floor on the last step
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs that used to end in tracebacks: one `error:` line each
+# ---------------------------------------------------------------------------------------------
+def _model_with_config(tmp_path, model_dir, **changes):
+    copy = tmp_path / "model"
+    shutil.copytree(model_dir, copy)
+    config = json.loads((copy / "config.json").read_text())
+    config.update(changes)
+    (copy / "config.json").write_text(json.dumps(config))  # json writes NaN as NaN, which json.loads reads back
+    return copy
+
+
+def _teacher_without_weights(tmp_path, model_dir):
+    copy = tmp_path / "teacher"
+    shutil.copytree(model_dir, copy)
+    for weights in copy.glob("*.safetensors"):
+        weights.unlink()
+    return copy
+
+
+def _teacher_with_broken_config(tmp_path, model_dir):
+    copy = tmp_path / "teacher"
+    shutil.copytree(model_dir, copy)
+    (copy / "config.json").write_text('{"model_type": "llama", "hidden_size": ')
+    return copy
+
+
+def _without_tokenizer(tmp_path, model_dir):
+    copy = tmp_path / "no_tokenizer"
+    shutil.copytree(model_dir, copy)
+    for path in copy.iterdir():
+        if path.name.startswith(("tokenizer", "special_tokens")):
+            path.unlink()
+    return copy
+
+
+def _small_vocab_teacher(tmp_path, tokenizer_dir):
+    from retrofit.testing import save_hf_model, tiny_llama_config
+
+    return save_hf_model(tiny_llama_config(vocab_size=16), tmp_path / "teacher", tokenizer_dir)
+
+
+def _parquet_with_ids(tmp_path, rows_from):
+    from retrofit.testing import write_token_parquet
+
+    return write_token_parquet(rows_from(), tmp_path / "bad_ids", num_shards=1)
+
+
+ROW = list(range(1, 34))  # max_length 32 + 1
+LOAD_MISTAKES = {
+    "norm_eps NaN": (lambda t, m, k: [f"--model_name={_model_with_config(t, m, norm_eps=float('nan'))}"],
+                     "norm_eps must be a finite number > 0, got nan"),
+    "rope_theta -1": (lambda t, m, k: [f"--model_name={_model_with_config(t, m, rope_theta=-1)}"],
+                      "rope_theta must be a finite number > 0, got -1"),
+    "teacher without weights": (lambda t, m, k: [f"--distill.teacher={_teacher_without_weights(t, m)}"],
+                                "--distill.teacher=" + "{t}/teacher does not load"),
+    "teacher with a broken config": (lambda t, m, k: [f"--distill.teacher={_teacher_with_broken_config(t, m)}"],
+                                     "{t}/teacher does not load"),
+    "model without tokenizer files": (lambda t, m, k: [f"--model_name={_without_tokenizer(t, m)}"],
+                                      "cannot load the tokenizer of --model_name="),
+    "teacher with a smaller vocabulary": (lambda t, m, k: [f"--distill.teacher={_small_vocab_teacher(t, k)}"],
+                                          "embeds 16 tokens but the tokenizer of --model_name has"),
+    "token id >= vocab": (lambda t, m, k: [f"--preprocessed_data_path={_parquet_with_ids(t, lambda: [ROW[:-1] + [10**6]] * 8)}"],
+                          "token id 1000000 in the data (data step 1) is outside the model's vocabulary"),
+    "negative token id": (lambda t, m, k: [f"--preprocessed_data_path={_parquet_with_ids(t, lambda: [[-3] + ROW[1:]] * 8)}"],
+                          "token id -3 in the data (data step 1) is outside the model's vocabulary"),
+    "null token id": (lambda t, m, k: [f"--preprocessed_data_path={_parquet_with_ids(t, lambda: [[None] + ROW[1:]] * 8)}"],
+                      "column 'input_ids' holds null values"),
+}
+
+
+@pytest.mark.parametrize("mistake", list(LOAD_MISTAKES))
+def test_bad_models_and_data_are_one_line_errors(tmp_path, capsys, base_args, train_raven_dir, tokenizer_dir, mistake):
+    make_args, message = LOAD_MISTAKES[mistake]
+    extra = make_args(tmp_path, train_raven_dir, tokenizer_dir)
+    replaced = {a.split("=")[0] for a in extra}
+    args = [a for a in base_args if a.split("=")[0] not in replaced]
+    assert run_train(args + extra + [f"--out_path={tmp_path / 'out'}", "--run_name=r"]) == 2
+    errors, _ = error_lines(capsys)
+    assert len(errors) == 1 and message.format(t=tmp_path) in errors[0], errors
+    assert not (tmp_path / "out" / "r" / "final_checkpoint").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# A disk that fills up or turns read-only during a save: one line, no temporary left, resumable
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("error", [(28, "No space left on device"), (30, "Read-only file system")])
+def test_a_save_the_disk_refuses_ends_in_one_line_and_resumes_from_the_last_good_one(
+        tmp_path, capsys, monkeypatch, base_args, finished_run, error):
+    real_save = torch.save
+    calls = []
+
+    def save_then_fail(obj, path, *args, **kwargs):  # the second full checkpoint (step 4) hits the fault half-written
+        calls.append(path)
+        if len(calls) == 2:
+            Path(path).write_bytes(b"partial")
+            raise OSError(error[0], error[1])
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt.torch, "save", save_then_fail)
+    args = base_args + [f"--out_path={tmp_path}", "--run_name=r"]
+    assert run_train(args) == 1
+    errors, _ = error_lines(capsys)
+    run = tmp_path / "r"
+    assert len(errors) == 1 and f"cannot save {run / 'checkpoint_4'} ({error[1]}): it needs about" in errors[0], errors
+    assert "--resume_path=auto continues from checkpoint_2" in errors[0] and "GB free" in errors[0]
+    assert not [p.name for p in run.iterdir() if p.name.startswith(".")]  # no temporary folder, no lock left
+    assert not (run / "checkpoint_4").exists() and ckpt.verify_checkpoint(run / "checkpoint_2") is None
+    monkeypatch.setattr(ckpt.torch, "save", real_save)
+    assert run_train(args + ["--resume_path=auto"]) == 0
+    assert stable_metrics(run) == stable_metrics(finished_run)

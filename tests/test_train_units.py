@@ -9,15 +9,16 @@ import signal
 import pytest
 import torch
 
-from retrofit import checkpoint as ckpt
+from retrofit.train import checkpoint as ckpt
 from retrofit.atomic import atomic_directory
-from retrofit.data import PackedDatasetStream, ParquetStream, build_sft_dataset, inspect_parquet_files
-from retrofit.depth import sample_num_steps
-from retrofit.optim import ELLISAdam, build_optimizer, set_learning_rates, split_params, wsd_lr_factor
-from retrofit.rows import DataError, inputs_and_labels
-from retrofit.shards import list_parquet_files
+from retrofit.data.shards import inspect_parquet_files
+from retrofit.data.stream import PackedDatasetStream, ParquetStream, build_sft_dataset
+from retrofit.train.depth import sample_num_steps
+from retrofit.train.optim import ELLISAdam, build_optimizer, set_learning_rates, split_params, wsd_lr_factor
+from retrofit.data.rows import DataError, inputs_and_labels
+from retrofit.data.shards import list_parquet_files
 from retrofit.testing import pack_token_rows, tiny_raven_config, write_token_parquet  # noqa: E402
-from retrofit.training import PreemptionWatcher, job_seconds_left
+from retrofit.train.monitor import PreemptionWatcher, job_seconds_left
 
 
 # ---------------------------------------------------------------------------------------------
@@ -37,8 +38,8 @@ def test_sampler_matches_hand_computation():
 
 
 def _schedule(**overrides):
-    from retrofit.train_config import TrainConfig
-    from retrofit.trainer import build_schedule
+    from retrofit.train.config import TrainConfig
+    from retrofit.train.build import build_schedule
 
     cfg = TrainConfig()
     for key, value in overrides.items():  # "group.name": value
@@ -86,7 +87,7 @@ def test_wsd_factor_matches_transformers():
 
 
 def test_throttle_divides_only_recurrent_groups(tokenizer):
-    from retrofit.modeling_raven import RavenForCausalLM
+    from retrofit.model.modeling_raven import RavenForCausalLM
 
     model = RavenForCausalLM(tiny_raven_config(len(tokenizer)))
     opt = build_optimizer(model, lr=1e-3, weight_decay=0.0, betas=(0.9, 0.95), eps=1e-8)
@@ -102,7 +103,7 @@ def test_throttle_divides_only_recurrent_groups(tokenizer):
 # Optimizers
 # ---------------------------------------------------------------------------------------------
 def test_muon_groups_recurrent_model(tokenizer):
-    from retrofit.modeling_raven import RavenForCausalLM
+    from retrofit.model.modeling_raven import RavenForCausalLM
 
     model = RavenForCausalLM(tiny_raven_config(len(tokenizer)))
     opt = build_optimizer(model, lr=5e-5, weight_decay=1e-4, betas=(0.9, 0.95), eps=1e-8,
@@ -358,7 +359,7 @@ def test_job_time_left_from_slurm_and_signals(monkeypatch):
 # Flags and the plain-HF loss
 # ---------------------------------------------------------------------------------------------
 def test_yaml_config_and_dotted_flags(tmp_path):
-    from retrofit.train_config import parse_config
+    from retrofit.train.config import parse_config
 
     (tmp_path / "run.yaml").write_text(
         "run_name: from-yaml\nmax_steps: 7\nmuon:\n  use_muon: true\n  lr: 0.002\n"
@@ -389,7 +390,7 @@ def test_plain_hf_model_loss_uses_aligned_labels(tiny_llama_dir):
 
 
 def test_launcher_environments():
-    from retrofit.distributed import read_launch_env, resolve_device
+    from retrofit.train.distributed import read_launch_env, resolve_device
 
     assert read_launch_env({}) == (0, 1, 0)
     assert read_launch_env({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1"}) == (3, 8, 1)

@@ -7,7 +7,7 @@ transformers (with the `gguf` package) dequantizes the GGUF into a HF model of i
 model refuses `save_pretrained` (it carries a GGUF quantization config), so its weights go into a
 fresh model of the same class with the quantization config dropped. The folder gets config.json,
 the weights, the tokenizer (with its chat template) and generation_config.json. Only families the
-converter supports are accepted (retrofit.conversion.detect_family).
+converter supports are accepted (retrofit.model.conversion.detect_family).
 
 Before the folder is renamed into place it is reloaded, and its logits on a fixed prompt must
 equal those of the GGUF-loaded model (weights rounded to --dtype); the max |diff| is printed.
@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from retrofit.atomic import atomic_directory, atomic_file
-from retrofit.conversion import first_line
+from retrofit.model.conversion import first_line
 
 
 @dataclass(frozen=True)
@@ -134,7 +134,7 @@ def load_gguf(gguf_file: Path):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from retrofit.conversion import ConversionError, detect_family
+    from retrofit.model.conversion import ConversionError, detect_family
 
     folder, name = str(gguf_file.parent), gguf_file.name
     try:
@@ -175,7 +175,7 @@ def max_logit_diff(saved_dir: Path, reference, tokenizer, dtype: str) -> tuple[f
     import torch
     from transformers import AutoModelForCausalLM
 
-    from retrofit.conversion import VERIFY_PROMPT, round_weights_like_saved
+    from retrofit.model.verification import VERIFY_PROMPT, round_weights_like_saved
 
     ids = tokenizer(VERIFY_PROMPT, return_tensors="pt").input_ids
     saved = AutoModelForCausalLM.from_pretrained(saved_dir, dtype=torch.float32).eval()
@@ -188,7 +188,7 @@ def max_logit_diff(saved_dir: Path, reference, tokenizer, dtype: str) -> tuple[f
 
 def gguf_to_hf(gguf_file: Path, save_name: Path, dtype: str = "float32", overwrite: bool = False) -> float:
     """Write the HF folder `save_name` from `gguf_file`; returns the verified max |logit diff|."""
-    from retrofit.conversion import TOLERANCE
+    from retrofit.model.verification import TOLERANCE
 
     if not gguf_file.is_file():
         raise GGUFError(f"--gguf_file {gguf_file} does not exist")

@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from retrofit.atomic import atomic_directory
-from retrofit.synthetic import arithmetic_problems, problem_text, train_tokenizer
+from retrofit.data.synthetic import arithmetic_problems, problem_text, train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 DONE = "synthetic_data.json"

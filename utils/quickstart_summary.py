@@ -7,15 +7,15 @@
     python utils/quickstart_summary.py smollm2-report --out_dir OUT --prompt TEXT
 
 static-loss   multi_recurrence_eval.py sweeps recurrent models only; this scores a plain HF model on the same
-              rows with the same loss (retrofit.evaluation) and writes the same JSON format ({"1": [[...], ...]}).
+              rows with the same loss (retrofit.evaluate.loss_over_depth) and writes the same JSON format ({"1": [[...], ...]}).
 plot-loss     validation loss against test recurrence, the static models as horizontal lines.
-summary       OUT/summary.md: per run the training steps, FLOPs (retrofit.reporting, param_counter.py's numbers),
+summary       OUT/summary.md: per run the training steps, FLOPs (retrofit.analysis.reporting, param_counter.py's numbers),
               final train loss, validation loss at each recurrence, lm-eval accuracy at each recurrence, figures,
               stage times.
 smollm2-report  shells/quickstart_smollm2.sh's summary.md and loss plot: every model's held-out loss over depth,
               the verdict (depth vs r=1, vs the static baseline, gap to the 30-layer base), tokens and FLOPs,
               the generation, stage times.
-report        plot_evals.py's figures of OUT/runs/{recurrent,baseline} (retrofit.reporting), the loss plot, the summary.
+report        plot_evals.py's figures of OUT/runs/{recurrent,baseline} (retrofit.analysis.reporting), the loss plot, the summary.
 
 How each run trained (steps, tokens per step, curriculum) comes from its run.json (written by train.py),
 so none of it is passed here.
@@ -32,7 +32,7 @@ from pathlib import Path
 # The quickstart's lm-eval tasks (utils/make_synthetic_data.py): (headline metric, title, chance),
 # read from the one task table plot_evals.py and paper_plots share.
 from retrofit.atomic import write_file_atomic
-from retrofit.results import task_chance, task_metric, task_title
+from retrofit.analysis.results import task_chance, task_metric, task_title
 
 QUICKSTART_TASKS = {
     task: (task_metric(task), task_title(task), task_chance(task))
@@ -48,9 +48,9 @@ def static_loss(args) -> int:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from retrofit.configuration_raven import RavenConfig
-    from retrofit.evaluation import EvalError, inputs_and_labels, load_eval_rows, per_sequence_loss
-    from retrofit.rows import DataError
+    from retrofit.model.configuration_raven import RavenConfig
+    from retrofit.evaluate.loss_over_depth import EvalError, inputs_and_labels, load_eval_rows, per_sequence_loss
+    from retrofit.data.rows import DataError
 
     try:
         rows, mask = load_eval_rows(args.eval_file_path, args.num_sequences)
@@ -83,9 +83,9 @@ def static_loss(args) -> int:
 
 def plot_evals(out: Path) -> None:
     """plot_evals.py's table and figures of the recurrent and baseline runs, as their run.json describe them."""
-    from retrofit.reporting import collect_and_plot
-    from retrofit.results import RunSpec
-    from retrofit.run_record import read_run_record, record_schedule
+    from retrofit.analysis.reporting import collect_and_plot
+    from retrofit.analysis.results import RunSpec
+    from retrofit.train.run_record import read_run_record, record_schedule
 
     runs = out / "runs"
     schedule = record_schedule(read_run_record(runs / "recurrent"))
@@ -124,7 +124,7 @@ def plot_loss(args) -> int:
 def draw_loss_plot(curves: dict[str, tuple[dict[int, float], bool]], out_dir: Path) -> None:
     """Validation loss against test recurrence: {label: (losses, recurrent?)}; a static model is a
     horizontal line at its one value."""
-    from retrofit import plotting
+    from retrofit.analysis import plotting
 
     plotting.apply_style()
     import matplotlib.pyplot as plt
@@ -201,15 +201,12 @@ def fmt_loss(value):
 
 
 def summary(args) -> int:
-    from retrofit.reporting import count, flops_report
-    from retrofit.run_record import read_run_record, record_schedule
+    from retrofit.analysis.reporting import count, flops_report
+    from retrofit.train.run_record import read_run_record, record_schedule
 
     out = Path(args.out_dir)
     runs = out / "runs"
-    loss_dir = out / "loss_over_rec_eval"
     eval_recs = [int(r) for r in args.eval_recs.replace(",", " ").split()]
-    lines = ["# Quickstart summary", ""]
-
     # Training: steps, FLOPs (param_counter.py's numbers, from each final checkpoint's run.json), final train loss.
     flops = {run: flops_report(runs / run / "final_checkpoint") for run in RUN_LABELS}
     record = read_run_record(runs / "recurrent")
@@ -217,7 +214,20 @@ def summary(args) -> int:
     curriculum, backprop = schedule.mean_recurrence_schedule, schedule.mean_backprop_depth_schedule
     recurrent_config = json.loads((runs / "recurrent/final_checkpoint/config.json").read_text())
     counts = count(runs / "recurrent/final_checkpoint", [1])
-    tokens_per_step = record["tokens_per_step"]
+    lines = ["# Quickstart summary", ""]
+    lines += training_section(runs, flops, record["tokens_per_step"], recurrent_config, curriculum, backprop)
+    lines += loss_section(out / "loss_over_rec_eval", recurrent_config, curriculum)
+    lines += lm_eval_section(runs, eval_recs, args.limit)
+    lines += parameters_section(counts)
+    lines += figures_section(out)
+    lines += times_section(out)
+    write_file_atomic(out / "summary.md", "\n".join(lines) + "\n")
+    print(f"wrote {out / 'summary.md'}")
+    return 0
+
+
+def training_section(runs: Path, flops: dict, tokens_per_step: int, recurrent_config: dict, curriculum, backprop) -> list[str]:
+    lines = []
     lines += [
         "## Training",
         "",
@@ -243,7 +253,12 @@ def summary(args) -> int:
     lines += ["", f"Both runs start from the pretrained Llama (whose FLOPs they share); for the same tokens the "
               f"recurrent run spent {ratio:.2f}× the baseline's FLOPs."]
 
-    # Validation loss at each recurrence.
+    return lines
+
+
+def loss_section(loss_dir: Path, recurrent_config: dict, curriculum) -> list[str]:
+    """Validation loss at each recurrence."""
+    lines = []
     losses = {run: mean_losses(loss_dir / run / "final_checkpoint.json")
               for run in RUN_LABELS if (loss_dir / run / "final_checkpoint.json").exists()}
     recs = sorted({r for run_losses in losses.values() for r in run_losses})
@@ -273,14 +288,18 @@ def summary(args) -> int:
         best = min(first, key=first.get)
         lines += ["", f"Lowest recurrent loss {first[best]:.3f} at r={best} (trained at mean recurrence {curriculum.max_mean_rec})."]
 
-    # lm-eval accuracy.
+    return lines
+
+
+def lm_eval_section(runs: Path, eval_recs: list[int], limit) -> list[str]:
+    lines = []
     rec_scores = lm_eval_scores(runs / "recurrent/final_checkpoint")
     base_scores = lm_eval_scores(runs / "baseline/final_checkpoint")
     lines += [
         "",
         "## lm-eval accuracy",
         "",
-        f"shells/eval.sh, 1-shot, first {args.limit} documents of each held-out task. "
+        f"shells/eval.sh, 1-shot, first {limit} documents of each held-out task. "
         "Synthetic GSM8K: exact match of the last number generated (flexible-extract), greedy; "
         "multiple choice: acc (4 choices, chance 25%).",
         "",
@@ -298,7 +317,11 @@ def summary(args) -> int:
         cells = [cell(rec_scores, (f"rec_{r}", task)) for r in eval_recs] + [cell(base_scores, ("non_recurrent", task))]
         lines.append(f"| {title} (`{task}`) | " + " | ".join(cells) + " |")
 
-    # Parameters.
+    return lines
+
+
+def parameters_section(counts: dict) -> list[str]:
+    lines = []
     parts = counts["parts"]
     lines += [
         "",
@@ -309,14 +332,23 @@ def summary(args) -> int:
         f"({counts['effective_params']['1']:,} at r=1).",
     ]
 
-    # Figures.
+    return lines
+
+
+def figures_section(out: Path) -> list[str]:
+    lines = []
     plots = out / "plots"
     figures = sorted(p for p in plots.glob("*.png"))
     lines += ["", "## Figures", ""] + [f"- `{p.relative_to(out)}` (and `.pdf`)" for p in figures]
     if (plots / "results.jsonl").exists():
         lines.append(f"- `{(plots / 'results.jsonl').relative_to(out)}`: the accuracy table plot_evals.py drew")
 
-    # Stage times.
+    return lines
+
+
+def times_section(out: Path) -> list[str]:
+    """Stage wall times, and their total counting each side-by-side group once."""
+    lines = []
     times = stage_times(out / "stage_times.tsv")
     times.pop("report", None)  # a previous report's time; this one is still running
     lines += ["", "## Stage wall times", "",
@@ -328,9 +360,7 @@ def summary(args) -> int:
     total = total_seconds(times, ("train", "val_loss", "lm_eval"))
     lines.append(f"| **total** (all but the plots and this summary) | {total:.1f} |")
 
-    write_file_atomic(out / "summary.md", "\n".join(lines) + "\n")
-    print(f"wrote {out / 'summary.md'}")
-    return 0
+    return lines
 
 
 def markdown_table(summary_text: str, heading: str) -> list[list[str]]:
@@ -423,7 +453,7 @@ def smollm2_verdict(curves: dict[str, dict[int, float]]) -> list[str]:
 
 def smollm2_report(args) -> int:
     """OUT/summary.md and OUT/plots/loss_vs_num_rec.* of shells/quickstart_smollm2.sh."""
-    from retrofit.reporting import flops_report
+    from retrofit.analysis.reporting import flops_report
 
     out = Path(args.out_dir)
     loss_dir, runs = out / "loss_over_rec_eval", out / "runs"
@@ -459,7 +489,7 @@ def smollm2_report(args) -> int:
 
     lines += ["", "## Healing", "",
               "Both runs read the same rows in the same order (equal tokens); FLOPs from param_counter.py's count "
-              "(retrofit.reporting).", "",
+              "(retrofit.analysis.reporting).", "",
               "| run | steps | tokens | training FLOPs | final train loss |", "|---|---:|---:|---:|---:|"]
     flops = {}
     for run in ("recurrent", "baseline"):

@@ -15,8 +15,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from retrofit.rows import DataError
-from retrofit.shards import DEFAULT_ROW_GROUP_SIZE, load_disk_table, write_parquet_shards
+from retrofit.data.rows import DataError
+from retrofit.data.shards import DEFAULT_ROW_GROUP_SIZE, load_disk_table, write_parquet_shards
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,1 @@
+"""Evaluation: validation loss over recurrence depth, with or without an adaptive exit."""
