@@ -21,6 +21,7 @@ import torch
 from conftest import ROOT  # noqa: E402
 
 from retrofit.train import checkpoint as ckpt
+from retrofit.train import run_claim
 from retrofit.testing import save_raven_model, tiny_raven_config  # noqa: E402
 from retrofit.train.monitor import MetricsLogger
 
@@ -468,7 +469,7 @@ def test_kill_before_first_checkpoint_then_auto_resume_has_each_step_once(tmp_pa
 # One process per run folder: a lock held for the run's life, stale locks taken over and reported
 # ---------------------------------------------------------------------------------------------
 HOLD_LOCK = (
-    "import sys; from retrofit.train.checkpoint import RunFolderLock;"
+    "import sys; from retrofit.train.run_claim import RunFolderLock;"
     " RunFolderLock.acquire(sys.argv[1]); print('locked', flush=True); sys.stdin.read()"
 )
 
@@ -489,18 +490,18 @@ def test_a_second_process_into_a_locked_run_folder_is_refused(tmp_path, capsys, 
         holder.kill()  # SIGKILL: the lock file stays behind with the dead holder's name in it
         holder.wait(timeout=30)
         holder.stdout.close()
-    assert (run_dir / ckpt.LOCK_FILE).is_file()
+    assert (run_dir / run_claim.LOCK_FILE).is_file()
     assert run_train(base_args + [f"--out_path={tmp_path}", "--run_name=r", "--max_steps=1"]) == 0
     _, printed = error_lines(capsys)
     assert f"took over the lock of a run that died without releasing it (pid {holder.pid}" in printed
-    assert not (run_dir / ckpt.LOCK_FILE).exists()  # released when the run ended
+    assert not (run_dir / run_claim.LOCK_FILE).exists()  # released when the run ended
     assert read_steps(run_dir) == [1]
 
 
 def test_lock_without_flock_tells_a_dead_holder_from_a_live_one(tmp_path):
     import socket
 
-    lock = ckpt.RunFolderLock(tmp_path)
+    lock = run_claim.RunFolderLock(tmp_path)
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     host = socket.gethostname()
     lock.path.write_text(json.dumps({"pid": int(dead.stdout), "host": host, "started": 1.0}))
@@ -508,8 +509,8 @@ def test_lock_without_flock_tells_a_dead_holder_from_a_live_one(tmp_path):
     assert "died without releasing it" in lock.stale_note
     assert json.loads(lock.path.read_text())["pid"] == os.getpid()
     lock.release()
-    alive = ckpt.RunFolderLock(tmp_path)
-    lock.path.write_text(json.dumps({"pid": os.getppid(), "host": host, "started": ckpt.process_start_time(os.getppid())}))
+    alive = run_claim.RunFolderLock(tmp_path)
+    lock.path.write_text(json.dumps({"pid": os.getppid(), "host": host, "started": run_claim.process_start_time(os.getppid())}))
     with pytest.raises(ckpt.ConfigError, match=f"pid {os.getppid()} on host"):
         alive._take_without_flock()
     assert lock.path.is_file()  # a live holder's lock is left alone
@@ -558,8 +559,8 @@ def test_overwrite_that_cannot_move_a_target_deletes_nothing(tmp_path, monkeypat
     cfg = parse_config(base_args + [f"--out_path={tmp_path}", "--run_name=ref", "--overwrite=true"])
     monkeypatch.setattr(ckpt.os, "replace", replace_failing_on_metrics)
     with pytest.raises(ckpt.ConfigError, match="cannot delete .*metrics.jsonl .*nothing was deleted"):
-        ckpt.prepare_run_dir(cfg)
-    assert snapshot(run) == before and not (run / ckpt.LOCK_FILE).exists()
+        run_claim.prepare_run_dir(cfg)
+    assert snapshot(run) == before and not (run / run_claim.LOCK_FILE).exists()
 
 
 # ---------------------------------------------------------------------------------------------

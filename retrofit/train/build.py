@@ -17,7 +17,7 @@ from retrofit.data.stream import open_training_stream
 from retrofit.errors import first_line
 from retrofit.model.configuration_raven import RavenConfig
 from retrofit.model.loading import load_saved_tokenizer
-from retrofit.train.checkpoint import claim_run_dir
+from retrofit.train.run_claim import claim_run_dir
 from retrofit.errors import ConfigError
 from retrofit.train.config import TrainConfig
 from retrofit.train.depth import RecurrenceSchedule

@@ -24,6 +24,7 @@ import torch
 from retrofit.train.flops import count_parameters, micro_batch_flops, model_flops_utilization, peak_tflops_of
 from retrofit.data.rows import DataError, check_token_ids, inputs_and_labels
 from retrofit.train import checkpoint as ckpt
+from retrofit.train.run_claim import release_run_dir
 from retrofit.train import distributed as dist_utils
 from retrofit.train import modes as train_modes
 from retrofit.train.build import build_run
@@ -349,5 +350,5 @@ def run(cfg: TrainConfig) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     finally:
-        ckpt.release_run_dir(cfg)
+        release_run_dir(cfg)
         dist_utils.cleanup()
