@@ -557,8 +557,8 @@ def test_overwrite_that_cannot_move_a_target_deletes_nothing(tmp_path, monkeypat
         return real_replace(src, dst)
 
     cfg = parse_config(base_args + [f"--out_path={tmp_path}", "--run_name=ref", "--overwrite=true"])
-    monkeypatch.setattr(ckpt.os, "replace", replace_failing_on_metrics)
-    with pytest.raises(ckpt.ConfigError, match="cannot delete .*metrics.jsonl .*nothing was deleted"):
+    monkeypatch.setattr(run_claim.os, "replace", replace_failing_on_metrics)
+    with pytest.raises(run_claim.ConfigError, match="cannot delete .*metrics.jsonl .*nothing was deleted"):
         run_claim.prepare_run_dir(cfg)
     assert snapshot(run) == before and not (run / run_claim.LOCK_FILE).exists()
 
