@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from retrofit.atomic import atomic_directory
+from retrofit.errors import first_line
 
 
 def untie(model_name: str, save_name: str, overwrite: bool = False) -> Path:
@@ -50,7 +51,7 @@ def main(argv=None) -> int:
     try:
         path = untie(args.model_name, args.save_name, args.overwrite)
     except (ValueError, OSError) as err:
-        print(f"error: {str(err).strip().splitlines()[0]}", file=sys.stderr)
+        print(f"error: {first_line(err)}", file=sys.stderr)
         return 2
     print(f"saved untied model to {path}")
     return 0
