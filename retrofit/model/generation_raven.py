@@ -16,6 +16,7 @@ from functools import partial
 import torch
 
 from .layers_raven import AttentionContext, KVCache
+from .speculative_raven import SpeculativeDecodingMixin, check_inference_options
 
 
 # ----------------------------------------------------------------------------------------------
@@ -105,6 +106,10 @@ class DecodeRun:
     cos_table: torch.Tensor
     sin_table: torch.Tensor
     depths: list[torch.Tensor] = field(default_factory=list)  # adaptive exit: depth used per new token
+    # Continuous thought: the last processed position's final latent state, (B, 1, h), which
+    # seeds the next token's recurrence instead of a fresh random state; None = off.
+    latent: torch.Tensor | None = None
+    continuous: bool = False
 
     @classmethod
     def start(cls, model, input_ids, attention_mask, max_new_tokens: int, pad_token_id: int, eos_ids) -> DecodeRun:
@@ -174,7 +179,7 @@ class DecodeRun:
         return {"mean_depth": float(sum(depth) if isinstance(depth, (tuple, list)) else depth), "tokens": int(self.length - self.prompt_length) * self.tokens.shape[0]}
 
 
-class RavenGenerationMixin:
+class RavenGenerationMixin(SpeculativeDecodingMixin):
     """Decoding for RavenForCausalLM: cached `generate` (greedy or sampled, left-padded batches,
     stopping criteria, streamer), per-token adaptive exit, the bounded cache and the compiled
     static-shape decode step. Kept apart from the model class so that the model file reads like
@@ -203,6 +208,10 @@ class RavenGenerationMixin:
         adaptive_criterion: str = "kl",
         bounded_cache: bool = False,
         compile: bool = False,
+        cache_policy: str | None = None,
+        continuous: bool = False,
+        speculative_k: int = 0,
+        speculative_draft_steps: int | None = None,
         **kwargs,
     ) -> torch.Tensor:
         """Greedy or sampled decoding with this model's own KV cache; returns prompt + new tokens.
@@ -225,6 +234,15 @@ class RavenGenerationMixin:
         shapes (attention over the whole cache, masked), so it can be replayed as a CUDA graph;
         elsewhere over the columns written so far, a dynamic length (`static_decode_shapes`).
         Same tokens up to float rounding. Not with adaptive exit.
+
+        `cache_policy`: "full" (default, one cache slot per iteration), "latest-M" (a ring of M
+        slots per recurrent layer: iteration i uses slot i mod M) or "compress-S" (slot i // S);
+        `bounded_cache=True` is "latest-1" (docs/generation.md, KV-cache policies).
+        `continuous=True`: each new token's recurrence starts from the previous position's final
+        latent state instead of a fresh random one (Huginn's continuous compute); eager only.
+        `speculative_k=K` with `speculative_draft_steps=D`: self-speculative greedy decoding, K
+        tokens drafted at depth D, verified in one pass at the target depth; the same tokens as
+        plain greedy decoding when the initial state is deterministic (docs/generation.md).
         """
         generation_config = kwargs.pop("generation_config", None)
         if generation_config is not None:
@@ -237,20 +255,26 @@ class RavenGenerationMixin:
         if temperature is not None and temperature <= 0:
             do_sample = False
         self._check_decoding_options(use_cache, num_steps, adaptive_threshold, adaptive_criterion, compile)
+        check_inference_options(use_cache, adaptive_threshold, compile, continuous, do_sample, speculative_k,
+                                speculative_draft_steps, bounded_cache, cache_policy)
         depth = num_steps if num_steps is not None else int(self.config.mean_recurrence)
         n_steps, k_steps = self.resolve_num_steps(depth)
 
         run = DecodeRun.start(self, input_ids, attention_mask, max_new_tokens, pad_token_id, eos_ids)
+        run.continuous = bool(continuous)
         # The compiled step's shapes include the cache capacity: round it up so that generations
         # of similar length reuse one compiled graph.
         capacity = compiled_cache_capacity(run.total) if compile else run.total
-        cache = KVCache(bounded=bounded_cache, capacity=capacity) if use_cache else None
+        cache = KVCache(bounded=bounded_cache, capacity=capacity, policy=cache_policy or "full") if use_cache else None
+        if speculative_k and max_new_tokens:
+            return self._speculative_generate(run, input_ids, attention_mask, cache, (n_steps, k_steps),
+                                              speculative_draft_steps, speculative_k, streamer, stopping_criteria, depth)
         next_logits = self._select_step(cache, num_steps, n_steps, k_steps, adaptive_threshold, adaptive_criterion, compile)
         if streamer is not None:
             streamer.put(input_ids.cpu())  # HF streamer convention: the prompt comes first
         for step in range(max_new_tokens):
             if step == 0 and use_cache:
-                logits = self._prefill(input_ids, attention_mask, cache, n_steps, k_steps)
+                logits = self._prefill(input_ids, attention_mask, cache, n_steps, k_steps, run)
             else:
                 logits = next_logits(run)
             logits = logits.float()
@@ -302,10 +326,12 @@ class RavenGenerationMixin:
             return partial(self._compiled_decode, cache=cache, n=n, k=k)
         return partial(self._eager_decode, cache=cache, n=n, k=k)
 
-    def _prefill(self, input_ids, attention_mask, cache: KVCache, n: int, k: int) -> torch.Tensor:
+    def _prefill(self, input_ids, attention_mask, cache: KVCache, n: int, k: int, run: DecodeRun | None = None) -> torch.Tensor:
         """The prompt through the cache, at the full depth; the last position's logits."""
         ctx = self.attention_context(input_ids, attention_mask, None, cache)
-        x, _ = self.run_layers(input_ids, ctx, n, k)
+        x, state = self.run_layers(input_ids, ctx, n, k)
+        if run is not None and run.continuous:
+            run.latent = state[:, -1:]
         return self.lm_head(x[:, -1])
 
     def _uncached_logits(self, run: DecodeRun, num_steps) -> torch.Tensor:
@@ -314,7 +340,9 @@ class RavenGenerationMixin:
         return out.logits[:, -1, :]
 
     def _eager_decode(self, run: DecodeRun, cache: KVCache, n: int, k: int) -> torch.Tensor:
-        x, _ = self.run_layers(run.step_input(), run.step_context(cache), n, k)
+        x, state = self.run_layers(run.step_input(), run.step_context(cache), n, k, initial_state=run.latent)
+        if run.continuous:
+            run.latent = state
         return self.lm_head(x[:, -1])
 
     def _compiled_decode(self, run: DecodeRun, cache: KVCache, n: int, k: int) -> torch.Tensor:

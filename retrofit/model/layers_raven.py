@@ -102,17 +102,47 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> 
     return x * cos + torch.cat((x[..., half:], x[..., :half]), dim=-1) * signed_sin
 
 
+CACHE_POLICIES = ("full", "latest-M", "compress-S")
+
+
+def parse_cache_policy(policy: str) -> tuple[str, int]:
+    """"full" -> ("full", 0); "latest-M" -> ("latest", M); "compress-S" -> ("compress", S); M, S >= 1."""
+    name, _, size = str(policy).partition("-")
+    if name == "full" and not size:
+        return "full", 0
+    if name in ("latest", "compress") and size.isdigit() and int(size) >= 1:
+        return name, int(size)
+    raise ValueError(f"cache_policy must be 'full', 'latest-M' or 'compress-S' with M, S >= 1, got {policy!r}")
+
+
 class KVCache:
     """Keys and values per attention "slot", grown by doubling so decoding costs amortised O(1).
 
-    A slot is one layer application: ("prelude", j), ("core", iteration, j) or ("coda", j). Keeping
-    one slot per iteration is what the authors' models were trained with (every iteration attends
-    to the same iteration of earlier tokens). With `bounded=True`, all iterations of a core layer
-    share one slot that holds the latest iteration's keys, so memory does not grow with depth.
+    A slot is one layer application: ("prelude", j), ("core", c, j) or ("coda", j), where c is the
+    iteration's slot under the cache `policy` (docs/generation.md, KV-cache policies):
+
+      full        c = i: one slot per iteration, what the authors' models were trained with
+                  (every iteration attends to the same iteration of earlier tokens).
+      latest-M    c = i mod M: M slots per layer, a ring; an earlier token keeps its last M
+                  iterations, and iteration i reads the latest iteration congruent to i mod M
+                  (Huginn's "compress-s" with s = M x core layers). latest-1 = `bounded=True`.
+      compress-S  c = i // S: one slot per S consecutive iterations; an earlier token keeps every
+                  S-th iteration (S-1, 2S-1, ..., and its last), and iteration i reads the last
+                  iteration of its group (Huginn's "compress-r", per layer). compress-1 = full.
+
+    The token being processed always attends to its own keys of the current iteration (written
+    before attention reads the slot); the policies differ only in what earlier tokens offer.
     """
 
-    def __init__(self, bounded: bool = False, capacity: int = 0):
-        self.bounded = bounded
+    def __init__(self, bounded: bool = False, capacity: int = 0, policy: str = "full"):
+        kind, size = parse_cache_policy(policy)
+        if bounded:
+            if kind != "full" and (kind, size) != ("latest", 1):
+                raise ValueError(f"bounded=True is cache policy latest-1; it conflicts with {policy!r}")
+            kind, size = "latest", 1
+        self.policy_kind, self.policy_size = kind, size
+        self.policy = "full" if kind == "full" else f"{kind}-{size}"
+        self.bounded = (kind, size) == ("latest", 1)  # memory independent of depth
         # Tokens to allocate on a slot's first write: `generate` knows its final length, so its
         # cache is allocated once and written in place (no growth, no copies).
         self.capacity = capacity
@@ -120,9 +150,17 @@ class KVCache:
         self.values: dict[tuple, torch.Tensor] = {}
         self.seen_tokens = 0  # advanced by the model once a forward call has written every slot
 
+    def core_slot(self, iteration: int) -> int:
+        """The slot index c of recurrent iteration `iteration` under this cache's policy."""
+        if self.policy_kind == "latest":
+            return iteration % self.policy_size
+        if self.policy_kind == "compress":
+            return iteration // self.policy_size
+        return iteration
+
     def slot(self, kind: str, layer: int, iteration: int = 0) -> tuple:
-        if kind == "core" and not self.bounded:
-            return (kind, iteration, layer)
+        if kind == "core":
+            return (kind, self.core_slot(iteration), layer)
         return (kind, layer)
 
     def update(self, slot: tuple, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
