@@ -2,6 +2,7 @@
 
     python generate.py MODEL_DIR --prompt "Q: Ava has 3 apples ..." [--num_steps 8] [--max_new_tokens 128]
                        [--adaptive 1e-3 [--criterion kl|latent] | --compile] [--no_chat] [--sample --temperature 0.7]
+                       [--cache_policy full|latest-M|compress-S] [--continuous] [--speculative_k K --speculative_draft_steps D]
 
 e.g. on the quickstart's recurrent model (docs/evaluation.md, Generating text):
 
@@ -40,6 +41,13 @@ def parse_args(argv=None):
                         help="decode through a torch.compile'd step (recurrent models; not with --adaptive): "
                              "compiles once per batch size, depth and cache size (about a minute on CPU), then each "
                              "token is faster; pays off for long generations only (docs/evaluation.md, Generating text)")
+    parser.add_argument("--cache_policy", default=None,
+                        help="KV cache across iterations: full (default), latest-M or compress-S (docs/generation.md)")
+    parser.add_argument("--continuous", action="store_true",
+                        help="continuous thought: each token's recurrence starts from the previous token's final state")
+    parser.add_argument("--speculative_k", type=int, default=0, metavar="K",
+                        help="self-speculative greedy decoding: draft K tokens at --speculative_draft_steps, verify at --num_steps")
+    parser.add_argument("--speculative_draft_steps", type=int, default=None, metavar="D", help="draft depth for --speculative_k")
     parser.add_argument("--no_chat", action="store_true", help="do not apply the chat template")
     parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     parser.add_argument("--temperature", type=float, default=0.7)
@@ -65,9 +73,26 @@ def parse_args(argv=None):
         parser.error(f"--seed must be >= 0, got {args.seed}")
     if args.compile and args.adaptive is not None:
         parser.error("--compile cannot be combined with --adaptive (the compiled step runs a fixed depth)")
+    inference_options_error = check_generate_options(args)
+    if inference_options_error:
+        parser.error(inference_options_error)
     if args.max_new_tokens < 1:
         parser.error(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
     return args
+
+
+def check_generate_options(args) -> str | None:
+    """The error message for a bad --cache_policy / --continuous / --speculative_* value or combination."""
+    from retrofit.model.speculative_raven import check_inference_options
+
+    if args.speculative_draft_steps is not None and not 1 <= args.speculative_draft_steps <= MAX_RECURRENCE:
+        return f"--speculative_draft_steps must be in [1, {MAX_RECURRENCE}], got {args.speculative_draft_steps}"
+    try:
+        check_inference_options(True, args.adaptive, args.compile, args.continuous, args.sample, args.speculative_k,
+                                args.speculative_draft_steps, False, args.cache_policy)
+    except ValueError as err:
+        return str(err)
+    return None
 
 
 def main(argv=None) -> int:
@@ -94,8 +119,12 @@ def main(argv=None) -> int:
         print(f"error: {args.model_dir} does not load: {first_line(exc)[:300]}", file=sys.stderr)
         return 2
     recurrent = getattr(model.config, "model_type", "") == RavenConfig.model_type
-    if not recurrent and (args.num_steps is not None or args.adaptive is not None or args.compile):
-        print("error: --num_steps/--adaptive/--compile need a recurrent checkpoint", file=sys.stderr)
+    inference_options = dict(cache_policy=args.cache_policy, continuous=args.continuous, speculative_k=args.speculative_k,
+                             speculative_draft_steps=args.speculative_draft_steps)
+    if not recurrent and (args.num_steps is not None or args.adaptive is not None or args.compile
+                          or any(v for v in inference_options.values())):
+        print("error: --num_steps/--adaptive/--compile/--cache_policy/--continuous/--speculative_k need a recurrent checkpoint",
+              file=sys.stderr)
         return 2
 
     if tokenizer.chat_template and not args.no_chat:
@@ -112,6 +141,7 @@ def main(argv=None) -> int:
         kwargs.update(num_steps=args.num_steps, adaptive_threshold=args.adaptive, adaptive_criterion=args.criterion)
         if args.compile:
             kwargs["compile"] = True
+        kwargs.update({name: value for name, value in inference_options.items() if value})
     start = time.perf_counter()
     with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
@@ -120,6 +150,8 @@ def main(argv=None) -> int:
     summary = f"[{new_tokens} tokens in {elapsed:.1f}s, {new_tokens / max(elapsed, 1e-9):.1f} tok/s"
     if recurrent:
         summary += f", mean depth {model.last_generation_stats['mean_depth']:.2f} iterations/token"
+        if args.speculative_k:
+            summary += f", {model.last_generation_stats['tokens_per_round']:.2f} tokens per draft-and-verify round"
     print(summary + "]", file=sys.stderr)
     return 0
 

@@ -11,6 +11,11 @@ from one pass: the prelude runs once and the recurrent block keeps iterating, wi
 out at each requested depth (64 iterations instead of 1+2+...+64). --independent_runs evaluates
 each depth from scratch instead, as the original did; both start from the same seeded state.
 
+--cache_policy P (full, latest-M, compress-S) and --continuous (each position's recurrence starts
+from the previous position's final state) score by teacher-forced decoding through the KV cache,
+one token at a time (T forward calls per depth: use a few short sequences); results go to
+chkpt_{N}_cache-{P}[_continuous].json or chkpt_{N}_continuous.json.
+
 --adaptive_threshold T stops iterating each token once the KL between successive iterations'
 next-token distributions (--adaptive_criterion kl) or the relative change of its latent state
 (latent) drops below T, and also reports the mean depth used; results go to
@@ -48,6 +53,7 @@ from retrofit.evaluate.loss_over_depth import (
     summary_lines,
 )
 from retrofit.data.rows import DataError, check_token_ids
+from retrofit.evaluate.cached_sweep import cached_variant_suffix, check_cached_options
 from retrofit.train.distributed import LaunchError, resolve_device
 
 
@@ -69,6 +75,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--independent_runs", action="store_true", help="run every depth from scratch (the original's way)")
     parser.add_argument("--adaptive_threshold", type=float, default=None, help="per-token early exit below this value")
     parser.add_argument("--adaptive_criterion", default="kl", help=f"exit criterion: {' or '.join(ADAPTIVE_CRITERIA)}")
+    parser.add_argument("--cache_policy", default=None,
+                        help="score by teacher-forced decoding through the KV cache under this policy: full, latest-M "
+                             "or compress-S (docs/generation.md, KV-cache policies); T forward calls per depth")
+    parser.add_argument("--continuous", action="store_true",
+                        help="continuous thought: position t starts from position t-1's final latent state of the "
+                             "same depth run (teacher-forced through the cache, as --cache_policy)")
     parser.add_argument("--output_dir", default="loss_over_rec_eval", help="results go to OUTPUT_DIR/{run name}/")
     parser.add_argument("--overwrite", action="store_true", help="recompute checkpoints whose output exists")
     parser.add_argument("--trust_remote_code", action="store_true",
@@ -96,12 +108,14 @@ def main(argv=None) -> int:
             adaptive = AdaptiveExit(args.adaptive_threshold, args.adaptive_criterion)
         elif args.adaptive_criterion not in ADAPTIVE_CRITERIA:
             raise EvalError(f"adaptive criterion {args.adaptive_criterion!r} is not one of {', '.join(ADAPTIVE_CRITERIA)}")
+        check_cached_options(args.cache_policy, args.continuous, adaptive, args.independent_runs)
+        variant = cached_variant_suffix(args.cache_policy, args.continuous)
         checkpoints = checkpoint_dirs(args.model_name, args.ckpts)
         device = resolve_device(args.device)
         out_dir = Path(args.output_dir) / Path(args.model_name).resolve().name
         todo = []
         for label, path in checkpoints:
-            target = out_dir / output_name(label, adaptive)
+            target = out_dir / output_name(label, adaptive, variant)
             if target.exists() and not args.overwrite:
                 print(f"skip {label}: {target} exists (--overwrite to redo)")
             else:
@@ -119,10 +133,11 @@ def main(argv=None) -> int:
             result = loss_over_depth(
                 model, input_ids, attention_mask, recurrences, batch_size=args.batch_size, seed=args.seed,
                 independent_runs=args.independent_runs, adaptive=adaptive,
+                cache_policy=args.cache_policy, continuous=args.continuous,
             )
             elapsed = time.perf_counter() - start
-            target = write_json_atomic(out_dir / output_name(label, adaptive), result_json(result, adaptive))
-            mode = "independent runs" if args.independent_runs else "one pass"
+            target = write_json_atomic(out_dir / output_name(label, adaptive, variant), result_json(result, adaptive))
+            mode = "independent runs" if args.independent_runs else ("through the cache" if variant else "one pass")
             print(f"{label}: {result.num_sequences} sequences, {mode}, {elapsed:.1f}s -> {target}")
             print("\n".join(summary_lines(result, adaptive)))
             del model

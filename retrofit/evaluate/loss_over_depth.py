@@ -325,11 +325,14 @@ def loss_over_depth(
     independent_runs: bool = False,
     adaptive: AdaptiveExit | None = None,
     progress: bool = True,
+    cache_policy: str | None = None,
+    continuous: bool = False,
 ) -> LossOverDepth:
     """Per-sequence validation loss at each depth for rows of max_length + 1 tokens.
 
     The initial state of every batch is drawn from one generator seeded with `seed`, so one-pass
-    and independent runs (and reruns) see the same s_0.
+    and independent runs (and reruns) see the same s_0. `cache_policy` / `continuous` score by
+    teacher-forced decoding through the KV cache instead (`retrofit.evaluate.cached_sweep`).
     """
     from tqdm import tqdm
 
@@ -343,6 +346,13 @@ def loss_over_depth(
     depth_sum = {r: 0.0 for r in recurrences}
     tokens = 0
     run = independent_losses if independent_runs else depth_sweep
+    if cache_policy is not None or continuous:
+        from functools import partial
+
+        from retrofit.evaluate.cached_sweep import cached_losses, check_cached_options
+
+        check_cached_options(cache_policy, continuous, adaptive, independent_runs)
+        run = partial(cached_losses, cache_policy=cache_policy, continuous=continuous)
     starts = range(0, input_ids.shape[0], batch_size)
     for start in tqdm(starts, desc="batches", disable=not progress, leave=False):
         rows = input_ids[start : start + batch_size].to(device)
@@ -382,9 +392,10 @@ def result_json(result: LossOverDepth, adaptive: AdaptiveExit | None) -> dict:
     }
 
 
-def output_name(label: str, adaptive: AdaptiveExit | None) -> str:
+def output_name(label: str, adaptive: AdaptiveExit | None, variant: str = "") -> str:
+    """`variant`: the cached sweep's suffix (`cached_sweep.cached_variant_suffix`), '' by default."""
     if adaptive is None:
-        return f"{label}.json"
+        return f"{label}{variant}.json"
     return f"{label}_adaptive_{adaptive.criterion}_{adaptive.threshold:g}.json"
 
 
