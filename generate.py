@@ -2,7 +2,7 @@
 
     python generate.py MODEL_DIR --prompt "Q: Ava has 3 apples ..." [--num_steps 8] [--max_new_tokens 128]
                        [--adaptive 1e-3 [--criterion kl|latent] | --compile] [--no_chat] [--sample --temperature 0.7]
-                       [--cache_policy full|latest-M|compress-S] [--continuous] [--speculative_k K --speculative_draft_steps D]
+                       [--cache_policy full|latest-M|compress-S] [--continuous] [--speculative_k K --speculative_draft_steps D] [--state_seed S]
 
 e.g. on the quickstart's recurrent model (docs/evaluation.md, Generating text):
 
@@ -48,6 +48,9 @@ def parse_args(argv=None):
     parser.add_argument("--speculative_k", type=int, default=0, metavar="K",
                         help="self-speculative greedy decoding: draft K tokens at --speculative_draft_steps, verify at --num_steps")
     parser.add_argument("--speculative_draft_steps", type=int, default=None, metavar="D", help="draft depth for --speculative_k")
+    parser.add_argument("--state_seed", type=int, default=None,
+                        help="draw each position's random initial state from a generator seeded by (this, position): "
+                             "--speculative_k then writes the same tokens as plain greedy decoding with the same --state_seed")
     parser.add_argument("--no_chat", action="store_true", help="do not apply the chat template")
     parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     parser.add_argument("--temperature", type=float, default=0.7)
@@ -85,6 +88,8 @@ def check_generate_options(args) -> str | None:
     """The error message for a bad --cache_policy / --continuous / --speculative_* value or combination."""
     from retrofit.model.speculative_raven import check_inference_options
 
+    if args.state_seed is not None and (args.state_seed < 0 or args.adaptive is not None):
+        return f"--state_seed must be >= 0 and not with --adaptive, got {args.state_seed}"
     if args.speculative_draft_steps is not None and not 1 <= args.speculative_draft_steps <= MAX_RECURRENCE:
         return f"--speculative_draft_steps must be in [1, {MAX_RECURRENCE}], got {args.speculative_draft_steps}"
     try:
@@ -119,10 +124,12 @@ def main(argv=None) -> int:
         print(f"error: {args.model_dir} does not load: {first_line(exc)[:300]}", file=sys.stderr)
         return 2
     recurrent = getattr(model.config, "model_type", "") == RavenConfig.model_type
-    inference_options = dict(cache_policy=args.cache_policy, continuous=args.continuous, speculative_k=args.speculative_k,
-                             speculative_draft_steps=args.speculative_draft_steps)
+    # Only the options given (each off by default), so plain checkpoints and default runs pass none.
+    inference_options = {name: value for name, value in dict(
+        cache_policy=args.cache_policy, continuous=args.continuous or None, speculative_k=args.speculative_k or None,
+        speculative_draft_steps=args.speculative_draft_steps, state_seed=args.state_seed).items() if value is not None}
     if not recurrent and (args.num_steps is not None or args.adaptive is not None or args.compile
-                          or any(v for v in inference_options.values())):
+                          or inference_options):
         print("error: --num_steps/--adaptive/--compile/--cache_policy/--continuous/--speculative_k need a recurrent checkpoint",
               file=sys.stderr)
         return 2
@@ -141,7 +148,7 @@ def main(argv=None) -> int:
         kwargs.update(num_steps=args.num_steps, adaptive_threshold=args.adaptive, adaptive_criterion=args.criterion)
         if args.compile:
             kwargs["compile"] = True
-        kwargs.update({name: value for name, value in inference_options.items() if value})
+        kwargs.update(inference_options)
     start = time.perf_counter()
     with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)

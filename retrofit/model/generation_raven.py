@@ -110,6 +110,23 @@ class DecodeRun:
     # seeds the next token's recurrence instead of a fresh random state; None = off.
     latent: torch.Tensor | None = None
     continuous: bool = False
+    state_seed: int | None = None  # initial states keyed by cache column (`seeded_states`); None = global RNG
+
+    def seeded_states(self, model, start: int, length: int) -> torch.Tensor | None:
+        """`generate(state_seed=...)`: the initial states of cache columns [start, start + length),
+        (B, length, h), each column's drawn from its own generator seeded by (state_seed, column),
+        so any path that processes a column (one token at a time, a prompt, a verify pass) starts
+        it from the same state. None without a state_seed (the model draws fresh states)."""
+        if self.state_seed is None:
+            return None
+        like = torch.zeros(self.tokens.shape[0], 1, model.config.n_embd, dtype=model.transformer.wte.weight.dtype,
+                           device=self.tokens.device)
+        generator = torch.Generator(device=like.device)
+        states = []
+        for column in range(start, start + length):
+            generator.manual_seed((self.state_seed * 1_000_003 + column) % (2**63))
+            states.append(model.initial_state(like, generator=generator))
+        return torch.cat(states, dim=1)
 
     @classmethod
     def start(cls, model, input_ids, attention_mask, max_new_tokens: int, pad_token_id: int, eos_ids) -> DecodeRun:
@@ -212,6 +229,7 @@ class RavenGenerationMixin(SpeculativeDecodingMixin):
         continuous: bool = False,
         speculative_k: int = 0,
         speculative_draft_steps: int | None = None,
+        state_seed: int | None = None,
         **kwargs,
     ) -> torch.Tensor:
         """Greedy or sampled decoding with this model's own KV cache; returns prompt + new tokens.
@@ -242,7 +260,10 @@ class RavenGenerationMixin(SpeculativeDecodingMixin):
         latent state instead of a fresh random one (Huginn's continuous compute); eager only.
         `speculative_k=K` with `speculative_draft_steps=D`: self-speculative greedy decoding, K
         tokens drafted at depth D, verified in one pass at the target depth; the same tokens as
-        plain greedy decoding when the initial state is deterministic (docs/generation.md).
+        plain greedy decoding when the initial state is deterministic: std 0, or the same
+        `state_seed` for both (docs/generation.md, Self-speculative decoding).
+        `state_seed=S`: each position's random initial state comes from a generator seeded by
+        (S, position), so paths that group positions differently draw the same states.
         """
         generation_config = kwargs.pop("generation_config", None)
         if generation_config is not None:
@@ -261,7 +282,9 @@ class RavenGenerationMixin(SpeculativeDecodingMixin):
         n_steps, k_steps = self.resolve_num_steps(depth)
 
         run = DecodeRun.start(self, input_ids, attention_mask, max_new_tokens, pad_token_id, eos_ids)
-        run.continuous = bool(continuous)
+        run.continuous, run.state_seed = bool(continuous), state_seed
+        if state_seed is not None and (adaptive_threshold is not None or not use_cache):
+            raise ValueError("state_seed needs use_cache=True and no adaptive_threshold")
         # The compiled step's shapes include the cache capacity: round it up so that generations
         # of similar length reuse one compiled graph.
         capacity = compiled_cache_capacity(run.total) if compile else run.total
@@ -329,7 +352,8 @@ class RavenGenerationMixin(SpeculativeDecodingMixin):
     def _prefill(self, input_ids, attention_mask, cache: KVCache, n: int, k: int, run: DecodeRun | None = None) -> torch.Tensor:
         """The prompt through the cache, at the full depth; the last position's logits."""
         ctx = self.attention_context(input_ids, attention_mask, None, cache)
-        x, state = self.run_layers(input_ids, ctx, n, k)
+        states = run.seeded_states(self, 0, input_ids.shape[1]) if run is not None else None
+        x, state = self.run_layers(input_ids, ctx, n, k, initial_state=states)
         if run is not None and run.continuous:
             run.latent = state[:, -1:]
         return self.lm_head(x[:, -1])
@@ -340,7 +364,8 @@ class RavenGenerationMixin(SpeculativeDecodingMixin):
         return out.logits[:, -1, :]
 
     def _eager_decode(self, run: DecodeRun, cache: KVCache, n: int, k: int) -> torch.Tensor:
-        x, state = self.run_layers(run.step_input(), run.step_context(cache), n, k, initial_state=run.latent)
+        start = run.latent if run.latent is not None else run.seeded_states(self, run.length - 1, 1)
+        x, state = self.run_layers(run.step_input(), run.step_context(cache), n, k, initial_state=start)
         if run.continuous:
             run.latent = state
         return self.lm_head(x[:, -1])
@@ -368,7 +393,9 @@ class RavenGenerationMixin(SpeculativeDecodingMixin):
         # would break the compiled graph on every call. `state_like`: the shape and dtype of one
         # decode step's prelude output.
         state_like = torch.zeros(B, 1, self.config.n_embd, dtype=self.transformer.wte.weight.dtype, device=device)
-        state = self.initial_state(state_like)
+        state = run.seeded_states(self, length - 1, 1)
+        if state is None:
+            state = self.initial_state(state_like)
         # contiguous: a column of `tokens` has its row stride, which differs with the generation's
         # length, and a new stride means a new graph.
         logits = self._compiled_decode_step(device)(self, run.step_input().contiguous(), ctx, n, k, state)

@@ -54,7 +54,7 @@ class SpeculativeDecodingMixin:
         max_new_tokens = run.total - run.prompt_length
         draft = self.resolve_num_steps(draft_steps)
         rounds = drafted = 0
-        logits = self._prefill(input_ids, attention_mask, cache, *target_steps).float()
+        logits = self._prefill(input_ids, attention_mask, cache, *target_steps, run).float()
         finished = run.append(logits.argmax(-1), logits, streamer, stopping_criteria)
         while not finished and run.length - run.prompt_length < max_new_tokens:
             k = min(lookahead, max_new_tokens - (run.length - run.prompt_length))
@@ -80,9 +80,9 @@ class SpeculativeDecodingMixin:
         mask = run.mask[:, : end + 1].clone()
         mask[:, run.length :] = (~run.done).to(mask.dtype)[:, None]  # finished rows: padding, as plain decoding writes
         for j in range(k):
-            logits = self._positions_logits(tokens, mask, cache, start + j, 1, draft_steps)
+            logits = self._positions_logits(run, tokens, mask, cache, start + j, 1, draft_steps)
             tokens[:, start + j + 1] = torch.where(run.done, run.pad_token_id, logits[:, -1].argmax(-1))
-        logits = self._positions_logits(tokens, mask, cache, start, k, target_steps).float()
+        logits = self._positions_logits(run, tokens, mask, cache, start, k, target_steps).float()
         target = logits.argmax(-1)  # (B, k): the target depth's greedy choice after each position
         agree = (target == tokens[:, start + 1 : end + 1]) | run.done[:, None]
         disagree = (~agree.all(0)).nonzero()
@@ -95,11 +95,11 @@ class SpeculativeDecodingMixin:
         cache.seen_tokens = run.length - 1  # roll back: later entries are stale, overwritten next round
         return finished
 
-    def _positions_logits(self, tokens, mask, cache, start: int, length: int, steps) -> torch.Tensor:
+    def _positions_logits(self, run, tokens, mask, cache, start: int, length: int, steps) -> torch.Tensor:
         """Logits (B, length, V) of positions [start, start + length) through the cache at depth
         steps = (n, k); the cache then holds every position before start + length."""
         cache.seen_tokens = start
         ids = tokens[:, start : start + length]
         ctx = self.attention_context(ids, mask[:, : start + length], None, cache)
-        x, _ = self.run_layers(ids, ctx, *steps)
+        x, _ = self.run_layers(ids, ctx, *steps, initial_state=run.seeded_states(self, start, length))
         return self.lm_head(x)
