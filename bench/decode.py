@@ -9,10 +9,16 @@ at batch 16). Also checks that the cached decode gives the same tokens as recomp
 sequence every step (`use_cache=False`, the reference path), at batch 1 and for a left-padded batch.
 
     python bench/decode.py [--batches 1,16] [--repeats 5] [--threads 2] [--compile] [--floor]
+                           [--speculative_k 4 --speculative_draft_steps 2]
 
 `--compile` adds a row for `generate(..., compile=True)` (a torch.compile'd decode step; on CPU with
 inductor's C++ wrapper and a dynamic attended length, on CUDA with static shapes). `--floor` adds
-each model's matrix multiplies alone and the ceiling they put on ours / HF.
+each model's matrix multiplies alone and the ceiling they put on ours / HF. `--speculative_k K
+--speculative_draft_steps D` adds a row for self-speculative greedy decoding (K tokens drafted at
+depth D, verified at the target depth), with its tokens per draft-and-verify round and whether
+its tokens equal the plain cached decode's (the model's initial state is zero, so they must).
+Random weights agree little across depths: docs/generation.md quotes the trained quickstart
+model's numbers (bench/inference_options.py).
 """
 
 from __future__ import annotations
@@ -106,6 +112,8 @@ def main(argv=None) -> int:
     parser.add_argument("--floor", action="store_true",
                         help="also time the decode steps' matrix multiplies alone, for both models (the "
                              "zero-overhead floor), and print the ceiling it puts on ours / HF")
+    parser.add_argument("--speculative_k", type=int, default=0, help="also time self-speculative decoding, K drafted tokens")
+    parser.add_argument("--speculative_draft_steps", type=int, default=2, help="draft depth for --speculative_k")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = parser.parse_args(argv)
@@ -128,9 +136,9 @@ def main(argv=None) -> int:
             prompt = torch.randint(3, SHAPE["vocab"], (batch, args.prompt), device=device)
             mask = torch.ones_like(prompt)
 
-            def run_ours(compile_step=False):
+            def run_ours(compile_step=False, **options):
                 return ours.generate(prompt, attention_mask=mask, max_new_tokens=new, num_steps=r,
-                                     eos_token_id=[], pad_token_id=2, **({"compile": True} if compile_step else {}))
+                                     eos_token_id=[], pad_token_id=2, **({"compile": True} if compile_step else {}), **options)
 
             def run_hf():
                 return hf.generate(prompt, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
@@ -139,12 +147,19 @@ def main(argv=None) -> int:
             paths = {"ours (cached)": run_ours, "HF Llama": run_hf}
             if args.compile:
                 paths["ours (compiled)"] = lambda: run_ours(True)
+            if args.speculative_k:
+                paths["ours (speculative)"] = lambda: run_ours(
+                    speculative_k=args.speculative_k, speculative_draft_steps=args.speculative_draft_steps)
             if args.floor:
                 # The same generation's matrix multiplies alone, for each model.
                 for name, model in (("ours matmuls only", ours), ("HF matmuls only", hf)):
                     paths[name] = matmul_floor(decode_matmuls(model, r), batch, args.prompt, new, device, dtype)
             times = {name: [] for name in paths}
-            outputs = {name: fn() for name, fn in paths.items()}  # warm-up (and compilation)
+            outputs, per_round = {}, None
+            for name, fn in paths.items():  # warm-up (and compilation)
+                outputs[name] = fn()
+                if name == "ours (speculative)":
+                    per_round = ours.last_generation_stats["tokens_per_round"]
             for _ in range(args.repeats):
                 for name, fn in paths.items():
                     times[name].append(time_call(fn, device))
@@ -158,6 +173,11 @@ def main(argv=None) -> int:
                 ceiling = statistics.median(h / o for h, o in zip(times["HF Llama"], times["ours matmuls only"]))
                 print(f"      ceiling (HF generate time / our matmul-only time, median of pairs): {ceiling:.2f}x")
             assert outputs["ours (cached)"].shape == (batch, args.prompt + new)
+            if per_round is not None:
+                same = torch.equal(outputs["ours (speculative)"], outputs["ours (cached)"])
+                ratio = statistics.median(times["ours (cached)"]) / statistics.median(times["ours (speculative)"])
+                print(f"      speculative: {ratio:.2f}x the tokens/s of ours (cached), {per_round:.2f} tokens per round, "
+                      f"tokens == eager cached tokens: {same}")
             if "ours (compiled)" in outputs:
                 same = torch.equal(outputs["ours (compiled)"], outputs["ours (cached)"])
                 print(f"      compiled tokens == eager cached tokens: {same}")
