@@ -7,7 +7,7 @@ positions at the target depth r verifies them. The longest prefix on which the t
 choice agrees with the draft is accepted, plus the target's own token at the first disagreement,
 so every round writes between 1 and K tokens that plain greedy decoding at depth r would write.
 Rejected positions are rolled back by moving the cache's write position: their entries are
-overwritten by the next round. docs/generation.md, Self-speculative decoding.
+overwritten by the next round (docs/generation.md, Self-speculative decoding).
 
 Part of the model's self-contained code (torch + transformers only): copied beside saved weights
 with modeling_raven.py, whose generation mixin imports it relatively.
