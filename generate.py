@@ -86,15 +86,15 @@ def parse_args(argv=None):
 
 def check_generate_options(args) -> str | None:
     """The error message for a bad --cache_policy / --continuous / --speculative_* value or combination."""
-    from retrofit.model.speculative_raven import check_inference_options
+    from retrofit.model.speculative_raven import InferenceOptions
 
     if args.state_seed is not None and (args.state_seed < 0 or args.adaptive is not None):
         return f"--state_seed must be >= 0 and not with --adaptive, got {args.state_seed}"
     if args.speculative_draft_steps is not None and not 1 <= args.speculative_draft_steps <= MAX_RECURRENCE:
         return f"--speculative_draft_steps must be in [1, {MAX_RECURRENCE}], got {args.speculative_draft_steps}"
     try:
-        check_inference_options(True, args.adaptive, args.compile, args.continuous, args.sample, args.speculative_k,
-                                args.speculative_draft_steps, False, args.cache_policy)
+        InferenceOptions(args.cache_policy, args.continuous, args.speculative_k, args.speculative_draft_steps,
+                         args.state_seed).check(True, args.adaptive, args.compile, args.sample)
     except ValueError as err:
         return str(err)
     return None

@@ -100,7 +100,7 @@ def matmul_floor(matmuls, batch: int, prompt: int, new_tokens: int, device, dtyp
     return replay
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", default="1,16")
     parser.add_argument("--recurrence", type=int, default=8)
@@ -116,7 +116,11 @@ def main(argv=None) -> int:
     parser.add_argument("--speculative_draft_steps", type=int, default=2, help="draft depth for --speculative_k")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     r = args.recurrence

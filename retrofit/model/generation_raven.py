@@ -16,7 +16,7 @@ from functools import partial
 import torch
 
 from .layers_raven import AttentionContext, KVCache
-from .speculative_raven import SpeculativeDecodingMixin, check_inference_options
+from .speculative_raven import InferenceOptions, SpeculativeDecodingMixin
 
 
 # ----------------------------------------------------------------------------------------------
@@ -129,7 +129,8 @@ class DecodeRun:
         return torch.cat(states, dim=1)
 
     @classmethod
-    def start(cls, model, input_ids, attention_mask, max_new_tokens: int, pad_token_id: int, eos_ids) -> DecodeRun:
+    def start(cls, model, input_ids, attention_mask, max_new_tokens: int, pad_token_id: int, eos_ids,
+              options: InferenceOptions | None = None) -> DecodeRun:
         B, T = input_ids.shape
         device = input_ids.device
         total = T + max_new_tokens
@@ -144,6 +145,7 @@ class DecodeRun:
             length=T, prompt_length=T, pad_token_id=pad_token_id,
             eos=torch.tensor(sorted(eos_ids), device=device) if eos_ids else None,
             cos_table=cos_table, sin_table=sin_table,
+            continuous=bool(options and options.continuous), state_seed=options.state_seed if options else None,
         )
 
     @property
@@ -234,64 +236,40 @@ class RavenGenerationMixin(SpeculativeDecodingMixin):
     ) -> torch.Tensor:
         """Greedy or sampled decoding with this model's own KV cache; returns prompt + new tokens.
 
-        Accepts the arguments lm-eval's HF backend passes (`max_length`, `stopping_criteria`,
-        `pad_token_id`, `do_sample`, `temperature`). A left-padded batch needs `attention_mask`;
-        without one, it is inferred from `pad_token_id` when that differs from EOS.
-        Finished sequences are padded with `pad_token_id` (or EOS).
+        Accepts the arguments lm-eval's HF backend passes (`max_length`, `stopping_criteria`, `pad_token_id`,
+        `do_sample`, `temperature`). A left-padded batch needs `attention_mask`; without one, it is inferred
+        from `pad_token_id` when that differs from EOS. Finished sequences are padded with `pad_token_id` (or EOS).
 
         `adaptive_threshold`: per-token early exit while decoding (Huginn-style). A new token stops
         iterating once the KL between successive iterations' output distributions
         (`adaptive_criterion="kl"`) or the relative change of the latent state ("latent") falls
         below the threshold, at most `num_steps` (default `config.mean_recurrence`) iterations.
         The prompt itself runs the full depth. `last_generation_stats["mean_depth"]` reports the
-        mean depth used per generated token. `bounded_cache=True` keeps only the latest
-        iteration's keys for the recurrent layers (memory independent of depth).
+        mean depth used per generated token.
 
-        `compile=True` runs each new token through a `torch.compile`d decode step, one graph per
-        batch size, depth and cache capacity (`compiled_cache_capacity`): on CUDA with static
-        shapes (attention over the whole cache, masked), so it can be replayed as a CUDA graph;
-        elsewhere over the columns written so far, a dynamic length (`static_decode_shapes`).
-        Same tokens up to float rounding. Not with adaptive exit.
+        `compile=True` runs each new token through a `torch.compile`d decode step, one graph per batch
+        size, depth and cache capacity (`compiled_cache_capacity`): on CUDA with static shapes (attention
+        over the whole cache, masked), so it can be replayed as a CUDA graph; elsewhere over the columns
+        written so far, a dynamic length (`static_decode_shapes`). Same tokens up to float rounding.
 
-        `cache_policy`: "full" (default, one cache slot per iteration), "latest-M" (a ring of M
-        slots per recurrent layer: iteration i uses slot i mod M) or "compress-S" (slot i // S);
-        `bounded_cache=True` is "latest-1" (docs/generation.md, KV-cache policies).
-        `continuous=True`: each new token's recurrence starts from the previous position's final
-        latent state instead of a fresh random one (Huginn's continuous compute); eager only.
-        `speculative_k=K` with `speculative_draft_steps=D`: self-speculative greedy decoding, K
-        tokens drafted at depth D, verified in one pass at the target depth; the same tokens as
-        plain greedy decoding when the initial state is deterministic: std 0, or the same
-        `state_seed` for both (docs/generation.md, Self-speculative decoding).
-        `state_seed=S`: each position's random initial state comes from a generator seeded by
-        (S, position), so paths that group positions differently draw the same states.
+        Huginn's inference options (docs/generation.md; `InferenceOptions`): `cache_policy`
+        ("full", "latest-M", "compress-S"; `bounded_cache=True` is "latest-1"), `continuous`,
+        `speculative_k` with `speculative_draft_steps`, `state_seed`.
         """
-        generation_config = kwargs.pop("generation_config", None)
-        if generation_config is not None:
-            max_new_tokens = max_new_tokens or generation_config.max_new_tokens
-            eos_token_id = eos_token_id if eos_token_id is not None else generation_config.eos_token_id
-        if max_new_tokens is None:
-            max_new_tokens = (max_length - input_ids.shape[1]) if max_length is not None else 20
-        max_new_tokens = max(max_new_tokens, 0)
+        max_new_tokens, eos_token_id = self._decode_length(input_ids, max_new_tokens, max_length, eos_token_id, kwargs)
         eos_ids, pad_token_id, attention_mask = self._special_tokens(input_ids, attention_mask, eos_token_id, pad_token_id)
         if temperature is not None and temperature <= 0:
             do_sample = False
         self._check_decoding_options(use_cache, num_steps, adaptive_threshold, adaptive_criterion, compile)
-        check_inference_options(use_cache, adaptive_threshold, compile, continuous, do_sample, speculative_k,
-                                speculative_draft_steps, bounded_cache, cache_policy)
+        options = InferenceOptions(cache_policy, continuous, speculative_k, speculative_draft_steps, state_seed, bounded_cache)
+        options.check(use_cache, adaptive_threshold, compile, do_sample)
         depth = num_steps if num_steps is not None else int(self.config.mean_recurrence)
         n_steps, k_steps = self.resolve_num_steps(depth)
-
-        run = DecodeRun.start(self, input_ids, attention_mask, max_new_tokens, pad_token_id, eos_ids)
-        run.continuous, run.state_seed = bool(continuous), state_seed
-        if state_seed is not None and (adaptive_threshold is not None or not use_cache):
-            raise ValueError("state_seed needs use_cache=True and no adaptive_threshold")
-        # The compiled step's shapes include the cache capacity: round it up so that generations
-        # of similar length reuse one compiled graph.
-        capacity = compiled_cache_capacity(run.total) if compile else run.total
-        cache = KVCache(bounded=bounded_cache, capacity=capacity, policy=cache_policy or "full") if use_cache else None
-        if speculative_k and max_new_tokens:
-            return self._speculative_generate(run, input_ids, attention_mask, cache, (n_steps, k_steps),
-                                              speculative_draft_steps, speculative_k, streamer, stopping_criteria, depth)
+        run = DecodeRun.start(self, input_ids, attention_mask, max_new_tokens, pad_token_id, eos_ids, options)
+        cache = self._decode_cache(run, use_cache, compile, options.policy)
+        if options.speculative_k and max_new_tokens:
+            return self._speculative_generate(run, input_ids, attention_mask, cache, (n_steps, k_steps), options,
+                                              streamer, stopping_criteria, depth)
         next_logits = self._select_step(cache, num_steps, n_steps, k_steps, adaptive_threshold, adaptive_criterion, compile)
         if streamer is not None:
             streamer.put(input_ids.cpu())  # HF streamer convention: the prompt comes first
@@ -308,6 +286,24 @@ class RavenGenerationMixin(SpeculativeDecodingMixin):
             streamer.end()
         self.last_generation_stats = run.stats(depth)
         return run.tokens[:, : run.length]
+
+    @staticmethod
+    def _decode_length(input_ids, max_new_tokens, max_length, eos_token_id, kwargs) -> tuple[int, object]:
+        """(new tokens to generate, EOS), from the arguments or a `generation_config` in kwargs."""
+        generation_config = kwargs.pop("generation_config", None)
+        if generation_config is not None:
+            max_new_tokens = max_new_tokens or generation_config.max_new_tokens
+            eos_token_id = eos_token_id if eos_token_id is not None else generation_config.eos_token_id
+        if max_new_tokens is None:
+            max_new_tokens = (max_length - input_ids.shape[1]) if max_length is not None else 20
+        return max(max_new_tokens, 0), eos_token_id
+
+    @staticmethod
+    def _decode_cache(run: DecodeRun, use_cache: bool, compile: bool, policy: str) -> KVCache | None:
+        # The compiled step's shapes include the cache capacity: round it up so that generations
+        # of similar length reuse one compiled graph.
+        capacity = compiled_cache_capacity(run.total) if compile else run.total
+        return KVCache(capacity=capacity, policy=policy) if use_cache else None
 
     def _special_tokens(self, input_ids, attention_mask, eos_token_id, pad_token_id):
         """(EOS ids, pad id, attention mask): the config's where not given; a mask inferred from the

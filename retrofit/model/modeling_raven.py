@@ -11,8 +11,8 @@ Qwen3, OLMo-2) through three config switches (`norm_placement`, `qk_norm`, `qkv_
 names follow the authors' released checkpoints.
 
 This file and the ones it imports relatively (configuration_raven.py, layers_raven.py: the layers
-and depth sampler, generation_raven.py: decoding, speculative_raven.py: speculative decoding) are self-contained (torch + transformers only)
-and copied next to saved weights, so a checkpoint loads with
+and depth sampler, generation_raven.py: decoding, speculative_raven.py: speculative decoding)
+are self-contained (torch + transformers only) and copied next to saved weights, so a checkpoint loads with
 `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` anywhere. It keeps its own KV
 cache and decode loop instead of transformers' cache classes, whose internals changed between
 releases and broke the original code twice.

@@ -1,5 +1,5 @@
-"""Self-speculative greedy decoding for the depth-recurrent model, and the checks of generate's
-inference options (KV-cache policy, continuous thought, speculative decoding).
+"""Self-speculative greedy decoding for the depth-recurrent model, and generate's inference
+options (`InferenceOptions`: KV-cache policy, continuous thought, speculative decoding, seeded states).
 
 The recurrent model drafts with itself: K tokens at a low depth D (cheap: the prelude and coda
 cost the same, the recurrent block D times instead of r), then one pass over the K drafted
@@ -15,30 +15,49 @@ with modeling_raven.py, whose generation mixin imports it relatively.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .layers_raven import parse_cache_policy
 
 
-def check_inference_options(use_cache, adaptive_threshold, compile, continuous, do_sample, speculative_k,
-                            speculative_draft_steps, bounded_cache, cache_policy) -> None:
-    """One-line ValueErrors for bad values or combinations of generate's inference options."""
-    if cache_policy is not None:
-        parse_cache_policy(cache_policy)
-        if bounded_cache and parse_cache_policy(cache_policy) not in (("latest", 1), ("full", 0)):
-            raise ValueError(f"bounded_cache=True is cache_policy 'latest-1'; it conflicts with {cache_policy!r}")
-    if continuous and (not use_cache or compile or adaptive_threshold is not None):
-        raise ValueError("continuous=True needs use_cache=True, no compile and no adaptive_threshold")
-    if not speculative_k:
-        if speculative_draft_steps is not None:
-            raise ValueError("speculative_draft_steps needs speculative_k >= 1")
-        return
-    if not isinstance(speculative_k, int) or isinstance(speculative_k, bool) or speculative_k < 1:
-        raise ValueError(f"speculative_k must be an integer >= 1, got {speculative_k!r}")
-    if not isinstance(speculative_draft_steps, int) or speculative_draft_steps < 1:
-        raise ValueError(f"speculative_k needs speculative_draft_steps, an integer >= 1, got {speculative_draft_steps!r}")
-    if do_sample or not use_cache or compile or adaptive_threshold is not None or continuous:
-        raise ValueError("speculative_k is greedy decoding with the cache: not with do_sample, use_cache=False, "
+@dataclass
+class InferenceOptions:
+    """generate's inference options (docs/generation.md), each off by default."""
+
+    cache_policy: str | None = None  # "full" | "latest-M" | "compress-S"
+    continuous: bool = False  # each new token starts from the previous position's final state
+    speculative_k: int = 0  # tokens drafted per round (0: no speculative decoding)
+    speculative_draft_steps: int | None = None  # the drafts' depth
+    state_seed: int | None = None  # initial states seeded per position
+    bounded_cache: bool = False  # the older name of cache_policy "latest-1"
+
+    @property
+    def policy(self) -> str:
+        return "latest-1" if self.bounded_cache else (self.cache_policy or "full")
+
+    def check(self, use_cache: bool, adaptive_threshold, compile: bool, do_sample: bool) -> None:
+        """One-line ValueErrors for bad values or combinations."""
+        if self.cache_policy is not None:
+            parse_cache_policy(self.cache_policy)
+            if self.bounded_cache and parse_cache_policy(self.cache_policy) not in (("latest", 1), ("full", 0)):
+                raise ValueError(f"bounded_cache=True is cache_policy 'latest-1'; it conflicts with {self.cache_policy!r}")
+        if self.continuous and (not use_cache or compile or adaptive_threshold is not None):
+            raise ValueError("continuous=True needs use_cache=True, no compile and no adaptive_threshold")
+        if self.state_seed is not None and (adaptive_threshold is not None or not use_cache):
+            raise ValueError("state_seed needs use_cache=True and no adaptive_threshold")
+        k, draft = self.speculative_k, self.speculative_draft_steps
+        if not k:
+            if draft is not None:
+                raise ValueError("speculative_draft_steps needs speculative_k >= 1")
+            return
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise ValueError(f"speculative_k must be an integer >= 1, got {k!r}")
+        if not isinstance(draft, int) or draft < 1:
+            raise ValueError(f"speculative_k needs speculative_draft_steps, an integer >= 1, got {draft!r}")
+        if do_sample or not use_cache or compile or adaptive_threshold is not None or self.continuous:
+            raise ValueError("speculative_k is greedy decoding with the cache: not with do_sample, use_cache=False, "
                          "compile, adaptive_threshold or continuous")
 
 
@@ -46,13 +65,14 @@ class SpeculativeDecodingMixin:
     """`generate(speculative_k=K, speculative_draft_steps=D)`; uses the model's `attention_context`,
     `run_layers`, `lm_head` and `resolve_num_steps`, and generate's `DecodeRun` bookkeeping."""
 
-    def _speculative_generate(self, run, input_ids, attention_mask, cache, target_steps, draft_steps: int,
-                              lookahead: int, streamer, stopping_criteria, depth) -> torch.Tensor:
+    def _speculative_generate(self, run, input_ids, attention_mask, cache, target_steps, options: InferenceOptions,
+                              streamer, stopping_criteria, depth) -> torch.Tensor:
         """Prefill at the target depth, then draft-and-verify rounds until max_new_tokens or done."""
+        lookahead = options.speculative_k
         if streamer is not None:
             streamer.put(input_ids.cpu())
         max_new_tokens = run.total - run.prompt_length
-        draft = self.resolve_num_steps(draft_steps)
+        draft = self.resolve_num_steps(options.speculative_draft_steps)
         rounds = drafted = 0
         logits = self._prefill(input_ids, attention_mask, cache, *target_steps, run).float()
         finished = run.append(logits.argmax(-1), logits, streamer, stopping_criteria)
