@@ -42,7 +42,7 @@ def policy_table(model, inputs, labels, states, depths, policies) -> None:
     print(f"{'policy':>11} " + " ".join(f"{'loss r=' + str(r):>10} {'MiB':>7}" for r in depths))
     for policy in policies:
         result = cached_losses(model, inputs, None, labels, depths, states, cache_policy=policy)
-        cells = [f"{mean_loss(result, r):10.4f} {result.cache_bytes[r] / 2**20:7.2f}" for r in depths]
+        cells = [f"{mean_loss(result, r):10.5f} {result.cache_bytes[r] / 2**20:7.2f}" for r in depths]
         print(f"{policy:>11} " + " ".join(cells))
 
 
@@ -53,7 +53,7 @@ def continuous_table(model, inputs, labels, states, depths) -> None:
     print(f"{'depth':>6} {'fresh':>9} {'continuous':>11} {'difference':>11}")
     for r in depths:
         a, b = mean_loss(fresh, r), mean_loss(chained, r)
-        print(f"{r:>6} {a:9.4f} {b:11.4f} {b - a:+11.4f}")
+        print(f"{r:>6} {a:9.5f} {b:11.5f} {b - a:+11.5f}")
 
 
 def speculative_table(model, prompts, target: int, new_tokens: int, settings, repeats: int) -> None:
