@@ -19,7 +19,8 @@ e.g. on the quickstart's recurrent model:
         --text $'Q: Ava has 23 books. Ava buys 30 more and then gives away 9. How many books does Ava have now?\nA:'
 
 --text is tokenized as is (with BOS where the tokenizer adds it; no chat template). --data reads the
-first N rows (default 4) of a packed parquet shard and inspects each row's real tokens. Each
+first N rows (default 4) of a parquet shard or folder (`input_ids`, packed or of any lengths) and
+inspects each row's real tokens (`attention_mask` 1, where the column exists). Each
 sequence starts from its own seeded random state (--seed), so its table is the same alone or in
 a batch with others.
 """
@@ -81,13 +82,9 @@ def read_sequences(args, tokenizer) -> tuple[list[list[int]], list[str]]:
             if not ids:
                 raise ValueError(f"--text number {index + 1} gives no tokens")
         return sequences, [f"text {index}" for index in range(len(sequences))]
-    from retrofit.evaluate.loss_over_depth import load_eval_rows
+    from retrofit.evaluate.logit_lens import read_parquet_sequences
 
-    ids, mask = load_eval_rows(args.data, args.num_sequences or DEFAULT_DATA_SEQUENCES)
-    sequences = [row[m.bool()].tolist() for row, m in zip(ids, mask)]
-    for index, seq in enumerate(sequences):
-        if not seq:
-            raise ValueError(f"{args.data}: row {index} has no real tokens (attention_mask all 0)")
+    sequences = read_parquet_sequences(args.data, args.num_sequences or DEFAULT_DATA_SEQUENCES)
     return sequences, [f"row {index}" for index in range(len(sequences))]
 
 
@@ -119,7 +116,6 @@ def main(argv=None) -> int:
     from retrofit.data.rows import DataError
     from retrofit.errors import first_line
     from retrofit.evaluate.logit_lens import InspectError, inspect_sequences, summary_lines
-    from retrofit.evaluate.loss_over_depth import EvalError
     from retrofit.model.loading import load_saved_model, load_saved_tokenizer
     from retrofit.train.distributed import LaunchError, resolve_device
 
@@ -137,7 +133,7 @@ def main(argv=None) -> int:
         num_steps = args.num_steps or int(model.config.mean_recurrence)
         tables = inspect_sequences(model, sequences, num_steps, seed=args.seed)
         out = write_outputs(args, tables, sources, tokenizer, num_steps)
-    except (InspectError, EvalError, DataError, LaunchError, ValueError) as err:
+    except (InspectError, DataError, LaunchError, ValueError) as err:
         print(f"error: {first_line(err)}", file=sys.stderr)
         return 2
     print("\n".join(summary_lines(tables)))

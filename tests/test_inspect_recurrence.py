@@ -22,6 +22,7 @@ from retrofit.evaluate.logit_lens import (
     inspect_sequences,
     iteration_logits,
     pad_right,
+    read_parquet_sequences,
     sequence_record,
     trace_recurrence,
 )
@@ -123,6 +124,25 @@ def test_bad_sequences_are_refused(model):
         inspect_sequences(model, [[5, 100000]], STEPS)
     with pytest.raises(InspectError, match="num_steps must be >= 1, got 0"):
         inspect_sequences(model, [[5, 6]], 0)
+
+
+def test_data_rows_of_any_length_give_their_real_tokens(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    ragged = tmp_path / "ragged.parquet"  # unpacked rows: no attention_mask, lengths differ
+    pq.write_table(pa.table({"input_ids": [[5, 6, 7], [8, 9, 10, 11, 12], [13]]}), ragged)
+    assert read_parquet_sequences(ragged, 2) == [[5, 6, 7], [8, 9, 10, 11, 12]]
+    packed = tmp_path / "packed.parquet"  # packed rows: padding marked by attention_mask
+    pq.write_table(pa.table({"input_ids": [[5, 6, 2, 2], [7, 8, 9, 10]], "attention_mask": [[1, 1, 0, 0], [1, 1, 1, 1]]}),
+                   packed, row_group_size=1)
+    assert read_parquet_sequences(packed, 5) == [[5, 6], [7, 8, 9, 10]]
+    empty = tmp_path / "empty.parquet"
+    pq.write_table(pa.table({"input_ids": [[5, 6]], "attention_mask": [[0, 0]]}), empty)
+    with pytest.raises(InspectError, match="row 0 has no real tokens"):
+        read_parquet_sequences(empty, 1)
+    with pytest.raises(InspectError, match="does not exist"):
+        read_parquet_sequences(tmp_path / "missing.parquet", 1)
 
 
 @pytest.mark.parametrize(
