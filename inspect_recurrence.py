@@ -47,7 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("checkpoint", metavar="CKPT", help="recurrent checkpoint folder (config.json, weights, tokenizer)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--text", action="append", help="text to inspect (repeat for several sequences)")
-    source.add_argument("--data", metavar="PARQUET", help="packed parquet shard (or folder of shards)")
+    source.add_argument("--data", metavar="PARQUET", help="parquet file (or folder of them) with an input_ids column")
     parser.add_argument("--num_sequences", type=int, default=None,
                         help=f"with --data: the first N rows (default {DEFAULT_DATA_SEQUENCES})")
     parser.add_argument("--num_steps", type=int, default=None, help="iterations R (default: the config's mean_recurrence)")
@@ -61,6 +61,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for index, text in enumerate(args.text or []):
         if not text.strip():
             parser.error(f"--text number {index + 1} is empty")
+    if args.data is not None and not Path(args.data).exists():
+        parser.error(f"--data {args.data} does not exist")
     if args.num_sequences is not None and args.data is None:
         parser.error("--num_sequences applies to --data only")
     if args.num_sequences is not None and args.num_sequences < 1:

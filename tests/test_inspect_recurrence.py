@@ -153,6 +153,7 @@ def test_data_rows_of_any_length_give_their_real_tokens(tmp_path):
         (["{ckpt}", "--text", "x", "--num_steps", "0"], "--num_steps must be in [1,"),
         (["{ckpt}"], "one of the arguments --text --data is required"),
         (["{ckpt}", "--text", "x", "--data", "d.parquet"], "not allowed with argument"),
+        (["{ckpt}", "--data", "{missing}"], "does not exist"),
         (["{ckpt}", "--text", "x", "--num_sequences", "2"], "--num_sequences applies to --data only"),
         (["{ckpt}", "--text", "x", "--out", "{ckpt}"], "exists (--overwrite to replace it)"),
     ],
