@@ -19,7 +19,7 @@ MAX_TOKENS_SHOWN = 64
 # Top-1 tokens are written into the cells only when cells are large enough to read.
 ANNOTATE_MAX_TOKENS = 40
 ANNOTATE_MAX_ITERATIONS = 16
-KL_FLOOR = 1e-4  # the colour scale's floor: KL is exactly 0 at the last iteration
+KL_FLOOR = 1e-6  # the colour scale's floor: KL is exactly 0 at the last iteration
 
 
 @dataclass

@@ -297,5 +297,5 @@ def summary_lines(tables: list[SequenceLens]) -> list[str]:
     lines = [f"{'iteration':>9} {'entropy':>9} {'KL to final':>12} {'next token top-1':>17}"]
     for i in range(entropy.shape[0]):
         top1 = f"{(rank[i][scored] == 1).mean():>17.3f}" if scored.any() else f"{'-':>17}"
-        lines.append(f"{i + 1:>9} {entropy[i].mean():>9.4f} {kl[i].mean():>12.5f} {top1}")
+        lines.append(f"{i + 1:>9} {entropy[i].mean():>9.4f} {kl[i].mean():>12.2e} {top1}")
     return lines
