@@ -567,41 +567,13 @@ def census(W: Path, only: str | None) -> int:
     for name, argv in [("unknown experiment", ["no-such-experiment", "--dry-run"]), ("no experiment", [])]:
         cases.append((f"tinyllama.sh: {name}", lambda argv=argv: run_shell(tinyllama, argv, "error", cluster_env)))
 
-    # ---- more faults (issue 23's leftovers): packed data rewritten, SIGTERM to a local 2-process torchrun
-    def packed_rewritten():
-        import datasets
+    # ---- more faults (issue 23's leftovers; built in bench/robustness_faults.py)
+    from robustness_faults import packed_data_rewritten, sigterm_to_local_torchrun
 
-        rows = pq.read_table(data / "shard-00000.parquet")
-        datasets.Dataset(rows).save_to_disk(str(W / "packed"))
-        datasets.Dataset(rows.take(list(range(rows.num_rows))[::-1])).save_to_disk(str(W / "packed_rewritten"))
-        args = [a for a in base if not a.startswith(("--preprocessed_data_path", "--is_parquet_dataset"))] + o("packed")
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            assert run_training(parse_config(args + [f"--preprocessed_data_path={W / 'packed'}"])) == 0
-        for name in ("final_checkpoint", "checkpoint_4"):
-            shutil.rmtree(W / "o" / "packed" / name)
-        resume = args + [f"--preprocessed_data_path={W / 'packed_rewritten'}", "--resume_path=auto"]
-        return classify(lambda: run_training(parse_config(resume)), "error", watch=W / "o" / "packed")
-
-    cases.append(("fault: packed data rewritten with the same row count", packed_rewritten))
-
-    def sigterm_local_torchrun():
-        args = [a for a in base if not a.startswith(("--max_steps", "--save_interval"))]
-        args += ["--max_steps=100000", "--save_interval=-1", "--device=cpu", f"--out_path={W / 'o'}", "--run_name=term"]
-        env = dict(os.environ, PYTHONUNBUFFERED="1", PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
-        proc = subprocess.Popen(["bash", str(submit), "--local", "--gpus", "2", "--", "python", "train.py", *args],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
-        try:
-            for line in proc.stdout:
-                if line.startswith("step 1/"):
-                    proc.send_signal(signal.SIGTERM)
-                    break
-            out, err = proc.communicate(timeout=HANG_SECONDS)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            return "hang", f"still running after {HANG_SECONDS} s"
-        return judge(proc.returncode, err, out, "accept", {}, None, lambda text: "stopped by SIGTERM" in text)
-
-    cases.append(("fault: SIGTERM to a 2-process _submit.sh --local run", sigterm_local_torchrun))
+    cases.append(("fault: packed data rewritten with the same row count", lambda: classify(
+        lambda: packed_data_rewritten(W, data, base, o("packed"), run_training, parse_config), "error")))
+    cases.append(("fault: SIGTERM to a 2-process _submit.sh --local run", lambda: sigterm_to_local_torchrun(
+        base + o("term"), judge, HANG_SECONDS)))
 
     # ---- run them
     results = []
