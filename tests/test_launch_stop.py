@@ -64,3 +64,13 @@ def test_sigterm_to_a_local_two_process_run_saves_and_exits_0(tmp_path, train_ra
     saved = ckpt.list_checkpoints(tmp_path / "stop")
     assert len(saved) == 1 and ckpt.verify_checkpoint(saved[0]) is None
     assert not (tmp_path / "stop" / "final_checkpoint").exists()
+
+
+@pytest.mark.slow
+def test_a_failing_rank_still_fails_with_torchrun_summary_and_no_traceback():
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-m", "retrofit.train.stoppable_torchrun", "--standalone", "--nproc_per_node",
+                           "1", "--no-python", "python", "-c", "import sys; sys.exit(3)"],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert proc.returncode == 1
+    assert "exitcode  : 3" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]

@@ -10,8 +10,10 @@ SIGUSR1 for itself: it hands them to the ranks (its child processes) and lets th
 watching them. When every rank exits 0, torchrun returns normally and one line says the run was
 stopped; the exit status is then 0, the convention train.py follows for a stop that saved (a
 scheduler requeues on the signal it sent, not on the status). A rank that fails still ends the
-usual way: torchrun's failure summary, exit status 1. SIGINT, SIGHUP and SIGQUIT stay torchrun's.
-A `--signals-to-handle` on the command line wins over the one added here.
+usual way: torchrun's failure summary (without its traceback), exit status 1. SIGINT, SIGHUP and
+SIGQUIT stay torchrun's.
+A `--signals-to-handle` on the command line wins over the one added here. The ranks are found in
+/proc (Linux); elsewhere this is plain torchrun.
 
 `shells/_submit.sh --local` launches through it.
 """
@@ -73,10 +75,14 @@ def main(argv: list[str] | None = None) -> int:
     from torch.distributed.run import main as torchrun_main
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    if not Path("/proc").is_dir():  # no way to find the ranks (not Linux): plain torchrun
+        torchrun_main(argv)
+        return 0
     forwarder = StopForwarder()
     try:
         torchrun_main([TORCHRUN_SIGNALS, *argv])
-    except ChildFailedError:  # torchrun has printed its failure summary (which rank, exit code)
+    except ChildFailedError as exc:  # torchrun's failure summary (which rank, exit code), without the traceback
+        print(f"stoppable_torchrun: {exc}", file=sys.stderr, flush=True)
         return 1
     if forwarder.received:
         print(
