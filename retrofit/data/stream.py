@@ -225,9 +225,9 @@ class PackedDatasetStream:
         recorded = state.get("content_digest")  # None: a checkpoint from before it was recorded
         if recorded is not None and recorded != self.content_digest:
             raise DataError(
-                f"the --preprocessed_data_path dataset holds other rows than when the checkpoint was written (the same {len(self.dataset)} rows"
-                f" but other contents: digest {self.content_digest} vs {recorded}); restore the original data, or pass"
-                " --ignore_past_parquet_dataset=true to start the data from the beginning"
+                "the --preprocessed_data_path dataset holds other rows than when the checkpoint was written (the same"
+                f" {len(self.dataset)} rows but other contents: digest {self.content_digest} vs {recorded}); restore the"
+                " original data, or pass --ignore_past_parquet_dataset=true to start the data from the beginning"
             )
         self.position = {"epoch": int(state["epoch"]), "row": int(state["row"])}
 

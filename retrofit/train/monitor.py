@@ -246,6 +246,7 @@ class TrainingProgress:
             log(line)
             return
         self.bar.write(line, file=sys.stdout)
+        sys.stdout.flush()  # as the plain print does: `| tee log` must not lag behind the bar
         self.bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_second']:,.0f}", refresh=False)
         self.bar.update(record["step"] - self.bar.n)
 
