@@ -56,12 +56,24 @@ def base_args(train_raven_dir, train_parquet_dir):
             "--mean_recurrence_schedule.max_mean_rec=3", "--mean_recurrence_schedule.warmup=0.5"]
 
 
-@pytest.fixture(scope="module")
-def reference_run(tmp_path_factory, base_args):
+def reference_run(tmp_path_factory, args: list[str]) -> Path:
     """The uninterrupted 4-step run (checkpoint_2, checkpoint_4, model_only_chkpt_1..4, final_checkpoint)."""
     out = tmp_path_factory.mktemp("reference")
-    assert run_train(base_args + [f"--out_path={out}", "--run_name=ref"]) == 0
+    assert run_train(args + [f"--out_path={out}", "--run_name=ref"]) == 0
     return out / "ref"
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory, base_args):
+    """Uninterrupted runs by backend, built when first asked for."""
+    built = {}
+
+    def get(extra: tuple[str, ...]) -> Path:
+        if extra not in built:
+            built[extra] = reference_run(tmp_path_factory, base_args + list(extra))
+        return built[extra]
+
+    return get
 
 
 # phase@count -> (the checkpoint --resume_path=auto must continue from, or None, and the folders
@@ -74,16 +86,19 @@ KILLS = {
     "full:before_rename@1": (None, ["checkpoint_2"]),
     "model_only:temp_written@3": ("checkpoint_2", ["model_only_chkpt_3"]),
     "model_only:after_rename@4": ("checkpoint_2", ["checkpoint_4"]),
-    "final:temp_written": ("checkpoint_4", ["final_checkpoint"]),
     "final:before_rename": ("checkpoint_4", ["final_checkpoint"]),
     "final:after_rename": ("checkpoint_4", []),
+    "fsdp full:before_rename@2": ("checkpoint_2", ["checkpoint_4"]),  # FSDP2's sharded checkpoints (one rank)
 }
 
 
 @pytest.mark.parametrize("phase", list(KILLS))
-def test_a_kill_in_any_save_phase_resumes_to_the_uninterrupted_result(tmp_path, capsys, base_args, reference_run, phase):
+def test_a_kill_in_any_save_phase_resumes_to_the_uninterrupted_result(tmp_path, capsys, base_args, references, phase):
     resume_from, absent = KILLS[phase]
-    args = base_args + [f"--out_path={tmp_path}", "--run_name=r", "--resume_path=auto"]
+    extra = ("--fsdp=true",) if phase.startswith("fsdp ") else ()
+    reference_run = references(extra)
+    args = base_args + list(extra) + [f"--out_path={tmp_path}", "--run_name=r", "--resume_path=auto"]
+    phase = phase.removeprefix("fsdp ")
     assert run_killed_at(phase, args) == signal.SIGKILL
     run = tmp_path / "r"
     for name in absent:
