@@ -1,4 +1,5 @@
-"""A kill in every phase of every kind of save (retrofit/train/faults.py): the run folder keeps
+"""Kills in every save phase (temp written, before rename, after rename; retrofit/train/faults.py),
+spread over full, model-only, final and FSDP2 sharded saves: the run folder keeps
 only good checkpoints, `--resume_path=auto` continues from the last good one, and the final
 weights and metrics equal those of an uninterrupted run. Each killed run is a fork of the test
 process that SIGKILLs itself at the phase (a real kill: no `finally` runs, temporaries stay)."""
