@@ -331,7 +331,7 @@ def loss_over_depth(
     The initial state of every batch is drawn from one generator seeded with `seed`, so one-pass
     and independent runs (and reruns) see the same s_0.
     """
-    from tqdm import tqdm
+    from retrofit.progress import progress_bar
 
     if batch_size < 1:
         raise EvalError(f"batch_size must be >= 1, got {batch_size}")
@@ -344,7 +344,8 @@ def loss_over_depth(
     tokens = 0
     run = independent_losses if independent_runs else depth_sweep
     starts = range(0, input_ids.shape[0], batch_size)
-    for start in tqdm(starts, desc="batches", disable=not progress, leave=False):
+    bar_desc = f"batches ({len(recurrences)} depths)"
+    for start in progress_bar(starts, desc=bar_desc, unit="batch", enabled=progress, leave=False):
         rows = input_ids[start : start + batch_size].to(device)
         mask = attention_mask[start : start + batch_size].to(device)
         inputs, inputs_mask, labels = inputs_and_labels(rows, mask)
