@@ -83,6 +83,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "same depth run (teacher-forced through the cache, as --cache_policy)")
     parser.add_argument("--output_dir", default="loss_over_rec_eval", help="results go to OUTPUT_DIR/{run name}/")
     parser.add_argument("--overwrite", action="store_true", help="recompute checkpoints whose output exists")
+    parser.add_argument("--no_progress", action="store_true",
+                        help="no progress bar (drawn on stderr only when it is a terminal)")
     parser.add_argument("--trust_remote_code", action="store_true",
                         help="run the modeling code saved in each checkpoint instead of this repo's (only for checkpoints you trust)")
     return parser.parse_args(argv)
@@ -132,7 +134,7 @@ def main(argv=None) -> int:
             start = time.perf_counter()
             result = loss_over_depth(
                 model, input_ids, attention_mask, recurrences, batch_size=args.batch_size, seed=args.seed,
-                independent_runs=args.independent_runs, adaptive=adaptive,
+                independent_runs=args.independent_runs, adaptive=adaptive, progress=not args.no_progress,
                 cache_policy=args.cache_policy, continuous=args.continuous,
             )
             elapsed = time.perf_counter() - start

@@ -567,6 +567,14 @@ def census(W: Path, only: str | None) -> int:
     for name, argv in [("unknown experiment", ["no-such-experiment", "--dry-run"]), ("no experiment", [])]:
         cases.append((f"tinyllama.sh: {name}", lambda argv=argv: run_shell(tinyllama, argv, "error", cluster_env)))
 
+    # ---- more faults (issue 23's leftovers; built in bench/robustness_faults.py)
+    from robustness_faults import packed_data_rewritten, sigterm_to_local_torchrun
+
+    cases.append(("fault: packed data rewritten with the same row count", lambda: classify(
+        lambda: packed_data_rewritten(W, data, base, o("packed"), run_training, parse_config), "error")))
+    cases.append(("fault: SIGTERM to a 2-process _submit.sh --local run", lambda: sigterm_to_local_torchrun(
+        base + o("term"), judge, HANG_SECONDS)))
+
     # ---- run them
     results = []
     for name, thunk in cases:

@@ -26,7 +26,8 @@ options:
   --no-requeue           neither requeue nor append --resume_path=auto
   --fsdp                 train.py commands: shard model, gradients and optimizer state (FSDP2)
                          instead of replicating them (appends --fsdp=true)
-  --local                run here with torchrun --standalone --nproc_per_node G
+  --local                run here with torchrun --standalone --nproc_per_node G (a SIGTERM that
+                         every rank saves on ends with status 0, no traceback)
   --dry-run              print the command lines and the generated batch script, submit nothing
   -h, --help             this message
 
@@ -113,7 +114,9 @@ if $local_run; then
     if $cpu_job; then
         LAUNCH=()
     else
-        if command -v torchrun >/dev/null; then LAUNCH=(torchrun); else LAUNCH=(python -m torch.distributed.run); fi
+        # torchrun, but a SIGTERM / SIGUSR1 that every rank saves on ends with status 0 and one line
+        # instead of the agent's traceback and status 1 (retrofit/train/stoppable_torchrun.py)
+        LAUNCH=(python -m retrofit.train.stoppable_torchrun)
         LAUNCH+=(--standalone --nproc_per_node "${gpus:-1}" --no-python)
     fi
     if $dry_run; then

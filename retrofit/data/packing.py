@@ -28,6 +28,7 @@ import numpy as np
 import pyarrow as pa
 
 from retrofit.data.rows import LOSS_MASK_COLUMN, DataError, check_row_schema, row_matrix
+from retrofit.progress import progress_bar
 
 PACKING_MODES = ("wrapped", "best_fit", "none")
 
@@ -431,8 +432,6 @@ def iter_packed_rows(
     Work units are fixed blocks of `cfg.batch_size` documents, processed by `num_proc` forked
     workers and consumed in order, so the rows are identical for any `num_proc`. Yields
     (rows, stats of the documents that went into them)."""
-    from tqdm.auto import tqdm
-
     check_pack_config(cfg, table.schema, "the dataset")
     table = table.select(cfg.columns)
     n = table.num_rows
@@ -441,7 +440,7 @@ def iter_packed_rows(
     units = [(a, min(a + cfg.batch_size, n)) for a in range(0, n, cfg.batch_size)]
     num_proc = max(1, min(num_proc, len(units)))
     packer = WrappedPacker(cfg.seq_len, cfg.pad_id, cfg.chat) if cfg.mode == "wrapped" else None
-    bar = tqdm(total=n, unit="doc", desc=f"tokenize+pack ({num_proc} proc)", disable=not progress)
+    bar = progress_bar(total=n, unit="doc", desc=f"tokenize+pack ({num_proc} proc)", enabled=progress)
 
     def handle(result: tuple[Docs | Rows, PackStats]) -> tuple[Rows, PackStats]:
         out, stats = result

@@ -17,6 +17,7 @@ import pyarrow as pa
 from retrofit.atomic import atomic_directory
 from retrofit.errors import first_line
 from retrofit.data.rows import LOSS_MASK_COLUMN, ROW_COLUMNS, DataError, check_row_schema, check_rows
+from retrofit.progress import progress_bar
 
 DEFAULT_ROW_GROUP_SIZE = 1024  # rows; the training reader shuffles within a row group (~4 MB at 1025 tokens)
 
@@ -187,8 +188,6 @@ def write_parquet_shards(
     shards. Shards are independent, so `num_proc` forked workers write them in parallel (the
     files do not depend on num_proc). Written to a temp folder, then renamed into place; an
     existing non-empty out_dir is only replaced with `overwrite`."""
-    from tqdm.auto import tqdm
-
     if num_shards < 1:
         raise DataError(f"num_shards={num_shards} must be >= 1")
     if not 0 <= val_shards < num_shards:
@@ -210,7 +209,7 @@ def write_parquet_shards(
             for i, (folder, (lo, hi)) in enumerate(zip(folders, shard_bounds(num_rows, num_shards)))
         ]
         _SHARD_JOB.update(read_rows=read_rows, row_group_size=row_group_size, with_loss_mask=with_loss_mask)
-        bar = tqdm(total=num_shards, desc="parquet shards", disable=not progress)
+        bar = progress_bar(total=num_shards, unit="shard", desc="parquet shards", enabled=progress)
         try:
             if num_proc <= 1:
                 for job in jobs:

@@ -180,6 +180,7 @@ class PackedDatasetStream:
             )
         self.position = dict(epoch=0, row=0)
         self._order_epoch, self._order = None, None
+        self.content_digest = packed_content_digest(self.dataset)
 
     def _order_for(self, epoch: int) -> np.ndarray:
         if self._order_epoch != epoch:
@@ -210,7 +211,8 @@ class PackedDatasetStream:
         return {c: torch.as_tensor(np.asarray(rows[c])[back], dtype=torch.long) for c in self.columns}
 
     def state_dict(self) -> dict:
-        return dict(kind="packed", num_rows=len(self.dataset), world_size=self.world_size, **self.position)
+        return dict(kind="packed", num_rows=len(self.dataset), content_digest=self.content_digest,
+                    world_size=self.world_size, **self.position)
 
     def load_state_dict(self, state: dict):
         if state.get("kind") != "packed":
@@ -220,7 +222,31 @@ class PackedDatasetStream:
                 f"the dataset has {len(self.dataset)} rows, the checkpoint's had {state['num_rows']};"
                 " pass --ignore_past_parquet_dataset=true to start the data from the beginning"
             )
+        recorded = state.get("content_digest")  # None: a checkpoint from before it was recorded
+        if recorded is not None and recorded != self.content_digest:
+            raise DataError(
+                "the --preprocessed_data_path dataset holds other rows than when the checkpoint was written (the same"
+                f" {len(self.dataset)} rows but other contents: digest {self.content_digest} vs {recorded}); restore the"
+                " original data, or pass --ignore_past_parquet_dataset=true to start the data from the beginning"
+            )
         self.position = {"epoch": int(state["epoch"]), "row": int(state["row"])}
+
+
+def packed_content_digest(dataset, sample_rows: int = 1024) -> str:
+    """What identifies a packed dataset's contents, cheaply: a SHA-1 of its column names and of up to
+    `sample_rows` rows spread evenly over it, first and last included (milliseconds even for
+    billions of tokens; a rewrite that keeps every sampled row goes unnoticed). `dataset` must be in
+    numpy format."""
+    num_rows = len(dataset)
+    indices = np.unique(np.linspace(0, num_rows - 1, min(num_rows, sample_rows)).round().astype(np.int64)).tolist()
+    rows = dataset[indices]
+    digest = hashlib.sha1(f"{num_rows}:{sorted(rows)}".encode())
+    for column in sorted(rows):
+        for value in rows[column]:  # fixed-length rows come as one 2-D array, ragged ones as objects
+            array = np.asarray(value)
+            digest.update(f"{array.dtype}{array.shape}".encode())
+            digest.update(array.tobytes())
+    return digest.hexdigest()[:16]
 
 
 def check_packed_dataset(dataset, max_length: int | None, where: str) -> int:

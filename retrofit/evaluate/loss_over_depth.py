@@ -334,7 +334,7 @@ def loss_over_depth(
     and independent runs (and reruns) see the same s_0. `cache_policy` / `continuous` score by
     teacher-forced decoding through the KV cache instead (`retrofit.evaluate.cached_sweep`).
     """
-    from tqdm import tqdm
+    from retrofit.progress import progress_bar
 
     if batch_size < 1:
         raise EvalError(f"batch_size must be >= 1, got {batch_size}")
@@ -354,7 +354,8 @@ def loss_over_depth(
         check_cached_options(cache_policy, continuous, adaptive, independent_runs)
         run = partial(cached_losses, cache_policy=cache_policy, continuous=continuous)
     starts = range(0, input_ids.shape[0], batch_size)
-    for start in tqdm(starts, desc="batches", disable=not progress, leave=False):
+    bar_desc = f"batches ({len(recurrences)} depths)"
+    for start in progress_bar(starts, desc=bar_desc, unit="batch", enabled=progress, leave=False):
         rows = input_ids[start : start + batch_size].to(device)
         mask = attention_mask[start : start + batch_size].to(device)
         inputs, inputs_mask, labels = inputs_and_labels(rows, mask)

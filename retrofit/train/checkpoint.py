@@ -48,6 +48,7 @@ from retrofit.model.configuration_raven import RavenConfig
 from retrofit.train import distributed as dist_utils
 from retrofit.errors import ConfigError
 from retrofit.train.config import TrainConfig
+from retrofit.train.faults import fault_point
 from retrofit.train.run_folder import (
     FINAL_CHECKPOINT,
     FULL_CHECKPOINT_RE,
@@ -60,7 +61,6 @@ STATE_FILE = "training_state.pt"
 COMPLETE_MARKER = "COMPLETE"
 
 
-
 def remove_stale_temporaries(run_dir: str | Path) -> list[Path]:
     """Delete temporary folders left by a job killed mid-save (call on the main rank at start)."""
     return remove_leftovers(run_dir)
@@ -69,12 +69,16 @@ def remove_stale_temporaries(run_dir: str | Path) -> list[Path]:
 def save_model_only(model, tokenizer, out_dir: str | Path, add_files=None) -> Path:
     """`save_pretrained` model + tokenizer; `add_files(folder)` writes more files (run.json) into the
     folder before it is renamed into place."""
+    kind = "final" if Path(out_dir).name == FINAL_CHECKPOINT else "model_only"  # for the fault phases only
     with atomic_directory(out_dir) as tmp:
         model.save_pretrained(tmp)
+        fault_point(f"{kind}:temp_written")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if add_files is not None:
             add_files(tmp)
+        fault_point(f"{kind}:before_rename")
+    fault_point(f"{kind}:after_rename")
     return Path(out_dir)
 
 
@@ -177,9 +181,12 @@ def save_training_state(out_dir: str | Path, state: dict, add_files=None) -> Pat
     first, so the marker checksums them too."""
     with atomic_directory(out_dir) as tmp:
         torch.save(state, tmp / STATE_FILE)
+        fault_point("full:temp_written")
         if add_files is not None:
             add_files(tmp)
         write_complete_marker(tmp, optimizer_step=state.get("optimizer_step"))
+        fault_point("full:before_rename")
+    fault_point("full:after_rename")
     return Path(out_dir)
 
 

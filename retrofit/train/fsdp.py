@@ -38,6 +38,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from retrofit.train import checkpoint as ckpt
 from retrofit.train import distributed as dist_utils
+from retrofit.train.faults import fault_point
 
 SHARDED_DIR = "sharded"
 
@@ -86,9 +87,13 @@ def save_sharded_training_state(out_dir: str | Path, model: nn.Module, optimizer
         dist_utils.barrier()  # every rank's shard file is on disk before the checksums are taken
         if is_main:
             torch.save(dict(state, sharded=True), tmp / ckpt.STATE_FILE)
+            fault_point("full:temp_written")
             if add_files is not None:
                 add_files(tmp)
             ckpt.write_complete_marker(tmp, optimizer_step=state.get("optimizer_step"), sharded=True)
+            fault_point("full:before_rename")
+    if is_main:
+        fault_point("full:after_rename")
     dist_utils.barrier()  # rank 0 has renamed the folder into place
     return out_dir
 

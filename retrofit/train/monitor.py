@@ -227,3 +227,28 @@ def open_monitors(cfg, is_main: bool, step: int, log=print) -> tuple[PreemptionW
     if dropped:
         log(f"metrics.jsonl: dropped {dropped} record(s) after step {step}")
     return watcher, metrics
+
+
+class TrainingProgress:
+    """A bar over the optimizer steps (loss and tokens/s beside it) on the main rank when stderr is
+    a terminal (retrofit/progress.py); otherwise, and on other ranks, nothing. While the bar is drawn
+    the per-step lines go through it, so the two never tear each other apart."""
+
+    def __init__(self, max_steps: int, start_step: int, enabled: bool = True):
+        from retrofit.progress import progress_bar
+
+        self.bar = progress_bar(total=max_steps, initial=start_step, unit="step", desc="train", enabled=enabled,
+                                dynamic_ncols=True)
+
+    def show(self, record: dict, line: str, log=print) -> None:
+        """Advance to the record's step and print its line (`log` when no bar is drawn)."""
+        if self.bar.disable:
+            log(line)
+            return
+        self.bar.write(line, file=sys.stdout)
+        sys.stdout.flush()  # as the plain print does: `| tee log` must not lag behind the bar
+        self.bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_second']:,.0f}", refresh=False)
+        self.bar.update(record["step"] - self.bar.n)
+
+    def close(self) -> None:
+        self.bar.close()

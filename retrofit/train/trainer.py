@@ -33,7 +33,7 @@ from retrofit.errors import ConfigError
 from retrofit.train.config import TrainConfig
 from retrofit.train.depth import sample_num_steps
 from retrofit.train.distill import distillation_kl, teacher_logits
-from retrofit.train.monitor import format_step_line, open_monitors, seed_everything
+from retrofit.train.monitor import TrainingProgress, format_step_line, open_monitors, seed_everything
 from retrofit.train.optim import build_optimizer, set_learning_rates, wsd_lr_factor
 from retrofit.train.parallel import parallelize
 from retrofit.train.run_record import build_run_record, write_run_record
@@ -81,6 +81,7 @@ class Trainer:
         )
         self.resumed_from = self.checkpoints.resume()
         self.watcher, self.metrics = open_monitors(cfg, env.is_main, self.counters.optimizer_step, log=self.print)
+        self.progress = TrainingProgress(self.max_steps, self.counters.optimizer_step, enabled=env.is_main)
         # run.json, written after every check (a refused start or resume leaves the previous one alone)
         self.run_record = build_run_record(
             settings=dataclasses.asdict(cfg),
@@ -312,7 +313,7 @@ class Trainer:
 
     def log_step(self, record: dict) -> None:
         self.metrics.log(record)
-        self.print(format_step_line(record, self.max_steps))
+        self.progress.show(record, format_step_line(record, self.max_steps), log=self.print)  # a bar on a terminal
 
     def stop_requested(self) -> str | None:
         """Why to stop now (a signal or the job's time limit, on any rank), or None."""
@@ -341,6 +342,7 @@ def run(cfg: TrainConfig) -> int:
         finally:
             trainer.metrics.close()
             trainer.watcher.close()
+            trainer.progress.close()
         trainer.print(message)
         return 0
     except USER_ERRORS as exc:
