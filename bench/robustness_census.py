@@ -208,7 +208,7 @@ def census(W: Path, only: str | None) -> int:
         ("mean_backprop_depth_schedule.start", "0"), ("mean_backprop_depth_schedule.max_backprop", "100000"),
         ("micro_batch_size", "0"), ("batch_size", "3"), ("batch_size", "-2"), ("save_interval", "0"),
         ("save_interval", "-2"), ("epochs", "0"), ("max_length", "0"), ("peak_tflops", "0"), ("peak_tflops", "-5"),
-        ("muon.lr", "-1"), ("muon.weight_decay", "-1"), ("use_ellis_adam.eps", "0"), ("lora.rank", "-1"),
+        ("muon.lr", "-1"), ("muon.weight_decay", "-1"), ("ellis_adam.eps", "0"), ("lora.rank", "-1"),
  ("device", "meta"), ("device", "gpu"), ("device", "cuda:7"),
         ("max_steps", "1e12"), ("max_steps", "abc"), ("foo", "1"), ("optim_config.lr", "nan"),
     ]:
@@ -222,7 +222,7 @@ def census(W: Path, only: str | None) -> int:
     train_case("--lora.alpha=0", train("--lora.rank=2", "--lora.alpha=0"))
     train_case("--lora.merge_on_save without a rank", train("--lora.merge_on_save=true"))
     train_case("--distill.temperature=0", train(f"--distill.teacher={llama}", "--distill.temperature=0"))
-    train_case("muon + ellis", train("--muon.use_muon=true", "--use_ellis_adam.use_ellis_adam=true"))
+    train_case("muon + ellis", train("--muon.use_muon=true", "--ellis_adam.enabled=true"))
     train_case("non_recurrent on a raven model", train("--non_recurrent_model=true", "--mean_recurrence_schedule.turn_on=false"))
     train_case("throttle with non_recurrent", train(f"--model_name={llama}", "--non_recurrent_model=true", "--throttle=true",
                                                      "--mean_recurrence_schedule.turn_on=false"))

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from retrofit.errors import ConfigError
 from retrofit.train.depth import MeanBackpropDepthSchedule, MeanRecurrenceSchedule
+from retrofit.train.flag_renames import BadRenamedFlag, rewrite_renamed_flags
 from retrofit.train.modes import DistillArgs, LoraArgs, check_flags
 
 
@@ -60,7 +63,7 @@ class MuonArgs:
 
 @dataclass
 class EllisAdamArgs:
-    use_ellis_adam: bool = False
+    enabled: bool = False  # AdamW* instead of AdamW (the original's --use_ellis_adam.use_ellis_adam)
     decouple_wd: bool = True
     tensor_wise_gradient_normalization: bool = False
     tensor_wise_finite_check: bool = False
@@ -101,12 +104,13 @@ class TrainConfig:
     model_name: str = "smcleish/Recurrent-TinyLlama-3T-untrained"
     wandb_disabled: bool = False
     seed: int = 74
-    fix_num_steps: bool = False
+    # every micro-batch runs the recurrent block once, with grad: (n, k) = (0, 1), no depth sampling
+    single_iteration: bool = False  # the original's --fix_num_steps
     init_from_scratch: bool = False
     take_loss_over_all_tokens: bool = False
     max_grad_norm: float = 1.0
     bf16_true: bool = False
-    no_amp: bool = True
+    bf16_autocast: bool = False  # bf16 autocast on GPU (the original's --no_amp, inverted)
     is_parquet_dataset: bool = False
     ignore_past_parquet_dataset: bool = False
     parquet_dataset_max_tokens: int | None = None
@@ -116,7 +120,7 @@ class TrainConfig:
     throttle: bool = False
     non_recurrent_model: bool = False
     muon: MuonArgs = field(default_factory=MuonArgs)
-    use_ellis_adam: EllisAdamArgs = field(default_factory=EllisAdamArgs)
+    ellis_adam: EllisAdamArgs = field(default_factory=EllisAdamArgs)
     # bigger bases and cheaper training (retrofit/train/modes.py)
     fsdp: bool = False
     activation_checkpointing: bool = False
@@ -134,7 +138,7 @@ class TrainConfig:
     @property
     def optimizer_kind(self) -> str:
         """"adamw", "muon" or "ellis_adam" (validate() refuses both flags at once)."""
-        if self.use_ellis_adam.use_ellis_adam:
+        if self.ellis_adam.enabled:
             return "ellis_adam"
         return "muon" if self.muon.use_muon else "adamw"
 
@@ -153,7 +157,7 @@ class TrainConfig:
             ("--optim_config.eps", optim.eps, "> 0"),
             ("--muon.lr", muon.lr, ">= 0"),
             ("--muon.weight_decay", muon.weight_decay, ">= 0"),
-            ("--use_ellis_adam.eps", self.use_ellis_adam.eps, "> 0"),
+            ("--ellis_adam.eps", self.ellis_adam.eps, "> 0"),
             ("--scheduler_args.min_lr_ratio", sched.min_lr_ratio, "in [0, 1]"),
             ("--seed", self.seed, f"in [0, {2**32 - 1}]"),
         ]
@@ -196,8 +200,8 @@ class TrainConfig:
                 group.check()
             except ValueError as exc:
                 raise ConfigError(str(exc)) from None
-        if self.muon.use_muon and self.use_ellis_adam.use_ellis_adam:
-            raise ConfigError("--muon.use_muon and --use_ellis_adam.use_ellis_adam are exclusive: choose one optimizer")
+        if self.muon.use_muon and self.ellis_adam.enabled:
+            raise ConfigError("--muon.use_muon and --ellis_adam.enabled are exclusive: choose one optimizer")
         sched = self.scheduler_args
         if sched.warmup < 0 or sched.cooldown < 0 or sched.warmup + sched.cooldown > 1:
             raise ConfigError(
@@ -221,8 +225,20 @@ class TrainConfig:
 
 
 def parse_config(argv: list[str] | None = None) -> TrainConfig:
-    """Flags (and `--config run.yaml`) -> TrainConfig; jsonargparse exits 2 with a usage line on a bad flag."""
+    """Flags (and `--config run.yaml`) -> TrainConfig; jsonargparse exits 2 with a usage line on a bad flag.
+
+    The original's misleading flag names are rewritten to their new ones first (flag_renames.py),
+    with one warning line each (printed by the first process only)."""
     from jsonargparse import ActionConfigFile, ArgumentParser
+
+    try:
+        argv, warnings = rewrite_renamed_flags(sys.argv[1:] if argv is None else list(argv))
+    except BadRenamedFlag as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":
+        for warning in warnings:
+            print(warning, file=sys.stderr)
 
     parser = ArgumentParser(description="Train a retrofitted recurrent model (or a plain HF baseline) with a curriculum of recurrences.", default_env=False)
     parser.add_argument("--config", action=ActionConfigFile, help="YAML file with any of the flags below")

@@ -108,7 +108,7 @@ class Trainer:
             kind=cfg.optimizer_kind,
             muon_lr=cfg.muon.lr,
             muon_weight_decay=cfg.muon.weight_decay,
-            ellis_options={k: v for k, v in dataclasses.asdict(cfg.use_ellis_adam).items() if k != "use_ellis_adam"},
+            ellis_options={k: v for k, v in dataclasses.asdict(cfg.ellis_adam).items() if k != "enabled"},
         )
         self.num_warmup_steps = math.ceil(cfg.scheduler_args.warmup * self.max_steps)
         self.num_decay_steps = math.ceil(cfg.scheduler_args.cooldown * self.max_steps)
@@ -132,7 +132,7 @@ class Trainer:
     def depth_for(self, data_step: int, mean_rec: int | None, backprop: int | None) -> tuple[int, int] | None:
         if not self.recurrent:
             return None
-        if self.cfg.fix_num_steps:
+        if self.cfg.single_iteration:
             return (0, 1)
         # The original numbers parquet micro-batches from 2 (its loop enumerates from
         # data_start_step + 1 with data_start_step = 1), other data from 1; seeding the same way
