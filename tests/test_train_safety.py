@@ -117,7 +117,8 @@ def test_latest_checkpoint_is_the_newest_that_verifies(tmp_path):
     damage(tmp_path / "checkpoint_6" / ckpt.STATE_FILE, "one bit flipped")
     (tmp_path / "checkpoint_8").mkdir()  # a copy cut short: no COMPLETE marker
     assert ckpt.list_checkpoints(tmp_path) == [tmp_path / f"checkpoint_{s}" for s in (8, 6, 4, 2)]
-    assert ckpt.find_latest_checkpoint(tmp_path) == tmp_path / "checkpoint_4"
+    # --resume_path=auto takes them in this order and skips those that do not verify: 4 is the newest good one
+    assert [ckpt.verify_checkpoint(tmp_path / f"checkpoint_{s}") is None for s in (8, 6, 4)] == [False, False, True]
     assert "no COMPLETE marker" in ckpt.verify_checkpoint(tmp_path / "checkpoint_8")
     (tmp_path / "checkpoint_4" / ckpt.COMPLETE_MARKER).write_text('{"optimizer_step": 4}\n')  # the old format
     assert "lists no checksums" in ckpt.verify_checkpoint(tmp_path / "checkpoint_4")
@@ -571,7 +572,7 @@ def test_a_checkpoint_named_for_another_step_is_skipped(tmp_path, capsys, base_a
     shutil.rmtree(run / "final_checkpoint")
     shutil.copytree(run / "checkpoint_2", run / "checkpoint_9")  # holds step 2 under a newer name
     assert "named for step 9 but holds optimizer step 2" in ckpt.verify_checkpoint(run / "checkpoint_9")
-    assert ckpt.find_latest_checkpoint(run) == run / "checkpoint_4"
+    assert ckpt.list_checkpoints(run)[:2] == [run / "checkpoint_9", run / "checkpoint_4"]
     assert run_train(base_args + [f"--out_path={tmp_path}", "--run_name=ref", "--resume_path=auto"]) == 0
     _, printed = error_lines(capsys)
     assert "skipping checkpoint_9: does not verify: it is named for step 9 but holds optimizer step 2" in printed

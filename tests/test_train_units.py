@@ -323,7 +323,10 @@ def test_latest_checkpoint_ignores_incomplete_and_temporary(tmp_path):
         ckpt.save_training_state(tmp_path / f"checkpoint_{step}", {"optimizer_step": step})
     (tmp_path / "checkpoint_6").mkdir()  # a folder without the COMPLETE marker
     (tmp_path / ".checkpoint_8.tmp-abcd").mkdir()  # a save killed before its rename
-    assert ckpt.find_latest_checkpoint(tmp_path) == tmp_path / "checkpoint_4"
+    # the killed save's temp folder is no checkpoint; --resume_path=auto skips the one without COMPLETE
+    assert ckpt.list_checkpoints(tmp_path) == [tmp_path / f"checkpoint_{s}" for s in (6, 4, 2)]
+    assert ckpt.verify_checkpoint(tmp_path / "checkpoint_6") is not None
+    assert ckpt.verify_checkpoint(tmp_path / "checkpoint_4") is None
     with pytest.raises(ckpt.CheckpointError, match="is not a full checkpoint"):
         ckpt.load_training_state(tmp_path / "checkpoint_6")
     # a failed save leaves the previous copy in place
