@@ -31,7 +31,7 @@ from retrofit.train.build import build_run
 from retrofit.train.checkpoint import CheckpointManager, TrainingCounters, TrainingError
 from retrofit.errors import ConfigError
 from retrofit.train.config import TrainConfig
-from retrofit.train.depth import sample_num_steps
+from retrofit.train.depth import micro_batch_depth
 from retrofit.train.distill import distillation_kl, teacher_logits
 from retrofit.train.monitor import format_step_line, open_monitors, seed_everything
 from retrofit.train.optim import build_optimizer, set_learning_rates, wsd_lr_factor
@@ -132,12 +132,8 @@ class Trainer:
     def depth_for(self, data_step: int, mean_rec: int | None, backprop: int | None) -> tuple[int, int] | None:
         if not self.recurrent:
             return None
-        if self.cfg.single_iteration:
-            return (0, 1)
-        # The original numbers parquet micro-batches from 2 (its loop enumerates from
-        # data_start_step + 1 with data_start_step = 1), other data from 1; seeding the same way
-        # gives the same (n, k) sequence as the original for the same flags.
-        return sample_num_steps(mean_rec, backprop, data_step + self.cfg.depth_seed_offset)
+        return micro_batch_depth(mean_rec, backprop, data_step, seed_offset=self.cfg.depth_seed_offset,
+                                 single_iteration=self.cfg.single_iteration)
 
     def forward_backward(self, batch, num_steps, sync: bool):
         input_ids, _, labels = inputs_and_labels(**batch)
