@@ -45,7 +45,8 @@ import torch  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
 from retrofit.data.synthetic import arithmetic_problems, problem_text, train_tokenizer  # noqa: E402
-from retrofit.testing import (  # noqa: E402
+import _common  # noqa: E402,F401  (this checkout and tests/ on sys.path)
+from tiny_components import (  # noqa: E402
     pack_token_rows, save_hf_model, save_raven_model, tiny_llama_config, tiny_raven_config, write_token_parquet)
 from retrofit.train import checkpoint as ckpt  # noqa: E402
 from retrofit.train.config import parse_config  # noqa: E402

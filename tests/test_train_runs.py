@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from retrofit.testing import pack_token_rows, save_raven_model, tiny_raven_config, write_token_parquet  # noqa: E402
+from tiny_components import pack_token_rows, save_raven_model, tiny_raven_config, write_token_parquet  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = str(ROOT / "train.py")

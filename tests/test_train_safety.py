@@ -22,7 +22,7 @@ from conftest import ROOT  # noqa: E402
 
 from retrofit.train import checkpoint as ckpt
 from retrofit.train import run_claim
-from retrofit.testing import save_raven_model, tiny_raven_config  # noqa: E402
+from tiny_components import save_raven_model, tiny_raven_config  # noqa: E402
 from retrofit.train.monitor import MetricsLogger
 
 TRAIN = str(ROOT / "train.py")
@@ -671,13 +671,13 @@ def _without_tokenizer(tmp_path, model_dir):
 
 
 def _small_vocab_teacher(tmp_path, tokenizer_dir):
-    from retrofit.testing import save_hf_model, tiny_llama_config
+    from tiny_components import save_hf_model, tiny_llama_config
 
     return save_hf_model(tiny_llama_config(vocab_size=16), tmp_path / "teacher", tokenizer_dir)
 
 
 def _parquet_with_ids(tmp_path, rows_from):
-    from retrofit.testing import write_token_parquet
+    from tiny_components import write_token_parquet
 
     return write_token_parquet(rows_from(), tmp_path / "bad_ids", num_shards=1)
 

@@ -17,7 +17,7 @@ from retrofit.train.depth import sample_num_steps
 from retrofit.train.optim import ELLISAdam, build_optimizer, set_learning_rates, split_params, wsd_lr_factor
 from retrofit.data.rows import DataError, inputs_and_labels
 from retrofit.data.shards import list_parquet_files
-from retrofit.testing import pack_token_rows, tiny_raven_config, write_token_parquet  # noqa: E402
+from tiny_components import pack_token_rows, tiny_raven_config, write_token_parquet  # noqa: E402
 from retrofit.train.monitor import PreemptionWatcher, job_seconds_left
 
 
