@@ -127,14 +127,13 @@ QUICKSTART_DEPTHS_SHA256 = "5157098a0fffe3e423091225faf380f4982fe0149f1835c5c4fe
 
 def test_quickstart_draws_the_same_depth_sequence_as_before():
     import hashlib
-    from types import SimpleNamespace
-
-    from retrofit.train.build import build_schedule
     from retrofit.train.config import parse_config
     from retrofit.train.depth import micro_batch_depth
 
     cfg = parse_config(QUICKSTART_FLAGS)
-    schedule = build_schedule(cfg, SimpleNamespace(mean_recurrence=8, mean_backprop_depth=4), cfg.max_steps)
+    # as build_run resolves it; the converted model's config: mean_recurrence 8, mean_backprop_depth 4
+    schedule = RecurrenceSchedule.resolve(cfg.max_steps, cfg.mean_recurrence_schedule, cfg.mean_backprop_depth_schedule,
+                                          model_mean_recurrence=8, model_backprop_depth=4)
     depths = [micro_batch_depth(*schedule.applied_at(step), step, seed_offset=cfg.depth_seed_offset)
               for step in range(1, cfg.max_steps + 1)]  # one micro-batch per step: data_step == step
     text = " ".join(f"{n},{k}" for n, k in depths)

@@ -342,14 +342,19 @@ def test_non_finite_optimizer_state_is_never_saved(tmp_path, base_args):
     from retrofit.train.config import parse_config
     from retrofit.train.trainer import Trainer, TrainingError
 
+    from retrofit.train.run_claim import claim_run_dir, release_run_dir
+
     cfg = parse_config(base_args + ["--max_steps=1", f"--out_path={tmp_path}", "--run_name=inf",
                                                  "--wandb_disabled=true"])
-    trainer = Trainer(cfg, dist_utils.setup("cpu"))
+    env = dist_utils.setup("cpu")
+    claim_run_dir(cfg, env)  # as run() does before it builds the Trainer
+    trainer = Trainer(cfg, env)
     try:
         assert trainer.train().startswith("finished at step 1")
     finally:
         trainer.metrics.close()
         trainer.watcher.close()
+        release_run_dir(cfg)
     # an overflowed second moment (finite weights): the full checkpoint is refused, nothing written
     state = next(iter(trainer.optimizer.state.values()))
     state["exp_avg_sq"].view(-1)[0] = float("inf")

@@ -39,17 +39,14 @@ def test_sampler_matches_hand_computation():
 
 def _schedule(**overrides):
     from retrofit.train.config import TrainConfig
-    from retrofit.train.build import build_schedule
+    from retrofit.train.depth import RecurrenceSchedule
 
     cfg = TrainConfig()
     for key, value in overrides.items():  # "group.name": value
         group, name = key.split(".")
         setattr(getattr(cfg, group), name, value)
-
-    class ModelConfig:
-        mean_recurrence, mean_backprop_depth = 32, 8
-
-    return build_schedule(cfg, ModelConfig, max_steps=8)
+    # as build_run resolves it, for a model config with mean_recurrence 32, mean_backprop_depth 8
+    return RecurrenceSchedule.resolve(8, cfg.mean_recurrence_schedule, cfg.mean_backprop_depth_schedule, 32, 8)
 
 
 def test_curricula_hand_values():

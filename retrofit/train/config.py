@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from retrofit.errors import ConfigError
-from retrofit.train.depth import MeanBackpropDepthSchedule, MeanRecurrenceSchedule
+from retrofit.model.configuration_raven import LORA_TARGETS
+from retrofit.train.depth import MAX_RECURRENCE, MeanBackpropDepthSchedule, MeanRecurrenceSchedule
 from retrofit.train.flag_renames import BadRenamedFlag, rewrite_renamed_flags
-from retrofit.train.modes import DistillArgs, LoraArgs, check_flags
 
 
 def in_range(value: float, valid: str) -> bool:
@@ -73,6 +73,62 @@ class EllisAdamArgs:
     eps: float = 1e-6
 
 
+# ---- training modes (retrofit/train/modes.py): LoRA per loop, distillation from the parent
+@dataclass
+class LoraArgs:
+    rank: int = 0  # 0: no LoRA
+    alpha: float | None = None  # scale alpha / rank; default: rank (scale 1)
+    targets: list[str] = field(default_factory=lambda: ["core_block"])  # any of prelude, core_block, coda
+    per_iteration: bool = False  # each recurrent iteration index gets its own delta
+    num_iterations: int | None = None  # deltas with per_iteration (default: the largest mean recurrence trained)
+    train_base: bool = True  # false: only the deltas train
+    merge_on_save: bool = False  # saved weights carry shared deltas folded in
+
+
+@dataclass
+class DistillArgs:
+    teacher: str | None = None  # the base model the recurrent model was converted from
+    alpha: float = 0.5  # weight of the KL term
+    temperature: float = 1.0
+
+
+def mode_flag_problem(cfg) -> str | None:
+    """What is wrong with the mode flags (--lora.*, --distill.*, --activation_checkpointing) of a
+    TrainConfig, as one message (None: fine)."""
+    lora, distill = cfg.lora, cfg.distill
+    if lora.rank < 0:
+        return f"--lora.rank={lora.rank} must be >= 0 (0 = no LoRA)"
+    if lora.rank:
+        if cfg.non_recurrent_model:
+            return "--lora.rank adds deltas to a recurrent model's layers; drop it for --non_recurrent_model=true"
+        bad = [t for t in lora.targets if t not in LORA_TARGETS]
+        if bad or not lora.targets:
+            return f"--lora.targets={lora.targets} must be a non-empty subset of {list(LORA_TARGETS)}"
+        if lora.alpha is not None and lora.alpha <= 0:
+            return f"--lora.alpha={lora.alpha} must be > 0"
+        if lora.num_iterations is not None and not 1 <= lora.num_iterations <= MAX_RECURRENCE:
+            return (
+                f"--lora.num_iterations={lora.num_iterations} must be in [1, {MAX_RECURRENCE}] (one set of deltas per"
+                " recurrent iteration; each set is as large as the targeted layers' LoRA deltas)"
+            )
+    else:
+        set_without_rank = [name for name, on in (("--lora.train_base=false", not lora.train_base),
+                                                   ("--lora.merge_on_save=true", lora.merge_on_save),
+                                                   ("--lora.per_iteration=true", lora.per_iteration)) if on]
+        if set_without_rank:
+            return f"{set_without_rank[0]} needs LoRA deltas: pass --lora.rank R (R >= 1)"
+    if cfg.activation_checkpointing and cfg.non_recurrent_model:
+        return "--activation_checkpointing=true recomputes recurrent iterations; it needs a recurrent model"
+    if distill.teacher is not None:
+        if not (Path(distill.teacher) / "config.json").is_file():
+            return f"--distill.teacher={distill.teacher} is not a model folder with config.json (pass the base model directory)"
+        if distill.alpha < 0:
+            return f"--distill.alpha={distill.alpha} must be >= 0"
+        if not distill.temperature > 0:
+            return f"--distill.temperature={distill.temperature} must be > 0"
+    return None
+
+
 @dataclass
 class TrainConfig:
     run_name: str = "default-run"
@@ -121,7 +177,7 @@ class TrainConfig:
     non_recurrent_model: bool = False
     muon: MuonArgs = field(default_factory=MuonArgs)
     ellis_adam: EllisAdamArgs = field(default_factory=EllisAdamArgs)
-    # bigger bases and cheaper training (retrofit/train/modes.py)
+    # bigger bases and cheaper training (LoraArgs, DistillArgs above; the steps: retrofit/train/modes.py)
     fsdp: bool = False
     activation_checkpointing: bool = False
     lora: LoraArgs = field(default_factory=LoraArgs)
@@ -214,7 +270,7 @@ class TrainConfig:
                 raise ConfigError("--max_samples is not supported with parquet data (limit with --max_steps)")
             if not self.max_steps and self.parquet_dataset_max_tokens is None:
                 raise ConfigError("parquet data needs --max_steps or --parquet_dataset_max_tokens to size the LR schedule")
-        mode_problem = check_flags(self)
+        mode_problem = mode_flag_problem(self)
         if mode_problem:
             raise ConfigError(mode_problem)
         if self.non_recurrent_model:
@@ -222,6 +278,29 @@ class TrainConfig:
                 raise ConfigError("--throttle needs a recurrent model (not --non_recurrent_model)")
             if self.mean_recurrence_schedule.turn_on or self.mean_backprop_depth_schedule.turn_on:
                 raise ConfigError("recurrence curricula need a recurrent model (not --non_recurrent_model)")
+
+
+def check_model_name(name: str) -> None:
+    """--model_name is a local folder with config.json, or something that can be a Hub repo id.
+
+    Apart from `TrainConfig.validate` (which reads the flags alone) because it looks at the file
+    system and the offline setting; run() calls both before it claims the run folder."""
+    local = Path(name).expanduser()
+    if local.exists():
+        if not (local / "config.json").is_file():
+            raise ConfigError(f"--model_name={name} has no config.json: pass a model folder (save_pretrained output)")
+        return
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+        is_repo_id = not name.startswith((".", "/", "~"))
+    except HFValidationError:
+        is_repo_id = False
+    if not is_repo_id:
+        raise ConfigError(f"--model_name={name} does not exist (neither a local folder nor a Hub repo id)")
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise ConfigError(f"--model_name={name} is not a local folder and HF_HUB_OFFLINE=1 forbids downloading it")
 
 
 def parse_config(argv: list[str] | None = None) -> TrainConfig:
