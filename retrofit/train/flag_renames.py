@@ -27,13 +27,16 @@ class BadRenamedFlag(ValueError):
     """An old-spelling boolean flag whose value is not a boolean (the message is one line)."""
 
 
-def _new_name(old: str) -> tuple[str, bool] | None:
-    """(new flag, inverted) for an old flag name, or None when `old` was not renamed."""
+def _new_name(old: str) -> tuple[str, bool, str] | None:
+    """(new flag, inverted, its warning line) for an old flag name, or None when `old` was not renamed.
+    A group's flags share one warning line."""
     if old in RENAMED_FLAGS:
-        return RENAMED_FLAGS[old]
+        new, inverted = RENAMED_FLAGS[old]
+        note = f" (inverted: {old}=false is {new}=true)" if inverted else ""
+        return new, inverted, f"warning: {old} is deprecated, use {new}{note}"
     for old_group, new_group in RENAMED_GROUPS.items():
         if old.startswith(old_group):
-            return new_group + old[len(old_group):], False
+            return new_group + old[len(old_group):], False, f"warning: {old_group}* is deprecated, use {new_group}*"
     return None
 
 
@@ -46,7 +49,8 @@ def _inverted(flag: str, value: str) -> str:
 
 
 def rewrite_renamed_flags(argv: list[str]) -> tuple[list[str], list[str]]:
-    """argv with every old spelling replaced by the new one, and one warning line per old flag used.
+    """argv with every old spelling replaced by the new one, and one warning line per old flag (or
+    old group) used.
 
     Handles `--old=value` and `--old value`; raises BadRenamedFlag for an inverted flag whose value
     is not a boolean."""
@@ -60,14 +64,12 @@ def rewrite_renamed_flags(argv: list[str]) -> tuple[list[str], list[str]]:
             rewritten.append(token)
             i += 1
             continue
-        new_name, inverted = renamed
+        new_name, inverted, warning = renamed
         if not has_value and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
             value, has_value, i = argv[i + 1], "=", i + 1  # `--old value`
         if has_value and inverted:
             value = _inverted(name, value)
         rewritten.append(f"{new_name}={value}" if has_value else new_name)
-        note = f" (inverted: {name}=false is {new_name}=true)" if inverted else ""
-        warning = f"warning: {name} is deprecated, use {new_name}{note}"
         if warning not in warnings:
             warnings.append(warning)
         i += 1
