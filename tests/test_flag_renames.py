@@ -31,8 +31,16 @@ def test_old_and_new_spelling_give_the_same_config_and_the_old_one_warns(capsys)
 
 
 def test_defaults_say_what_they_do():
+    import torch
+
+    from retrofit.train.parallel import autocast_on
+
     default = parse_config([])
     assert not default.bf16_autocast and not default.single_iteration and not default.ellis_adam.enabled
+    # bf16 autocast: on a GPU with the flag only (the original's --no_amp=false), never on CPU
+    autocast = parse_config(["--bf16_autocast=true"])
+    assert autocast_on(autocast, torch.device("cuda")) and not autocast_on(default, torch.device("cuda"))
+    assert not autocast_on(autocast, torch.device("cpu"))
 
 
 @pytest.mark.parametrize("old,new", [
