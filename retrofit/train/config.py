@@ -1,9 +1,12 @@
 """train.py's settings: the flags (names and defaults of the original train.py), checked and parsed.
 
-`TrainConfig` is the whole set; its nested groups are the `--group.flag` flags. The recurrence
+`TrainConfig` is the whole set; its nested groups are the `--group.flag` flags (the training modes'
+`--lora.*` and `--distill.*` included; what they do: retrofit/train/modes.py). The recurrence
 curricula (`MeanRecurrenceSchedule`, `MeanBackpropDepthSchedule`) live in retrofit.train.depth, the one
 definition that counting and plotting share. `parse_config` reads flags (and `--config run.yaml`)
-with jsonargparse; `TrainConfig.validate` finds what a user can fix in the command line.
+with jsonargparse, after rewriting the original's three misleading names (flag_renames.py);
+`TrainConfig.validate` finds what a user can fix in the command line, `check_model_name` whether
+--model_name names a model folder or a Hub id.
 """
 
 from __future__ import annotations
