@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from retrofit.benchmarking import raven_config, time_call
+from _common import raven_config, time_call
 from retrofit.evaluate.loss_over_depth import loss_over_depth, parse_recurrences, per_sequence_loss
 from retrofit.model.modeling_raven import RavenForCausalLM
 

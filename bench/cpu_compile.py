@@ -34,7 +34,7 @@ def measure(args) -> dict:
     import torch
 
     from bench.decode import SHAPE, hf_model, recurrent_model
-    from retrofit.benchmarking import time_call
+    from _common import time_call
 
     torch.set_num_threads(args.threads)
     device, dtype, r = torch.device("cpu"), torch.float32, 8

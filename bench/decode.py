@@ -32,7 +32,7 @@ from retrofit.openmp import passive_openmp_wait
 passive_openmp_wait()  # before torch starts OpenMP: HF's eager runs are timed after compiled ones
 import torch  # noqa: E402
 
-from retrofit.benchmarking import llama_config, raven_config, time_call  # noqa: E402
+from _common import llama_config, raven_config, time_call  # noqa: E402
 from retrofit.model.modeling_raven import RavenForCausalLM  # noqa: E402
 
 # The shape: hidden 256, intermediate 704, 4 heads / 2 KV heads, (2, 2, 2), vocab 4096.

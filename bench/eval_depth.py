@@ -22,8 +22,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from retrofit.benchmarking import scaled_tinyllama_model
-from retrofit.benchmarking import time_call as timed
+from _common import scaled_tinyllama_model
+from _common import time_call as timed
 from retrofit.model.modeling_raven import KVCache, RavenForCausalLM
 
 

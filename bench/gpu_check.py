@@ -27,7 +27,7 @@ import time
 import torch
 
 
-from retrofit.benchmarking import llama_config, raven_config, sync
+from _common import llama_config, raven_config, sync
 from retrofit.train.flops import count_parameters, micro_batch_flops, peak_tflops_of
 from retrofit.model.modeling_raven import Block, RavenForCausalLM
 

@@ -24,7 +24,7 @@ import sys
 
 import torch
 
-from retrofit.benchmarking import time_call
+from _common import time_call  # bench/_common.py (this checkout on sys.path)
 from retrofit.evaluate.cached_sweep import cached_losses
 from retrofit.evaluate.loss_over_depth import draw_initial_state, inputs_and_labels, load_eval_rows
 from retrofit.model.loading import load_saved_model

@@ -29,7 +29,8 @@ import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from retrofit.data.synthetic import arithmetic_problems, problem_text, train_tokenizer  # noqa: E402
-from retrofit.testing import pack_token_rows, save_raven_model, tiny_raven_config, write_token_parquet  # noqa: E402
+import _common  # noqa: E402,F401  (this checkout and tests/ on sys.path)
+from tiny_components import pack_token_rows, save_raven_model, tiny_raven_config, write_token_parquet  # noqa: E402
 
 
 def damage(path: Path, kind: str) -> None:

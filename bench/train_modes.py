@@ -29,7 +29,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from retrofit.benchmarking import llama_config, raven_config, saved_activation_bytes
+from _common import llama_config, raven_config, saved_activation_bytes
 
 SHAPE = dict(hidden=256, intermediate=704, heads=8, kv_heads=2, vocab=4096, prelude=2, core=2, coda=2)
 DEPTH = (4, 8)

@@ -21,7 +21,7 @@ import sys
 
 import torch
 
-from retrofit.benchmarking import (
+from _common import (
     SCALED_TINYLLAMA,
     llama_config,
     saved_activation_bytes,

@@ -164,7 +164,7 @@ experiments_main() {
 # Every run: one epoch of 1024-token rows from parquet, AdamW lr 5e-5, micro-batch 8, bf16
 # autocast, grad clip 1.0, a model-only checkpoint every 1000 steps.
 TRAIN_FLAGS=(python train.py --epochs=1 --max_length=1024 --out_path=huginn_llama --optim_config.lr=5e-5
-    --is_parquet_dataset=true --max_grad_norm=1.0 --micro_batch_size=8 --no_amp=false --compile=false
+    --is_parquet_dataset=true --max_grad_norm=1.0 --micro_batch_size=8 --bf16_autocast=true --compile=false
     --save_interval=1000)
 # Muon (lr 1e-3) for the hidden matrices, AdamW for the rest.
 MUON_FLAGS=(--muon.use_muon=true --muon.lr=0.001)

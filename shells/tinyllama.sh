@@ -37,7 +37,7 @@ experiment optimizer-muon 8 4 "Fig. 4: Muon (lr 1e-3) + AdamW (5e-5), 25k steps"
 experiment optimizer-adamw 8 4 "Fig. 4: AdamW (5e-5), 30k steps" \
     optimizer_run 0.0042 30000
 experiment optimizer-ellisadam 8 4 "Fig. 4: AdamW* (Huginn's ELLIS-Adam), 25k steps" \
-    optimizer_run 0.005 25000 --use_ellis_adam.use_ellis_adam=true
+    optimizer_run 0.005 25000 --ellis_adam.enabled=true
 
 # ------------------------------------------------------------------ Figures 5 and 7: math
 for rec in 4 8 16 32; do

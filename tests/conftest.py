@@ -25,7 +25,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from retrofit.data.synthetic import arithmetic_problems, problem_text, train_tokenizer  # noqa: E402
-from retrofit.testing import (  # noqa: E402
+from tiny_components import (  # noqa: E402
     pack_token_rows,
     save_hf_model,
     FAMILY_OVERRIDES,

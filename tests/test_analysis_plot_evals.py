@@ -65,7 +65,7 @@ def task_results(step: int, rec: int) -> dict:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tokenizer):
     """A recurrent run (checkpoints 100, 200, final at 300; rec 1, 2, 4) and a static baseline run."""
-    from retrofit.testing import tiny_llama_config
+    from tiny_components import tiny_llama_config
     from retrofit.model.configuration_raven import RavenConfig
 
     root = tmp_path_factory.mktemp("eval_runs")

@@ -12,7 +12,7 @@ from conftest import ROOT
 
 from retrofit.model.conversion import ConversionError, LayerChoice, convert, layer_choice, parse_indices
 from retrofit.model.modeling_raven import RavenForCausalLM
-from retrofit.testing import save_hf_model, tiny_hf_config, tiny_llama_config
+from tiny_components import save_hf_model, tiny_hf_config, tiny_llama_config
 
 LLAMA3_ROPE = {
     "rope_type": "llama3",

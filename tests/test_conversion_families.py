@@ -16,7 +16,7 @@ import pytest
 import torch
 from conftest import ROOT
 
-from retrofit.testing import FAMILY_OVERRIDES, save_hf_model, tiny_family_config
+from tiny_components import FAMILY_OVERRIDES, save_hf_model, tiny_family_config
 
 from retrofit.model.conversion import (
     MIDDLE_DROP_RECIPE,

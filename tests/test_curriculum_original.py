@@ -112,3 +112,47 @@ def test_parquet_micro_batches_draw_with_the_originals_numbering():
     assert parquet.depth_seed_offset == 1 and plain.depth_seed_offset == 0
     # the shift matters: consecutive seeds draw different depths
     assert [sample_num_steps(32, 8, i) for i in range(1, 40)] != [sample_num_steps(32, 8, i) for i in range(2, 41)]
+
+
+# The quickstart's recurrent run (shells/quickstart.sh defaults): 200 steps of one parquet micro-batch,
+# curriculum 1-sqrt over half the steps to 8, the converted model's backprop depth 4. Its (n, k) per
+# step, recorded before the backprop-depth cap got its one home (cap_backprop_depth).
+QUICKSTART_FLAGS = ["--model_name=m", "--preprocessed_data_path=d", "--is_parquet_dataset=true", "--max_length=128",
+                    "--micro_batch_size=16", "--batch_size=16", "--max_steps=200",
+                    "--mean_recurrence_schedule.turn_on=true", "--mean_recurrence_schedule.warmup_type=1-sqrt",
+                    "--mean_recurrence_schedule.warmup=0.5", "--mean_recurrence_schedule.max_mean_rec=8"]
+QUICKSTART_FIRST_DEPTHS = "2,1 1,1 0,1 1,1 0,1 0,1 1,1 0,1 0,1 1,1 0,1 0,1 0,1 1,1 1,1 1,1 0,1 1,1 2,1 0,1 3,1 1,1 0,1 0,1 0,1 1,2"
+QUICKSTART_DEPTHS_SHA256 = "5157098a0fffe3e423091225faf380f4982fe0149f1835c5c4fe34362ef55c12"
+
+
+def test_quickstart_draws_the_same_depth_sequence_as_before():
+    import hashlib
+    from retrofit.train.config import parse_config
+    from retrofit.train.depth import micro_batch_depth
+
+    cfg = parse_config(QUICKSTART_FLAGS)
+    # as build_run resolves it; the converted model's config: mean_recurrence 8, mean_backprop_depth 4
+    schedule = RecurrenceSchedule.resolve(cfg.max_steps, cfg.mean_recurrence_schedule, cfg.mean_backprop_depth_schedule,
+                                          model_mean_recurrence=8, model_backprop_depth=4)
+    depths = [micro_batch_depth(*schedule.applied_at(step), step, seed_offset=cfg.depth_seed_offset)
+              for step in range(1, cfg.max_steps + 1)]  # one micro-batch per step: data_step == step
+    text = " ".join(f"{n},{k}" for n, k in depths)
+    assert text.startswith(QUICKSTART_FIRST_DEPTHS)
+    assert hashlib.sha256(text.encode()).hexdigest() == QUICKSTART_DEPTHS_SHA256
+
+
+def test_counting_and_training_cap_the_backprop_depth_by_one_rule():
+    """`at` (FLOPs counting) and `applied_at` (training) both cap s by r only while a curriculum is on."""
+    from retrofit.train.depth import cap_backprop_depth
+    from retrofit.train.flops import ParamCounts, step_flops
+
+    assert cap_backprop_depth(4, 8, curriculum_on=True) == 4 and cap_backprop_depth(4, 8, curriculum_on=False) == 8
+    off = RecurrenceSchedule(max_steps=5, mean_recurrence_schedule=MeanRecurrenceSchedule(max_mean_rec=4),
+                             mean_backprop_depth_schedule=MeanBackpropDepthSchedule(max_backprop=8))
+    assert off.at(3) == off.applied_at(3) == (4, 8)
+    ramp = RecurrenceSchedule(max_steps=8, mean_recurrence_schedule=MeanRecurrenceSchedule(True, 0.5, 8),
+                              mean_backprop_depth_schedule=MeanBackpropDepthSchedule(max_backprop=4))
+    assert all(s <= r for r, s in [ramp.at(u) for u in range(1, 9)] + [ramp.applied_at(u) for u in range(1, 9)])
+    # the FLOPs formula counts min(r, s) iterations with grad: the cap never changes a count
+    counts = ParamCounts(recurrent=True, embeddings=0, prelude=10, recurrent_block=100, coda=10)
+    assert step_flops(counts, 4, 8, 16) == step_flops(counts, 4, 4, 16)

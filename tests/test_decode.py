@@ -162,7 +162,7 @@ def test_compiled_layers_training_step_matches_eager():
         model.zero_grad(set_to_none=True)
 
 
-def test_decode_bench_floor_replays_exactly_the_generations_matmuls():
+def test_decode_bench_floor_replays_exactly_the_generations_matmuls(monkeypatch):
     """bench/decode.py --floor times each model's matrix multiplies alone: check, by counting
     FLOPs, that its replay does the same multiplies as a real generate of both models."""
     import importlib.util
@@ -170,6 +170,7 @@ def test_decode_bench_floor_replays_exactly_the_generations_matmuls():
     from conftest import ROOT
     from torch.utils.flop_counter import FlopCounterMode
 
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))  # as `python bench/decode.py` has it: finds bench/_common.py
     spec = importlib.util.spec_from_file_location("decode_bench", ROOT / "bench" / "decode.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
@@ -194,11 +195,12 @@ def test_decode_bench_floor_replays_exactly_the_generations_matmuls():
 
 
 @pytest.mark.slow  # runs the GPU check script end to end at tiny shapes
-def test_gpu_check_script_smoke_run_on_cpu(capsys):
+def test_gpu_check_script_smoke_run_on_cpu(capsys, monkeypatch):
     import importlib.util
 
     from conftest import ROOT
 
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))  # finds bench/_common.py
     spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "bench" / "gpu_check.py")
     gpu_check = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gpu_check)

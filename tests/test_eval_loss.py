@@ -24,7 +24,7 @@ from retrofit.evaluate.loss_over_depth import (
     loss_over_depth,
     parse_recurrences,
 )
-from retrofit.testing import pack_token_rows, write_token_parquet
+from tiny_components import pack_token_rows, write_token_parquet
 
 RECURRENCES = [1, 2, 3, 6]
 ROW = 33  # max_length 32

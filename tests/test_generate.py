@@ -81,7 +81,7 @@ def test_generate_shell_wrapper(recurrent_dir):
 def test_generate_without_a_terminal_never_asks_to_run_checkpoint_code(recurrent_dir):
     """stdin closed, no controlling terminal (a batch job): the tokenizer of a freshly converted
     checkpoint loads without transformers' remote-code prompt, and stderr is clean."""
-    from retrofit.testing import stderr_noise
+    from tiny_components import stderr_noise
 
     result = subprocess.run([sys.executable, str(ROOT / "generate.py"), str(recurrent_dir), "--prompt", "Q: 2 + 3?",
                              "--max_new_tokens", "4", "--num_steps", "2"], stdin=subprocess.DEVNULL,

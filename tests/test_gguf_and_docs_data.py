@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from retrofit.testing import write_tiny_gguf
+from tiny_components import write_tiny_gguf
 from utils import gguf_to_hf
 from utils import make_python_docs_data as python_docs
 

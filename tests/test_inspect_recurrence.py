@@ -27,7 +27,7 @@ from retrofit.evaluate.logit_lens import (
     trace_recurrence,
 )
 from retrofit.model.modeling_raven import RavenForCausalLM
-from retrofit.testing import stderr_noise, tiny_raven_config
+from tiny_components import stderr_noise, tiny_raven_config
 
 import inspect_recurrence
 

@@ -14,7 +14,7 @@ import torch
 from retrofit.model.configuration_raven import RavenConfig
 from retrofit.train.depth import sample_num_steps
 from retrofit.model.modeling_raven import KVCache, RavenForCausalLM, RMSNorm
-from retrofit.testing import tiny_raven_config
+from tiny_components import tiny_raven_config
 
 VOCAB = 97
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from retrofit.testing import tiny_raven_config
+from tiny_components import tiny_raven_config
 
 from retrofit.model.modeling_raven import LoRALinear, RavenForCausalLM
 

@@ -20,7 +20,7 @@ import pytest
 import torch
 from conftest import ROOT
 
-from retrofit.testing import stderr_noise
+from tiny_components import stderr_noise
 
 pytestmark = pytest.mark.slow
 

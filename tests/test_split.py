@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import ROOT
 
-from retrofit.testing import save_hf_model, tiny_llama_config, write_token_parquet
+from tiny_components import save_hf_model, tiny_llama_config, write_token_parquet
 
 import choose_split
 from retrofit.model.conversion import LayerChoice
@@ -50,7 +50,7 @@ def noop_base(tmp_path_factory, tokenizer_dir, tokenizer) -> Path:
 
 @pytest.fixture(scope="module")
 def sample_parquet(tmp_path_factory, tokenizer, corpus) -> Path:
-    from retrofit.testing import pack_token_rows
+    from tiny_components import pack_token_rows
 
     rows = pack_token_rows(tokenizer, corpus, 33)
     return write_token_parquet(rows[:48], tmp_path_factory.mktemp("split_parquet"), num_shards=2, row_group_size=8)

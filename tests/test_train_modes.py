@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from conftest import ROOT  # noqa: E402
-from retrofit.testing import pack_token_rows
+from tiny_components import pack_token_rows
 
 TRAIN = str(ROOT / "train.py")
 # Losses agree within 1e-5. Gradient norms within 1e-4: the ranks' gradients are averaged in another

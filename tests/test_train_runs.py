@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from retrofit.testing import pack_token_rows, save_raven_model, tiny_raven_config, write_token_parquet  # noqa: E402
+from tiny_components import pack_token_rows, save_raven_model, tiny_raven_config, write_token_parquet  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = str(ROOT / "train.py")
@@ -181,7 +181,7 @@ def test_seed_shell_commands_parse_and_one_runs(tmp_path, tokenizer, tokenizer_d
     ]
     parsed = [parse_config(argv) for argv in commands]
     assert parsed[0].muon.use_muon and parsed[0].muon.lr == 0.001 and parsed[0].optim_config.lr == 5e-5
-    assert parsed[1].use_ellis_adam.use_ellis_adam and parsed[3].non_recurrent_model
+    assert parsed[1].ellis_adam.enabled and parsed[3].non_recurrent_model
     assert parsed[2].mean_recurrence_schedule.warmup_type == "1-sqrt"
     assert parsed[4].parquet_dataset_max_tokens == 250_000_000_000 and parsed[4].init_from_scratch
     # run the first (TinyLlama Figure 4, Muon) as is: its 36 rows of 1025 tokens give one
@@ -259,8 +259,8 @@ def test_init_from_scratch_ellis_adam_fixed_steps(tmp_path, train_raven_dir, tra
 
     code = main_in_process([f"--model_name={train_raven_dir}", f"--preprocessed_data_path={train_parquet_dir}",
                             "--is_parquet_dataset=true", "--max_steps=2", "--save_interval=1", "--micro_batch_size=2",
-                            "--batch_size=2", "--init_from_scratch=true", "--fix_num_steps=true",
-                            "--use_ellis_adam.use_ellis_adam=true", "--optim_config.lr=1e-3",
+                            "--batch_size=2", "--init_from_scratch=true", "--single_iteration=true",
+                            "--ellis_adam.enabled=true", "--optim_config.lr=1e-3",
                             "--peak_tflops=1e-6", f"--out_path={tmp_path}", "--run_name=scratch"])
     assert code == 0
     records = read_metrics(tmp_path / "scratch")

@@ -22,7 +22,7 @@ from conftest import ROOT  # noqa: E402
 
 from retrofit.train import checkpoint as ckpt
 from retrofit.train import run_claim
-from retrofit.testing import save_raven_model, tiny_raven_config  # noqa: E402
+from tiny_components import save_raven_model, tiny_raven_config  # noqa: E402
 from retrofit.train.monitor import MetricsLogger
 
 TRAIN = str(ROOT / "train.py")
@@ -117,7 +117,8 @@ def test_latest_checkpoint_is_the_newest_that_verifies(tmp_path):
     damage(tmp_path / "checkpoint_6" / ckpt.STATE_FILE, "one bit flipped")
     (tmp_path / "checkpoint_8").mkdir()  # a copy cut short: no COMPLETE marker
     assert ckpt.list_checkpoints(tmp_path) == [tmp_path / f"checkpoint_{s}" for s in (8, 6, 4, 2)]
-    assert ckpt.find_latest_checkpoint(tmp_path) == tmp_path / "checkpoint_4"
+    # --resume_path=auto takes them in this order and skips those that do not verify: 4 is the newest good one
+    assert [ckpt.verify_checkpoint(tmp_path / f"checkpoint_{s}") is None for s in (8, 6, 4)] == [False, False, True]
     assert "no COMPLETE marker" in ckpt.verify_checkpoint(tmp_path / "checkpoint_8")
     (tmp_path / "checkpoint_4" / ckpt.COMPLETE_MARKER).write_text('{"optimizer_step": 4}\n')  # the old format
     assert "lists no checksums" in ckpt.verify_checkpoint(tmp_path / "checkpoint_4")
@@ -341,14 +342,19 @@ def test_non_finite_optimizer_state_is_never_saved(tmp_path, base_args):
     from retrofit.train.config import parse_config
     from retrofit.train.trainer import Trainer, TrainingError
 
+    from retrofit.train.run_claim import claim_run_dir, release_run_dir
+
     cfg = parse_config(base_args + ["--max_steps=1", f"--out_path={tmp_path}", "--run_name=inf",
                                                  "--wandb_disabled=true"])
-    trainer = Trainer(cfg, dist_utils.setup("cpu"))
+    env = dist_utils.setup("cpu")
+    claim_run_dir(cfg, env)  # as run() does before it builds the Trainer
+    trainer = Trainer(cfg, env)
     try:
         assert trainer.train().startswith("finished at step 1")
     finally:
         trainer.metrics.close()
         trainer.watcher.close()
+        release_run_dir(cfg)
     # an overflowed second moment (finite weights): the full checkpoint is refused, nothing written
     state = next(iter(trainer.optimizer.state.values()))
     state["exp_avg_sq"].view(-1)[0] = float("inf")
@@ -571,7 +577,7 @@ def test_a_checkpoint_named_for_another_step_is_skipped(tmp_path, capsys, base_a
     shutil.rmtree(run / "final_checkpoint")
     shutil.copytree(run / "checkpoint_2", run / "checkpoint_9")  # holds step 2 under a newer name
     assert "named for step 9 but holds optimizer step 2" in ckpt.verify_checkpoint(run / "checkpoint_9")
-    assert ckpt.find_latest_checkpoint(run) == run / "checkpoint_4"
+    assert ckpt.list_checkpoints(run)[:2] == [run / "checkpoint_9", run / "checkpoint_4"]
     assert run_train(base_args + [f"--out_path={tmp_path}", "--run_name=ref", "--resume_path=auto"]) == 0
     _, printed = error_lines(capsys)
     assert "skipping checkpoint_9: does not verify: it is named for step 9 but holds optimizer step 2" in printed
@@ -670,13 +676,13 @@ def _without_tokenizer(tmp_path, model_dir):
 
 
 def _small_vocab_teacher(tmp_path, tokenizer_dir):
-    from retrofit.testing import save_hf_model, tiny_llama_config
+    from tiny_components import save_hf_model, tiny_llama_config
 
     return save_hf_model(tiny_llama_config(vocab_size=16), tmp_path / "teacher", tokenizer_dir)
 
 
 def _parquet_with_ids(tmp_path, rows_from):
-    from retrofit.testing import write_token_parquet
+    from tiny_components import write_token_parquet
 
     return write_token_parquet(rows_from(), tmp_path / "bad_ids", num_shards=1)
 

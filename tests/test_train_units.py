@@ -17,7 +17,7 @@ from retrofit.train.depth import sample_num_steps
 from retrofit.train.optim import ELLISAdam, build_optimizer, set_learning_rates, split_params, wsd_lr_factor
 from retrofit.data.rows import DataError, inputs_and_labels
 from retrofit.data.shards import list_parquet_files
-from retrofit.testing import pack_token_rows, tiny_raven_config, write_token_parquet  # noqa: E402
+from tiny_components import pack_token_rows, tiny_raven_config, write_token_parquet  # noqa: E402
 from retrofit.train.monitor import PreemptionWatcher, job_seconds_left
 
 
@@ -39,17 +39,14 @@ def test_sampler_matches_hand_computation():
 
 def _schedule(**overrides):
     from retrofit.train.config import TrainConfig
-    from retrofit.train.build import build_schedule
+    from retrofit.train.depth import RecurrenceSchedule
 
     cfg = TrainConfig()
     for key, value in overrides.items():  # "group.name": value
         group, name = key.split(".")
         setattr(getattr(cfg, group), name, value)
-
-    class ModelConfig:
-        mean_recurrence, mean_backprop_depth = 32, 8
-
-    return build_schedule(cfg, ModelConfig, max_steps=8)
+    # as build_run resolves it, for a model config with mean_recurrence 32, mean_backprop_depth 8
+    return RecurrenceSchedule.resolve(8, cfg.mean_recurrence_schedule, cfg.mean_backprop_depth_schedule, 32, 8)
 
 
 def test_curricula_hand_values():
@@ -323,7 +320,10 @@ def test_latest_checkpoint_ignores_incomplete_and_temporary(tmp_path):
         ckpt.save_training_state(tmp_path / f"checkpoint_{step}", {"optimizer_step": step})
     (tmp_path / "checkpoint_6").mkdir()  # a folder without the COMPLETE marker
     (tmp_path / ".checkpoint_8.tmp-abcd").mkdir()  # a save killed before its rename
-    assert ckpt.find_latest_checkpoint(tmp_path) == tmp_path / "checkpoint_4"
+    # the killed save's temp folder is no checkpoint; --resume_path=auto skips the one without COMPLETE
+    assert ckpt.list_checkpoints(tmp_path) == [tmp_path / f"checkpoint_{s}" for s in (6, 4, 2)]
+    assert ckpt.verify_checkpoint(tmp_path / "checkpoint_6") is not None
+    assert ckpt.verify_checkpoint(tmp_path / "checkpoint_4") is None
     with pytest.raises(ckpt.CheckpointError, match="is not a full checkpoint"):
         ckpt.load_training_state(tmp_path / "checkpoint_6")
     # a failed save leaves the previous copy in place

@@ -1,12 +1,11 @@
-"""The pieces a training run is built from, each checked before the next costs time: the model
-name, the run folder, tokenizer, data stream, model, vocabulary, step count and the recurrence
-schedule (`build_run`, in that order)."""
+"""The pieces a training run is built from, each checked before the next costs time: tokenizer,
+data stream, step count, model (and its vocabulary) and the recurrence schedule (`build_run`, in
+that order). The flags, --model_name and the run folder are checked and claimed before, by run()."""
 
 from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,31 +16,10 @@ from retrofit.data.stream import open_training_stream
 from retrofit.errors import first_line
 from retrofit.model.configuration_raven import RavenConfig
 from retrofit.model.loading import load_saved_tokenizer
-from retrofit.train.run_claim import claim_run_dir
 from retrofit.errors import ConfigError
 from retrofit.train.config import TrainConfig
 from retrofit.train.depth import RecurrenceSchedule
 from retrofit.train.distributed import DistEnv
-
-
-def check_model_name(name: str) -> None:
-    """A local folder with config.json, or something that can be a Hub repo id."""
-    local = Path(name).expanduser()
-    if local.exists():
-        if not (local / "config.json").is_file():
-            raise ConfigError(f"--model_name={name} has no config.json: pass a model folder (save_pretrained output)")
-        return
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    try:
-        validate_repo_id(name)
-        is_repo_id = not name.startswith((".", "/", "~"))
-    except HFValidationError:
-        is_repo_id = False
-    if not is_repo_id:
-        raise ConfigError(f"--model_name={name} does not exist (neither a local folder nor a Hub repo id)")
-    if os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise ConfigError(f"--model_name={name} is not a local folder and HF_HUB_OFFLINE=1 forbids downloading it")
 
 
 def load_tokenizer(cfg: TrainConfig):
@@ -67,16 +45,22 @@ def read_model_type(model_name: str) -> str | None:
     return config.get("model_type") if isinstance(config, dict) else None
 
 
-def load_model(cfg: TrainConfig, device: torch.device):
-    """The model to train: this repository's RavenForCausalLM for a recurrent checkpoint, a plain
-    transformers class (no remote code) for --non_recurrent_model."""
+def load_model(cfg: TrainConfig, device: torch.device, tokenizer) -> tuple[torch.nn.Module, int]:
+    """The model to train, and its embedding rows (at least the tokenizer's length): this
+    repository's RavenForCausalLM for a recurrent checkpoint, a plain transformers class (no
+    remote code) for --non_recurrent_model."""
     try:
         model = build_model(cfg)
     except (OSError, ValueError, KeyError, TypeError) as exc:  # no weights, config values out of range, ...
         if isinstance(exc, ConfigError):
             raise
         raise ConfigError(f"--model_name={cfg.model_name} does not load: {first_line(exc)[:300]}") from None
-    return model.to(device)
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise ConfigError(
+            f"tokenizer of {cfg.model_name} has {len(tokenizer)} tokens but the model's embedding has {rows} rows"
+        )
+    return model.to(device), rows
 
 
 def build_model(cfg: TrainConfig):
@@ -109,15 +93,6 @@ def build_model(cfg: TrainConfig):
     return model
 
 
-def check_vocab(model, tokenizer, model_name: str) -> int:
-    rows = model.get_input_embeddings().num_embeddings
-    if len(tokenizer) > rows:
-        raise ConfigError(
-            f"tokenizer of {model_name} has {len(tokenizer)} tokens but the model's embedding has {rows} rows"
-        )
-    return rows
-
-
 def compute_max_steps(cfg: TrainConfig, env, max_length: int, micro_steps_per_epoch: int | None) -> int:
     if cfg.max_steps:
         return cfg.max_steps
@@ -133,17 +108,6 @@ def compute_max_steps(cfg: TrainConfig, env, max_length: int, micro_steps_per_ep
     return steps
 
 
-def build_schedule(cfg: TrainConfig, model_config, max_steps: int) -> RecurrenceSchedule:
-    """The run's resolved schedule: the curriculum flags, the model config's values where a curriculum is off."""
-    return RecurrenceSchedule.resolve(
-        max_steps,
-        cfg.mean_recurrence_schedule,
-        cfg.mean_backprop_depth_schedule,
-        model_mean_recurrence=model_config.mean_recurrence,
-        model_backprop_depth=model_config.mean_backprop_depth,
-    )
-
-
 @dataclass
 class RunParts:
     tokenizer: object
@@ -155,17 +119,18 @@ class RunParts:
     schedule: RecurrenceSchedule | None  # None for --non_recurrent_model
 
 
-def build_run(cfg: TrainConfig, env: DistEnv, log=print) -> RunParts:
-    """Everything a run trains with, checked cheapest first. Data comes before the model: bad data
-    fails in seconds, before the model is loaded."""
-    check_model_name(cfg.model_name)
-    message = claim_run_dir(cfg, env)
-    if message:
-        log(message)
+def build_run(cfg: TrainConfig, env: DistEnv) -> RunParts:
+    """Everything a run trains with, checked cheapest first, in a run folder run() has claimed (and
+    after its checks of the flags and --model_name). Data comes before the model: bad data fails in
+    seconds, before the model is loaded."""
     tokenizer = load_tokenizer(cfg)
     stream, max_length, micro_steps_per_epoch = open_training_stream(cfg, env.rank, env.world_size, tokenizer)
-    model = load_model(cfg, env.device)
-    vocab_rows = check_vocab(model, tokenizer, cfg.model_name)
     max_steps = compute_max_steps(cfg, env, max_length, micro_steps_per_epoch)
-    schedule = None if cfg.non_recurrent_model else build_schedule(cfg, model.config, max_steps)
+    model, vocab_rows = load_model(cfg, env.device, tokenizer)
+    schedule = None
+    if not cfg.non_recurrent_model:  # a curriculum that is off holds the model config's value
+        schedule = RecurrenceSchedule.resolve(
+            max_steps, cfg.mean_recurrence_schedule, cfg.mean_backprop_depth_schedule,
+            model_mean_recurrence=model.config.mean_recurrence, model_backprop_depth=model.config.mean_backprop_depth,
+        )
     return RunParts(tokenizer, stream, max_length, model, vocab_rows, max_steps, schedule)

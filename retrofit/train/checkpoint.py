@@ -203,11 +203,6 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     return [path for _, path in sorted(found, reverse=True)]
 
 
-def find_latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The `checkpoint_{step}` with the highest step that verifies, or None."""
-    return next((path for path in list_checkpoints(run_dir) if verify_checkpoint(path) is None), None)
-
-
 class CheckpointError(ValueError):
     """A checkpoint that is missing, incomplete, damaged or not loadable (`reason` says which)."""
 
@@ -385,6 +380,8 @@ class CheckpointManager:
         self.model, self.backend = parallel.module, parallel.checkpoints
         self.optimizer, self.stream, self.tokenizer = optimizer, stream, tokenizer
         self.run = run_state  # .counters, .max_steps, .schedule, .run_record
+        # the newest full checkpoint this run wrote or resumed from: what --resume_path=auto would take
+        self.last_full_checkpoint: Path | None = None
 
     # ---- cadence ------------------------------------------------------------------------------
     def full_checkpoint_due(self, step: int) -> bool:
@@ -428,6 +425,7 @@ class CheckpointManager:
         if self.backend.writes_on(self.env):
             try:
                 self.backend.save(out_dir, self.model, self.optimizer, state, self._record_writer("full"))
+                self.last_full_checkpoint = out_dir
                 self.log(f"saved full checkpoint {out_dir}")
             except OSError as exc:
                 problem = self._save_failure(out_dir, exc, {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()})
@@ -457,7 +455,7 @@ class CheckpointManager:
         except OSError:
             free = "free space unknown"
         needed = tensor_bytes(tensors) / 1e9
-        latest = find_latest_checkpoint(self.cfg.run_dir)
+        latest = self.last_full_checkpoint
         resume = f"--resume_path=auto continues from {latest.name}" if latest else "no full checkpoint to resume from yet"
         return (
             f"cannot save {out_dir} ({exc.strerror or exc}): it needs about {needed:.2f} GB, {free}; free space or"
@@ -577,4 +575,5 @@ class CheckpointManager:
             self.stream.load_state_dict(data_states[env.rank])
         rng_states = state["rng"]
         restore_rng_state(rng_states[env.rank % len(rng_states)])
+        self.last_full_checkpoint = path
         self.log(f"resumed from {path} at optimizer step {counters.optimizer_step} (data step {counters.data_step})")

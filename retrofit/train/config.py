@@ -1,21 +1,27 @@
 """train.py's settings: the flags (names and defaults of the original train.py), checked and parsed.
 
-`TrainConfig` is the whole set; its nested groups are the `--group.flag` flags. The recurrence
+`TrainConfig` is the whole set; its nested groups are the `--group.flag` flags (the training modes'
+`--lora.*` and `--distill.*` included; what they do: retrofit/train/modes.py). The recurrence
 curricula (`MeanRecurrenceSchedule`, `MeanBackpropDepthSchedule`) live in retrofit.train.depth, the one
 definition that counting and plotting share. `parse_config` reads flags (and `--config run.yaml`)
-with jsonargparse; `TrainConfig.validate` finds what a user can fix in the command line.
+with jsonargparse, after rewriting the original's three misleading names (flag_renames.py);
+`TrainConfig.validate` finds what a user can fix in the command line, `check_model_name` whether
+--model_name names a model folder or a Hub id.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from retrofit.errors import ConfigError
-from retrofit.train.depth import MeanBackpropDepthSchedule, MeanRecurrenceSchedule
-from retrofit.train.modes import DistillArgs, LoraArgs, check_flags
+from retrofit.model.configuration_raven import LORA_TARGETS
+from retrofit.train.depth import MAX_RECURRENCE, MeanBackpropDepthSchedule, MeanRecurrenceSchedule
+from retrofit.train.flag_renames import BadRenamedFlag, rewrite_renamed_flags
 
 
 def in_range(value: float, valid: str) -> bool:
@@ -60,7 +66,7 @@ class MuonArgs:
 
 @dataclass
 class EllisAdamArgs:
-    use_ellis_adam: bool = False
+    enabled: bool = False  # AdamW* instead of AdamW (the original's --use_ellis_adam.use_ellis_adam)
     decouple_wd: bool = True
     tensor_wise_gradient_normalization: bool = False
     tensor_wise_finite_check: bool = False
@@ -68,6 +74,62 @@ class EllisAdamArgs:
     atan_adam: bool = True
     update_clipping: bool = True
     eps: float = 1e-6
+
+
+# ---- training modes (retrofit/train/modes.py): LoRA per loop, distillation from the parent
+@dataclass
+class LoraArgs:
+    rank: int = 0  # 0: no LoRA
+    alpha: float | None = None  # scale alpha / rank; default: rank (scale 1)
+    targets: list[str] = field(default_factory=lambda: ["core_block"])  # any of prelude, core_block, coda
+    per_iteration: bool = False  # each recurrent iteration index gets its own delta
+    num_iterations: int | None = None  # deltas with per_iteration (default: the largest mean recurrence trained)
+    train_base: bool = True  # false: only the deltas train
+    merge_on_save: bool = False  # saved weights carry shared deltas folded in
+
+
+@dataclass
+class DistillArgs:
+    teacher: str | None = None  # the base model the recurrent model was converted from
+    alpha: float = 0.5  # weight of the KL term
+    temperature: float = 1.0
+
+
+def mode_flag_problem(cfg) -> str | None:
+    """What is wrong with the mode flags (--lora.*, --distill.*, --activation_checkpointing) of a
+    TrainConfig, as one message (None: fine)."""
+    lora, distill = cfg.lora, cfg.distill
+    if lora.rank < 0:
+        return f"--lora.rank={lora.rank} must be >= 0 (0 = no LoRA)"
+    if lora.rank:
+        if cfg.non_recurrent_model:
+            return "--lora.rank adds deltas to a recurrent model's layers; drop it for --non_recurrent_model=true"
+        bad = [t for t in lora.targets if t not in LORA_TARGETS]
+        if bad or not lora.targets:
+            return f"--lora.targets={lora.targets} must be a non-empty subset of {list(LORA_TARGETS)}"
+        if lora.alpha is not None and lora.alpha <= 0:
+            return f"--lora.alpha={lora.alpha} must be > 0"
+        if lora.num_iterations is not None and not 1 <= lora.num_iterations <= MAX_RECURRENCE:
+            return (
+                f"--lora.num_iterations={lora.num_iterations} must be in [1, {MAX_RECURRENCE}] (one set of deltas per"
+                " recurrent iteration; each set is as large as the targeted layers' LoRA deltas)"
+            )
+    else:
+        set_without_rank = [name for name, on in (("--lora.train_base=false", not lora.train_base),
+                                                   ("--lora.merge_on_save=true", lora.merge_on_save),
+                                                   ("--lora.per_iteration=true", lora.per_iteration)) if on]
+        if set_without_rank:
+            return f"{set_without_rank[0]} needs LoRA deltas: pass --lora.rank R (R >= 1)"
+    if cfg.activation_checkpointing and cfg.non_recurrent_model:
+        return "--activation_checkpointing=true recomputes recurrent iterations; it needs a recurrent model"
+    if distill.teacher is not None:
+        if not (Path(distill.teacher) / "config.json").is_file():
+            return f"--distill.teacher={distill.teacher} is not a model folder with config.json (pass the base model directory)"
+        if distill.alpha < 0:
+            return f"--distill.alpha={distill.alpha} must be >= 0"
+        if not distill.temperature > 0:
+            return f"--distill.temperature={distill.temperature} must be > 0"
+    return None
 
 
 @dataclass
@@ -101,12 +163,13 @@ class TrainConfig:
     model_name: str = "smcleish/Recurrent-TinyLlama-3T-untrained"
     wandb_disabled: bool = False
     seed: int = 74
-    fix_num_steps: bool = False
+    # every micro-batch runs the recurrent block once, with grad: (n, k) = (0, 1), no depth sampling
+    single_iteration: bool = False  # the original's --fix_num_steps
     init_from_scratch: bool = False
     take_loss_over_all_tokens: bool = False
     max_grad_norm: float = 1.0
     bf16_true: bool = False
-    no_amp: bool = True
+    bf16_autocast: bool = False  # bf16 autocast on GPU (the original's --no_amp, inverted)
     is_parquet_dataset: bool = False
     ignore_past_parquet_dataset: bool = False
     parquet_dataset_max_tokens: int | None = None
@@ -116,8 +179,8 @@ class TrainConfig:
     throttle: bool = False
     non_recurrent_model: bool = False
     muon: MuonArgs = field(default_factory=MuonArgs)
-    use_ellis_adam: EllisAdamArgs = field(default_factory=EllisAdamArgs)
-    # bigger bases and cheaper training (retrofit/train/modes.py)
+    ellis_adam: EllisAdamArgs = field(default_factory=EllisAdamArgs)
+    # bigger bases and cheaper training (LoraArgs, DistillArgs above; the steps: retrofit/train/modes.py)
     fsdp: bool = False
     activation_checkpointing: bool = False
     lora: LoraArgs = field(default_factory=LoraArgs)
@@ -134,7 +197,7 @@ class TrainConfig:
     @property
     def optimizer_kind(self) -> str:
         """"adamw", "muon" or "ellis_adam" (validate() refuses both flags at once)."""
-        if self.use_ellis_adam.use_ellis_adam:
+        if self.ellis_adam.enabled:
             return "ellis_adam"
         return "muon" if self.muon.use_muon else "adamw"
 
@@ -153,7 +216,7 @@ class TrainConfig:
             ("--optim_config.eps", optim.eps, "> 0"),
             ("--muon.lr", muon.lr, ">= 0"),
             ("--muon.weight_decay", muon.weight_decay, ">= 0"),
-            ("--use_ellis_adam.eps", self.use_ellis_adam.eps, "> 0"),
+            ("--ellis_adam.eps", self.ellis_adam.eps, "> 0"),
             ("--scheduler_args.min_lr_ratio", sched.min_lr_ratio, "in [0, 1]"),
             ("--seed", self.seed, f"in [0, {2**32 - 1}]"),
         ]
@@ -196,8 +259,8 @@ class TrainConfig:
                 group.check()
             except ValueError as exc:
                 raise ConfigError(str(exc)) from None
-        if self.muon.use_muon and self.use_ellis_adam.use_ellis_adam:
-            raise ConfigError("--muon.use_muon and --use_ellis_adam.use_ellis_adam are exclusive: choose one optimizer")
+        if self.muon.use_muon and self.ellis_adam.enabled:
+            raise ConfigError("--muon.use_muon and --ellis_adam.enabled are exclusive: choose one optimizer")
         sched = self.scheduler_args
         if sched.warmup < 0 or sched.cooldown < 0 or sched.warmup + sched.cooldown > 1:
             raise ConfigError(
@@ -210,7 +273,7 @@ class TrainConfig:
                 raise ConfigError("--max_samples is not supported with parquet data (limit with --max_steps)")
             if not self.max_steps and self.parquet_dataset_max_tokens is None:
                 raise ConfigError("parquet data needs --max_steps or --parquet_dataset_max_tokens to size the LR schedule")
-        mode_problem = check_flags(self)
+        mode_problem = mode_flag_problem(self)
         if mode_problem:
             raise ConfigError(mode_problem)
         if self.non_recurrent_model:
@@ -220,9 +283,44 @@ class TrainConfig:
                 raise ConfigError("recurrence curricula need a recurrent model (not --non_recurrent_model)")
 
 
+def check_model_name(name: str) -> None:
+    """--model_name is a local folder with config.json, or something that can be a Hub repo id.
+
+    Apart from `TrainConfig.validate` (which reads the flags alone) because it looks at the file
+    system and the offline setting; run() calls both before it claims the run folder."""
+    local = Path(name).expanduser()
+    if local.exists():
+        if not (local / "config.json").is_file():
+            raise ConfigError(f"--model_name={name} has no config.json: pass a model folder (save_pretrained output)")
+        return
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+        is_repo_id = not name.startswith((".", "/", "~"))
+    except HFValidationError:
+        is_repo_id = False
+    if not is_repo_id:
+        raise ConfigError(f"--model_name={name} does not exist (neither a local folder nor a Hub repo id)")
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise ConfigError(f"--model_name={name} is not a local folder and HF_HUB_OFFLINE=1 forbids downloading it")
+
+
 def parse_config(argv: list[str] | None = None) -> TrainConfig:
-    """Flags (and `--config run.yaml`) -> TrainConfig; jsonargparse exits 2 with a usage line on a bad flag."""
+    """Flags (and `--config run.yaml`) -> TrainConfig; jsonargparse exits 2 with a usage line on a bad flag.
+
+    The original's misleading flag names are rewritten to their new ones first (flag_renames.py),
+    with one warning line each (printed by the first process only)."""
     from jsonargparse import ActionConfigFile, ArgumentParser
+
+    try:
+        argv, warnings = rewrite_renamed_flags(sys.argv[1:] if argv is None else list(argv))
+    except BadRenamedFlag as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":
+        for warning in warnings:
+            print(warning, file=sys.stderr)
 
     parser = ArgumentParser(description="Train a retrofitted recurrent model (or a plain HF baseline) with a curriculum of recurrences.", default_env=False)
     parser.add_argument("--config", action=ActionConfigFile, help="YAML file with any of the flags below")

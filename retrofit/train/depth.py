@@ -8,7 +8,8 @@ Facts (docs/training.md, Depth sampler; Recurrence curriculum):
   for the same micro-batch and a resumed run draws what the uninterrupted one did.
 - curriculum: r(step) = ceil(max_mean_rec * f(step / warmup_steps)), f(u) = u ("linear") or
   1 - sqrt(1 - u) ("1-sqrt"), clipped to [1, max]. The backprop-depth curriculum ramps the same
-  way from `start` to `max_backprop`. The backprop depth never exceeds the mean recurrence.
+  way from `start` to `max_backprop`. While a curriculum is on, the backprop depth never exceeds
+  the mean recurrence (`cap_backprop_depth`, the one home of that rule).
 
 The settings are the original train.py's flag groups `--mean_recurrence_schedule.*` and
 `--mean_backprop_depth_schedule.*` (`MeanRecurrenceSchedule`, `MeanBackpropDepthSchedule` below,
@@ -30,7 +31,8 @@ Two readings of one schedule, both kept here:
     floor / max_backprop) and is stepped once before training, so step u runs the value after
     u scheduler steps; on the last step (u = max_steps) the scheduler is past its end and
     reports the floor again;
-  * the backprop depth is capped by the mean recurrence when a curriculum is on.
+  * the backprop depth is capped by the mean recurrence when a curriculum is on
+    (`cap_backprop_depth`, which `at` applies too).
 """
 
 from __future__ import annotations
@@ -52,6 +54,21 @@ def __getattr__(name):
 
         return getattr(modeling_raven, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def micro_batch_depth(mean_rec: int, backprop: int, data_step: int, *, seed_offset: int = 0,
+                      single_iteration: bool = False) -> tuple[int, int]:
+    """(n, k) the micro-batch numbered `data_step` (from 1) runs at the step's (mean recurrence,
+    backprop depth): (0, 1) with --single_iteration, else a draw of the sampler.
+
+    The original numbers parquet micro-batches from 2 (its loop enumerates from data_start_step + 1
+    with data_start_step = 1), other data from 1: `seed_offset` (TrainConfig.depth_seed_offset)
+    seeds the same way, so the same flags draw the original's (n, k) sequence."""
+    if single_iteration:
+        return (0, 1)
+    from ..model.modeling_raven import sample_num_steps
+
+    return sample_num_steps(mean_rec, backprop, data_step + seed_offset)
 
 
 def warmup_fraction(u: float, warmup_type: str) -> float:
@@ -90,6 +107,17 @@ def warmup_stable_value(count: int, peak: int, warmup_steps: int, total_steps: i
     else:
         factor = ratio
     return math.ceil(float(peak) * factor)
+
+
+def cap_backprop_depth(mean_rec: int, backprop: int, curriculum_on: bool) -> int:
+    """The backprop depth a step runs (or counts) at mean recurrence `mean_rec`: the one rule.
+
+    As the original train.py does it: while a curriculum is on, a backprop depth above the mean
+    recurrence becomes the mean recurrence (the ramp starts at r = 1, below any s); without a
+    curriculum the model config's values go to the sampler as they are, so a config with
+    mean_recurrence < mean_backprop_depth samples around s (t = max(r - s, 0) = 0). The FLOPs
+    formula takes min(r, s) iterations with grad either way, so counting does not depend on this."""
+    return min(backprop, mean_rec) if curriculum_on else backprop
 
 
 # The paper trains mean recurrences up to 32 and evaluates up to 128; far above this a flag is a typo
@@ -211,7 +239,7 @@ class RecurrenceSchedule:
             depth = scheduled_value(step, bp.warmup * self.max_steps, bp.start, bp.max_backprop, bp.warmup_type)
         else:
             depth = bp.max_backprop
-        return min(depth, self.mean_recurrence(step))
+        return cap_backprop_depth(self.mean_recurrence(step), depth, self.any_curriculum)
 
     def at(self, step: int) -> tuple[int, int]:
         """(mean recurrence, backprop depth) counted for optimizer step `step`, counting from 1.
@@ -246,9 +274,7 @@ class RecurrenceSchedule:
             backprop = warmup_stable_value(step, bp.max_backprop, warmup_steps, self.max_steps, floor, bp.warmup_type)
         else:
             backprop = bp.max_backprop
-        if self.any_curriculum:
-            backprop = min(backprop, mean_rec)
-        return mean_rec, backprop
+        return mean_rec, cap_backprop_depth(mean_rec, backprop, self.any_curriculum)
 
     def change_points(self, applied: bool = True) -> list[list[int]]:
         """The whole schedule as data: [[first step, mean recurrence, backprop depth], ...], one

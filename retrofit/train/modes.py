@@ -1,72 +1,14 @@
 """Training modes that change how the model is held or what it learns: FSDP2 sharding
 (`--fsdp`), per-iteration activation checkpointing (`--activation_checkpointing`), LoRA per loop
-(`--lora.*`) and distillation from the parent (`--distill.*`). The flag groups, their checks, and
-the steps the trainer calls (prepare the model, wrap it, save weights). docs/training.md, "Bigger
-bases and cheaper training", describes them for users.
+(`--lora.*`) and distillation from the parent (`--distill.*`): the steps the trainer calls
+(prepare the model, wrap it, save weights). Their flag groups and checks are with every other flag
+in retrofit/train/config.py. docs/training.md, "Bigger bases and cheaper training", describes them
+for users.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from pathlib import Path
-
 from retrofit.errors import ConfigError
-from retrofit.model.configuration_raven import LORA_TARGETS
-from retrofit.train.depth import MAX_RECURRENCE
-
-
-@dataclass
-class LoraArgs:
-    rank: int = 0  # 0: no LoRA
-    alpha: float | None = None  # scale alpha / rank; default: rank (scale 1)
-    targets: list[str] = field(default_factory=lambda: ["core_block"])  # any of prelude, core_block, coda
-    per_iteration: bool = False  # each recurrent iteration index gets its own delta
-    num_iterations: int | None = None  # deltas with per_iteration (default: the largest mean recurrence trained)
-    train_base: bool = True  # false: only the deltas train
-    merge_on_save: bool = False  # saved weights carry shared deltas folded in
-
-
-@dataclass
-class DistillArgs:
-    teacher: str | None = None  # the base model the recurrent model was converted from
-    alpha: float = 0.5  # weight of the KL term
-    temperature: float = 1.0
-
-
-def check_flags(cfg) -> str | None:
-    """What is wrong with the mode flags of a TrainConfig, as one message (None: fine)."""
-    lora, distill = cfg.lora, cfg.distill
-    if lora.rank < 0:
-        return f"--lora.rank={lora.rank} must be >= 0 (0 = no LoRA)"
-    if lora.rank:
-        if cfg.non_recurrent_model:
-            return "--lora.rank adds deltas to a recurrent model's layers; drop it for --non_recurrent_model=true"
-        bad = [t for t in lora.targets if t not in LORA_TARGETS]
-        if bad or not lora.targets:
-            return f"--lora.targets={lora.targets} must be a non-empty subset of {list(LORA_TARGETS)}"
-        if lora.alpha is not None and lora.alpha <= 0:
-            return f"--lora.alpha={lora.alpha} must be > 0"
-        if lora.num_iterations is not None and not 1 <= lora.num_iterations <= MAX_RECURRENCE:
-            return (
-                f"--lora.num_iterations={lora.num_iterations} must be in [1, {MAX_RECURRENCE}] (one set of deltas per"
-                " recurrent iteration; each set is as large as the targeted layers' LoRA deltas)"
-            )
-    else:
-        set_without_rank = [name for name, on in (("--lora.train_base=false", not lora.train_base),
-                                                   ("--lora.merge_on_save=true", lora.merge_on_save),
-                                                   ("--lora.per_iteration=true", lora.per_iteration)) if on]
-        if set_without_rank:
-            return f"{set_without_rank[0]} needs LoRA deltas: pass --lora.rank R (R >= 1)"
-    if cfg.activation_checkpointing and cfg.non_recurrent_model:
-        return "--activation_checkpointing=true recomputes recurrent iterations; it needs a recurrent model"
-    if distill.teacher is not None:
-        if not (Path(distill.teacher) / "config.json").is_file():
-            return f"--distill.teacher={distill.teacher} is not a model folder with config.json (pass the base model directory)"
-        if distill.alpha < 0:
-            return f"--distill.alpha={distill.alpha} must be >= 0"
-        if not distill.temperature > 0:
-            return f"--distill.temperature={distill.temperature} must be > 0"
-    return None
 
 
 def lora_num_deltas(cfg, schedule) -> int:

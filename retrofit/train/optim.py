@@ -206,7 +206,7 @@ class MultiOptimizer:
         if len(state["optimizers"]) != len(self.optimizers):
             raise ValueError(
                 f"checkpoint has {len(state['optimizers'])} optimizers, this run builds {len(self.optimizers)}"
-                " (was it saved with a different --muon.use_muon / --use_ellis_adam setting?)"
+                " (was it saved with a different --muon.use_muon / --ellis_adam.enabled setting?)"
             )
         for opt, opt_state in zip(self.optimizers, state["optimizers"]):
             opt.load_state_dict(opt_state)

@@ -19,8 +19,8 @@ from retrofit.train.distributed import DistEnv
 
 
 def autocast_on(cfg, device: torch.device) -> bool:
-    """bf16 autocast runs on GPU unless --no_amp=true (the original's flag; its default is true)."""
-    return device.type == "cuda" and not cfg.no_amp
+    """bf16 autocast runs on GPU with --bf16_autocast=true (the original's --no_amp=false)."""
+    return device.type == "cuda" and cfg.bf16_autocast
 
 
 def computes_in_bf16(cfg, device: torch.device) -> bool:

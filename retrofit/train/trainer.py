@@ -24,14 +24,14 @@ import torch
 from retrofit.train.flops import count_parameters, micro_batch_flops, model_flops_utilization, peak_tflops_of
 from retrofit.data.rows import DataError, check_token_ids, inputs_and_labels
 from retrofit.train import checkpoint as ckpt
-from retrofit.train.run_claim import release_run_dir
+from retrofit.train.run_claim import claim_run_dir, release_run_dir
 from retrofit.train import distributed as dist_utils
 from retrofit.train import modes as train_modes
 from retrofit.train.build import build_run
 from retrofit.train.checkpoint import CheckpointManager, TrainingCounters, TrainingError
 from retrofit.errors import ConfigError
-from retrofit.train.config import TrainConfig
-from retrofit.train.depth import sample_num_steps
+from retrofit.train.config import TrainConfig, check_model_name
+from retrofit.train.depth import micro_batch_depth
 from retrofit.train.distill import distillation_kl, teacher_logits
 from retrofit.train.monitor import TrainingProgress, format_step_line, open_monitors, seed_everything
 from retrofit.train.optim import build_optimizer, set_learning_rates, wsd_lr_factor
@@ -44,12 +44,13 @@ __all__ = ["Trainer", "TrainingError", "run"]
 class Trainer:
     """Builds everything a run needs from a validated TrainConfig (`__init__`), then `train()`s.
 
-    Every rank builds one; the main rank alone writes files (run.json, metrics, checkpoints)."""
+    Every rank builds one, in a run folder that run() has claimed; the main rank alone writes files
+    (run.json, metrics, checkpoints)."""
 
     def __init__(self, cfg: TrainConfig, env: dist_utils.DistEnv):
         self.cfg, self.env = cfg, env
         seed_everything(cfg.seed)
-        parts = build_run(cfg, env, log=self.print)
+        parts = build_run(cfg, env)
         self.tokenizer, self.stream, self.max_length = parts.tokenizer, parts.stream, parts.max_length
         self.model, self.vocab_rows = parts.model, parts.vocab_rows
         self.max_steps, self.schedule = parts.max_steps, parts.schedule
@@ -109,7 +110,7 @@ class Trainer:
             kind=cfg.optimizer_kind,
             muon_lr=cfg.muon.lr,
             muon_weight_decay=cfg.muon.weight_decay,
-            ellis_options={k: v for k, v in dataclasses.asdict(cfg.use_ellis_adam).items() if k != "use_ellis_adam"},
+            ellis_options={k: v for k, v in dataclasses.asdict(cfg.ellis_adam).items() if k != "enabled"},
         )
         self.num_warmup_steps = math.ceil(cfg.scheduler_args.warmup * self.max_steps)
         self.num_decay_steps = math.ceil(cfg.scheduler_args.cooldown * self.max_steps)
@@ -133,12 +134,8 @@ class Trainer:
     def depth_for(self, data_step: int, mean_rec: int | None, backprop: int | None) -> tuple[int, int] | None:
         if not self.recurrent:
             return None
-        if self.cfg.fix_num_steps:
-            return (0, 1)
-        # The original numbers parquet micro-batches from 2 (its loop enumerates from
-        # data_start_step + 1 with data_start_step = 1), other data from 1; seeding the same way
-        # gives the same (n, k) sequence as the original for the same flags.
-        return sample_num_steps(mean_rec, backprop, data_step + self.cfg.depth_seed_offset)
+        return micro_batch_depth(mean_rec, backprop, data_step, seed_offset=self.cfg.depth_seed_offset,
+                                 single_iteration=self.cfg.single_iteration)
 
     def forward_backward(self, batch, num_steps, sync: bool):
         input_ids, _, labels = inputs_and_labels(**batch)
@@ -166,6 +163,7 @@ class Trainer:
     def train(self) -> str:
         """Optimizer steps until max_steps, the end of the data or a stop request; returns what happened."""
         self.model.train()
+        end_of_data = False  # the one exit below writes final_checkpoint either way
         while self.counters.optimizer_step < self.max_steps:
             record = self.train_step()
             if record is None:
@@ -174,7 +172,8 @@ class Trainer:
                         f"the data ends before the first optimizer step ({self.cfg.accumulation_steps} micro-batches of"
                         f" {self.cfg.micro_batch_size} rows per rank): lower --batch_size or add data"
                     )
-                return self.finish(stop_reason="end of data")
+                end_of_data = True
+                break
             self.log_step(record)
             step = record["step"]
             self.checkpoints.save_on_cadence(step)
@@ -182,13 +181,10 @@ class Trainer:
             if reason is not None:
                 self.checkpoints.save_before_stopping(step)
                 return f"stopped at step {step}: {reason}; resume with --resume_path=auto"
-        return self.finish()
-
-    def finish(self, stop_reason: str | None = None) -> str:
         self.model.eval()
         self.checkpoints.save_final()
         done = f"finished at step {self.counters.optimizer_step}"
-        return done + (f" ({stop_reason} before max_steps={self.max_steps})" if stop_reason else "")
+        return done + (f" (end of data before max_steps={self.max_steps})" if end_of_data else "")
 
     def train_step(self) -> dict | None:
         """One optimizer step: its micro-batches' forward/backward, clipping, the update. Returns the
@@ -330,11 +326,16 @@ USER_ERRORS = (ConfigError, DataError, ckpt.CheckpointError, dist_utils.LaunchEr
 
 
 def run(cfg: TrainConfig) -> int:
-    """Validate, build the Trainer, train. A setting the user can fix: one `error:` line, exit status 2;
-    a run that cannot go on (TrainingError): one `error:` line, exit status 1."""
+    """Validate, claim the run folder, build the Trainer, train, release the folder. A setting the
+    user can fix: one `error:` line, exit status 2; a run that cannot go on (TrainingError): one
+    `error:` line, exit status 1."""
     try:
         cfg.validate()
+        check_model_name(cfg.model_name)  # before the claim: a typo never touches (or --overwrite clears) a run
         env = dist_utils.setup(cfg.device, single_process_group=cfg.fsdp)  # FSDP needs a group, even of one
+        claimed = claim_run_dir(cfg, env)  # the lock is held until release_run_dir below
+        if claimed and env.is_main:
+            print(claimed, flush=True)
         trainer = Trainer(cfg, env)
         trainer.print(trainer.describe())
         try:

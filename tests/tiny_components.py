@@ -1,7 +1,9 @@
 """Tiny real components for tests and benchmarks: HF base configs, recurrent configs, saved
 models, packed parquet shards. Nothing is downloaded; shapes are small enough for 2 CPU cores.
 
-Used by tests/conftest.py (the fixtures) and by the bench/ scripts that build throwaway runs.
+Used by tests/conftest.py (the fixtures; pytest puts tests/ on sys.path, so `from tiny_components
+import ...`) and by the bench/ scripts that build throwaway runs (bench/_common.py puts tests/ on
+their sys.path).
 """
 
 from __future__ import annotations

@@ -1,9 +1,23 @@
 """Helpers the bench/ scripts share: a scaled-down TinyLlama-shaped recurrent model and timing
-that waits for the GPU. Benchmarks print ratios against a baseline measured in the same run."""
+that waits for the GPU. Benchmarks print ratios against a baseline measured in the same run.
+
+Bench scripts run as `python bench/x.py`, so Python puts bench/ (this file's folder) on sys.path
+and `from _common import ...` finds it. Importing it also puts the checkout first on sys.path (the
+scripts measure this checkout's `retrofit`, installed or not) and tests/ after it, for the scripts
+that build throwaway runs from the tests' tiny components (`import tiny_components`).
+"""
 
 from __future__ import annotations
 
+import sys
 import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+if str(ROOT / "tests") not in sys.path:
+    sys.path.append(str(ROOT / "tests"))
 
 import torch
 
