@@ -283,8 +283,15 @@ class ActiveRowsCache:
         end = start + k.shape[2]
         column_k = self.cache.keys[before][:, :, start:end]
         column_v = self.cache.values[before][:, :, start:end]
-        keys, values = self.cache.update(here, column_k.index_copy(0, self.rows, k), column_v.index_copy(0, self.rows, v), start)
-        return keys.index_select(0, self.rows), values.index_select(0, self.rows)
+        self.cache.update(here, column_k.index_copy(0, self.rows, k), column_v.index_copy(0, self.rows, v), start)
+        return self._active_rows(self.cache.keys[here], end), self._active_rows(self.cache.values[here], end)
+
+    def _active_rows(self, buffer: torch.Tensor, end: int) -> torch.Tensor:
+        # Rows of the whole contiguous buffer seen as 2-D, then the columns so far: index_select
+        # on the strided [:end] view, or on the 4-D buffer, took slower paths on CPU (4x, 1.5x).
+        shape = buffer.shape
+        rows = buffer.reshape(shape[0], -1).index_select(0, self.rows).view(-1, *shape[1:])
+        return rows[:, :, :end]
 
 
 def select_rows(ctx: AttentionContext, rows: torch.Tensor, batch: int, cache=None) -> AttentionContext:
