@@ -103,10 +103,10 @@ def generate(model, ids, mask, depth, new_tokens, threshold=None, criterion="kl"
 
 def find_threshold(model, ids, mask, depth, criterion, target_depth, probe_tokens=8) -> tuple[float, float]:
     """A threshold whose mean depth on a short generation is near `target_depth` (bisection on
-    log10 of the threshold over [1e-9, 1e3]; mean depth grows as the threshold falls)."""
-    low, high = -9.0, 3.0  # log10: low -> deep, high -> shallow
+    log10 of the threshold over [1e-14, 1e3]; mean depth grows as the threshold falls)."""
+    low, high = -14.0, 3.0  # log10: low -> deep, high -> shallow
     best = (math.inf, 10.0**low, float(depth))
-    for _ in range(14):
+    for _ in range(16):
         mid = (low + high) / 2
         generate(model, ids, mask, depth, probe_tokens, 10.0**mid, criterion)
         mean_depth = model.last_generation_stats["mean_depth"]
