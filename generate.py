@@ -1,7 +1,8 @@
 """Stream a completion from a recurrent (or plain HF) checkpoint at a chosen test-time depth.
 
     python generate.py MODEL_DIR --prompt "Q: Ava has 3 apples ..." [--num_steps 8] [--max_new_tokens 128]
-                       [--adaptive 1e-3 [--criterion kl|latent|entropy-diff|...] | --compile] [--no_chat] [--sample --temperature 0.7]
+                       [--adaptive 1e-3 [--criterion kl|latent|entropy-diff|...] | --compile] [--no_chat]
+                       [--sample --temperature 0.7]
 
 e.g. on the quickstart's recurrent model (docs/evaluation.md, Generating text):
 

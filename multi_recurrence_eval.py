@@ -71,7 +71,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="seed of the random initial states")
     parser.add_argument("--independent_runs", action="store_true", help="run every depth from scratch (the original's way)")
     parser.add_argument("--adaptive_threshold", type=float, default=None, help="per-token early exit below this value")
-    parser.add_argument("--adaptive_criterion", default="kl", help=f"exit criterion (docs/adaptive_depth.md): {criterion_names()}")
+    parser.add_argument("--adaptive_criterion", default="kl",
+                        help=f"exit criterion (docs/adaptive_depth.md): {criterion_names()}")
     parser.add_argument("--output_dir", default="loss_over_rec_eval", help="results go to OUTPUT_DIR/{run name}/")
     parser.add_argument("--overwrite", action="store_true", help="recompute checkpoints whose output exists")
     parser.add_argument("--trust_remote_code", action="store_true",

@@ -46,7 +46,8 @@ def parse_args(argv=None):
     parser.add_argument("--new_tokens", type=int, default=32)
     parser.add_argument("--prompt_tokens", type=int, default=48, help="prompt length for random-token prompts")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--target", type=float, default=0.5, help="mean iterations per token to aim for, as a fraction of --depth")
+    parser.add_argument("--target", type=float, default=0.5,
+                        help="mean iterations per token to aim for, as a fraction of --depth")
     parser.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0: leave as is)")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
@@ -73,8 +74,10 @@ def load(args, device, dtype):
     if args.model == "random" or (args.model is None and not (path / "config.json").is_file()):
         torch.manual_seed(0)
         model = RavenForCausalLM(raven_config(RANDOM_SHAPE, init_values={"std": 0.0}))
-        ids = torch.randint(3, RANDOM_SHAPE["vocab"], (args.batch, args.prompt_tokens), generator=torch.Generator().manual_seed(0))
-        return model.to(device=device, dtype=dtype).eval(), ids.to(device), torch.ones_like(ids).to(device), "tiny random model"
+        generator = torch.Generator().manual_seed(0)
+        ids = torch.randint(3, RANDOM_SHAPE["vocab"], (args.batch, args.prompt_tokens), generator=generator)
+        model = model.to(device=device, dtype=dtype).eval()
+        return model, ids.to(device), torch.ones_like(ids).to(device), "tiny random model"
     if not (path / "config.json").is_file():
         sys.exit(f"error: --model {path} has no config.json")
     model = RavenForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()

@@ -300,7 +300,8 @@ def select_rows(ctx: AttentionContext, rows: torch.Tensor, batch: int, cache=Non
     def pick(t):
         return t.index_select(0, rows) if t is not None and t.dim() == 4 and t.shape[0] == batch else t
 
-    return AttentionContext(cos=pick(ctx.cos), sin=pick(ctx.sin), mask=pick(ctx.mask), cache=cache, past_length=ctx.past_length)
+    return AttentionContext(cos=pick(ctx.cos), sin=pick(ctx.sin), mask=pick(ctx.mask), cache=cache,
+                            past_length=ctx.past_length)
 
 
 def fill_skipped_iterations(model, cache, last: int, max_steps: int, start: int, length: int) -> None:
