@@ -148,3 +148,61 @@ def test_sweep_drops_exited_rows_and_counts_the_compute_it_ran():
     assert early.mean_depth == {2: 2.0, 6: 2.0} and early.executed_fraction == {2: 1.0, 6: pytest.approx(1 / 3)}
     middle = loss_over_depth(model, ids, mask, [8], adaptive=AdaptiveExit(0.05, "cosine"), progress=False)
     assert middle.mean_depth[8] <= 8 * middle.executed_fraction[8] <= 8
+
+
+class MergedKeyValues:
+    """Reference for the sweep's rule, computed the slow way: every token runs every iteration,
+    and the keys and values of tokens that exited before it are put back to their last ones."""
+
+    bounded = True
+
+    def __init__(self):
+        self.keys, self.values, self.active = {}, {}, None
+
+    def slot(self, kind, layer, iteration=0):
+        return (kind, layer)
+
+    def update(self, slot, k, v, start):
+        if slot in self.keys:
+            keep_new = self.active[:, None, :, None]
+            k, v = torch.where(keep_new, k, self.keys[slot]), torch.where(keep_new, v, self.values[slot])
+        self.keys[slot], self.values[slot] = k, v
+        return k, v
+
+
+def reference_sweep(model, ids, mask, labels, depth, criterion, threshold):
+    from retrofit.evaluate.loss_over_depth import readout_loss
+    from retrofit.model.layers_raven import AttentionContext
+
+    ctx = model.attention_context(ids, mask)
+    e = model.run_prelude(model.embed(ids), ctx)
+    state = torch.zeros_like(e)
+    tracker = ExitTracker(criterion, threshold, ids.shape, "cpu", model=model)
+    store = MergedKeyValues()
+    merged = AttentionContext(cos=ctx.cos, sin=ctx.sin, mask=ctx.mask, cache=store)
+    for i in range(depth):
+        store.active = tracker.active.clone()
+        tracker.count_iteration()
+        state = torch.where(store.active[..., None], model.recur(state, e, merged, i), state)
+        log_probs = None
+        if tracker.reads_logits:
+            log_probs = model.lm_head(model.run_coda(state, merged)).float().log_softmax(-1)
+        tracker.observe(state, log_probs)
+    return readout_loss(model, state, ctx, labels), float(tracker.used[labels != -100].sum())
+
+
+@pytest.mark.parametrize("criterion,threshold", [("latent", 0.3), ("kl", 1e-3)])
+def test_sweep_runs_only_active_tokens_with_the_reference_result(criterion, threshold):
+    model = tiny_model(seed=1).double()
+    ids = torch.randint(3, VOCAB, (3, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # left padding: per-row positions and a mask
+    labels = torch.roll(ids, -1, dims=1).masked_fill(mask == 0, -100)
+    labels[:, -1] = -100
+    swept = depth_sweep(model, ids, mask, labels, [8], adaptive=AdaptiveExit(threshold, criterion))
+    loss, depth_sum = reference_sweep(model, ids, mask, labels, 8, criterion, threshold)
+    torch.testing.assert_close(swept.losses[8], loss.cpu(), rtol=1e-9, atol=1e-9)
+    assert swept.depth_sum[8] == depth_sum
+    # Some tokens exited early, and only the others ran: less compute than fixed depth.
+    assert 2 * swept.token_count < depth_sum < 8 * swept.token_count
+    assert swept.executed[8] < 8 * ids.numel()

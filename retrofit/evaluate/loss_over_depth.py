@@ -13,11 +13,10 @@ start from the same initial state, which is why both draw it from the same seede
 Adaptive depth (Huginn-style per-token early exit, the criteria of the model code's
 `exits_raven.EXIT_CRITERIA`): a token stops iterating once its criterion's change between
 iterations falls below a threshold. An exited token keeps its state, and later iterations of the
-other tokens attend to its last iteration's keys and values (Huginn's rule, as in decoding). A row
-whose tokens have all exited is dropped from later iterations; inside a row that still runs, the
-recurrent block is computed for every position (exited ones too, their results discarded), so the
-compute actually saved is counted as the fraction of recurrent-block token-iterations executed
-(`executed`), beside the mean iterations per token.
+other tokens attend to its last iteration's keys and values (Huginn's rule, as in decoding). Once
+some tokens have exited, only the others run the recurrent block (`retrofit.evaluate.adaptive_sweep`:
+packed per row); the compute actually spent is counted (`executed`: recurrent-block
+token-iterations run), beside the mean iterations per scored token.
 
 Also here: reading the held-out parquet shard, per-sequence losses and the result JSON.
 
@@ -38,7 +37,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from retrofit.model.exits_raven import ExitTracker, criterion_names, exit_criterion, select_rows
+from retrofit.evaluate.adaptive_sweep import adaptive_sweep
+from retrofit.model.exits_raven import criterion_names, exit_criterion
 from retrofit.data.rows import inputs_and_labels, row_matrix
 from retrofit.train.depth import MAX_RECURRENCE
 from retrofit.data.shards import list_parquet_files, open_parquet, read_row_group
@@ -217,7 +217,7 @@ def check_adaptive_criterion(name) -> None:
 @dataclass
 class AdaptiveExit:
     """Stop iterating a token once `criterion` falls below `threshold` (never before iteration 2);
-    the rule and its iteration are the model code's (`generation_raven.ExitTracker`).
+    the rule and its iteration are the model code's (`exits_raven.ExitTracker`).
 
     kl:     KL(p_{i-1} || p_i) of the next-token distributions of successive iterations
             (Huginn's default threshold: 5e-4).
@@ -285,72 +285,7 @@ def depth_sweep(
         result.positions = input_ids.numel()
         return result
 
-    return adaptive_sweep(model, ctx, e, state, labels, depths, adaptive, result)
-
-
-class FrozenKeyValues:
-    """The recurrent block's keys and values of the sweep's tokens, as the cache of its
-    iterations: a write keeps the new keys of the tokens still iterating (`active`, (rows, T)) and
-    the stored ones of the tokens that exited, so later iterations attend to an exited token's
-    last iteration's keys and values (Huginn's rule). Duck-types `KVCache` for `Attention`."""
-
-    bounded = True
-
-    def __init__(self):
-        self.keys, self.values, self.active = {}, {}, None
-
-    def slot(self, kind: str, layer: int, iteration: int = 0):
-        return (kind, layer)
-
-    def update(self, slot, k, v, start):
-        old_k = self.keys.get(slot)
-        if old_k is not None and not bool(self.active.all()):
-            keep_new = self.active[:, None, :, None]
-            k, v = torch.where(keep_new, k, old_k), torch.where(keep_new, v, self.values[slot])
-        self.keys[slot], self.values[slot] = k, v
-        return k, v
-
-    def keep(self, index: torch.Tensor) -> None:
-        for store in (self.keys, self.values):
-            for slot, tensor in store.items():
-                store[slot] = tensor.index_select(0, index)
-
-
-def adaptive_sweep(model, ctx, e, state, labels, depths, adaptive, result: SweepResult) -> SweepResult:
-    """`depth_sweep` with per-token exit: rows whose tokens have all exited stop iterating."""
-    batch, length = labels.shape
-    scored = labels != -100
-    tracker = ExitTracker(adaptive.criterion, adaptive.threshold, labels.shape, labels.device, model=model)
-    w_state, embed_proj = model.adapter_parts(e)
-    frozen = FrozenKeyValues()
-    rows = torch.arange(batch, device=labels.device)
-    core_ctx, coda_ctx = select_rows(ctx, rows, batch, frozen), ctx
-    sub_e, sub_proj, sub_state = e, embed_proj, state
-    executed, result.positions = 0, batch * length
-    for i in range(1, max(depths) + 1):
-        if rows.numel():
-            tracker.count_iteration(rows)
-            frozen.active = tracker.active.index_select(0, rows)
-            new_state = model.recur(sub_state, sub_e, core_ctx, i - 1, adapter_parts=(w_state, sub_proj))
-            sub_state = torch.where(frozen.active[..., None], new_state, sub_state)
-            executed += rows.numel() * length
-            log_probs = None
-            if tracker.reads_logits:
-                log_probs = F.log_softmax(model.lm_head(model.run_coda(sub_state, coda_ctx)).float(), dim=-1)
-            tracker.observe(sub_state, log_probs, rows)
-            state = state.index_copy(0, rows, sub_state)
-            running = tracker.active.index_select(0, rows).any(-1)
-            if not bool(running.all()):
-                keep = running.nonzero().squeeze(1)
-                rows = rows.index_select(0, keep)
-                frozen.keep(keep)
-                core_ctx, coda_ctx = select_rows(ctx, rows, batch, frozen), select_rows(ctx, rows, batch)
-                sub_e, sub_proj, sub_state = (t.index_select(0, keep) for t in (sub_e, sub_proj, sub_state))
-        if i in depths:
-            result.losses[i] = readout_loss(model, state, ctx, labels).cpu()
-            result.depth_sum[i] = float(tracker.used[scored].sum())
-            result.executed[i] = float(executed)
-    return result
+    return adaptive_sweep(model, ctx, e, state, labels, depths, adaptive, result, readout_loss)
 
 
 @torch.no_grad()
