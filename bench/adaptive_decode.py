@@ -11,7 +11,7 @@ until the slowest row of the batch exits.
 
 --model: a recurrent checkpoint (default: the quickstart's trained model,
 runs/quickstart/runs/recurrent/final_checkpoint, when it exists); `random` or a missing default
-uses a tiny random model (hidden 256, (2, 2, 2) layers), on which exit criteria behave unlike a
+uses a random model (hidden 256 or --random_hidden, (2, 2, 2) layers, vocab 4096), on which exit criteria behave unlike a
 trained model's. Prompts: GSM8K-style problems through the checkpoint's tokenizer when it has
 one, else random tokens. The ratio is the median of `--repeats` interleaved runs (fixed, adaptive,
 fixed, ...), so load changes on a shared machine hit both alike. Greedy, float32 (bfloat16 on
@@ -48,6 +48,8 @@ def parse_args(argv=None):
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--target", type=float, default=0.5,
                         help="mean iterations per token to aim for, as a fraction of --depth")
+    parser.add_argument("--random_hidden", type=int, default=256,
+                        help="width of --model random (intermediate 2.75x, 64-wide heads, KV heads half the heads)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0: leave as is)")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
@@ -73,11 +75,14 @@ def load(args, device, dtype):
     path = Path(args.model) if args.model not in (None, "random") else QUICKSTART_MODEL
     if args.model == "random" or (args.model is None and not (path / "config.json").is_file()):
         torch.manual_seed(0)
-        model = RavenForCausalLM(raven_config(RANDOM_SHAPE, init_values={"std": 0.0}))
+        hidden = args.random_hidden
+        shape = dict(RANDOM_SHAPE, hidden=hidden, intermediate=int(2.75 * hidden), heads=max(1, hidden // 64),
+                     kv_heads=max(1, hidden // 128))
+        model = RavenForCausalLM(raven_config(shape, init_values={"std": 0.0}))
         generator = torch.Generator().manual_seed(0)
         ids = torch.randint(3, RANDOM_SHAPE["vocab"], (args.batch, args.prompt_tokens), generator=generator)
         model = model.to(device=device, dtype=dtype).eval()
-        return model, ids.to(device), torch.ones_like(ids).to(device), "tiny random model"
+        return model, ids.to(device), torch.ones_like(ids).to(device), f"random model, hidden {hidden}"
     if not (path / "config.json").is_file():
         sys.exit(f"error: --model {path} has no config.json")
     model = RavenForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
