@@ -50,10 +50,11 @@ def parse_args(argv=None):
                         help="mean iterations per token to aim for, as a fraction of --depth")
     parser.add_argument("--random_hidden", type=int, default=256,
                         help="width of --model random (intermediate 2.75x, 64-wide heads, KV heads half the heads)")
+    parser.add_argument("--search_steps", type=int, default=16, help="bisection steps of the threshold search")
     parser.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0: leave as is)")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
-    for name in ("batch", "depth", "new_tokens", "prompt_tokens", "repeats"):
+    for name in ("batch", "depth", "new_tokens", "prompt_tokens", "repeats", "search_steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     if not 0 < args.target < 1:
@@ -109,12 +110,12 @@ def generate(model, ids, mask, depth, new_tokens, threshold=None, criterion="kl"
                           adaptive_threshold=threshold, adaptive_criterion=criterion)
 
 
-def find_threshold(model, ids, mask, depth, criterion, target_depth, probe_tokens=8) -> tuple[float, float]:
+def find_threshold(model, ids, mask, depth, criterion, target_depth, steps=16, probe_tokens=8) -> tuple[float, float]:
     """A threshold whose mean depth on a short generation is near `target_depth` (bisection on
     log10 of the threshold over [1e-14, 1e3]; mean depth grows as the threshold falls)."""
     low, high = -14.0, 3.0  # log10: low -> deep, high -> shallow
     best = (math.inf, 10.0**low, float(depth))
-    for _ in range(16):
+    for _ in range(steps):
         mid = (low + high) / 2
         generate(model, ids, mask, depth, probe_tokens, 10.0**mid, criterion)
         mean_depth = model.last_generation_stats["mean_depth"]
@@ -140,7 +141,8 @@ def main(argv=None) -> int:
           f"depth {args.depth}, {device.type} {dtype}, {torch.get_num_threads()} threads")
     plans = []
     for criterion in args.criteria.split(","):
-        threshold, probe_depth = find_threshold(model, ids, mask, args.depth, criterion, args.target * args.depth)
+        threshold, probe_depth = find_threshold(model, ids, mask, args.depth, criterion, args.target * args.depth,
+                                                args.search_steps)
         plans.append((criterion, threshold))
         print(f"{criterion}: threshold {threshold:.3g} (mean depth {probe_depth:.2f} on an 8-token probe)")
     generate(model, ids, mask, args.depth, 2)  # warm-up

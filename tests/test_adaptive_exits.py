@@ -206,3 +206,21 @@ def test_sweep_runs_only_active_tokens_with_the_reference_result(criterion, thre
     # Some tokens exited early, and only the others ran: less compute than fixed depth.
     assert 2 * swept.token_count < depth_sum < 8 * swept.token_count
     assert swept.executed[8] < 8 * ids.numel()
+
+
+
+def test_bench_adaptive_decode_runs_and_prints_the_ratio(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "adaptive_decode.py"
+    spec = importlib.util.spec_from_file_location("adaptive_decode", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    argv = ["--model", "random", "--random_hidden", "64", "--batch", "3", "--depth", "4", "--new_tokens", "3",
+            "--prompt_tokens", "5", "--repeats", "1", "--search_steps", "2", "--criteria", "cosine,argmax-stability-2", "--device", "cpu"]
+    assert bench.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "fixed depth" in out and "cosine @" in out and "argmax-stability-2 @" in out
+    with pytest.raises(SystemExit):
+        bench.main(["--criteria", "entropy"])
