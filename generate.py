@@ -1,7 +1,7 @@
 """Stream a completion from a recurrent (or plain HF) checkpoint at a chosen test-time depth.
 
     python generate.py MODEL_DIR --prompt "Q: Ava has 3 apples ..." [--num_steps 8] [--max_new_tokens 128]
-                       [--adaptive 1e-3 [--criterion kl|latent] | --compile] [--no_chat] [--sample --temperature 0.7]
+                       [--adaptive 1e-3 [--criterion kl|latent|entropy-diff|...] | --compile] [--no_chat] [--sample --temperature 0.7]
                        [--cache_policy full|latest-M|compress-S] [--continuous] [--speculative_k K --speculative_draft_steps D] [--state_seed S]
 
 e.g. on the quickstart's recurrent model (docs/evaluation.md, Generating text):
@@ -36,7 +36,9 @@ def parse_args(argv=None):
     parser.add_argument("--num_steps", type=int, default=None, help="recurrence (default: the config's mean_recurrence)")
     parser.add_argument("--max_new_tokens", type=int, default=256)
     parser.add_argument("--adaptive", type=float, default=None, metavar="THRESHOLD", help="per-token early exit threshold")
-    parser.add_argument("--criterion", choices=["kl", "latent"], default="kl")
+    parser.add_argument("--criterion", default="kl",
+                        help="exit criterion with --adaptive (docs/adaptive_depth.md): kl, latent, entropy-diff, minp-kl, "
+                             "cosine, argmax-stability, argmax-stability-M, gate")
     parser.add_argument("--compile", action="store_true",
                         help="decode through a torch.compile'd step (recurrent models; not with --adaptive): "
                              "compiles once per batch size, depth and cache size (about a minute on CPU), then each "
@@ -68,6 +70,12 @@ def parse_args(argv=None):
         parser.error(f"--num_steps must be in [1, {MAX_RECURRENCE}] (recurrent iterations per token), got {args.num_steps}")
     if args.adaptive is not None and not (math.isfinite(args.adaptive) and args.adaptive >= 0):
         parser.error(f"--adaptive must be a threshold >= 0, got {args.adaptive}")
+    from retrofit.model.exits_raven import exit_criterion
+
+    try:
+        exit_criterion(args.criterion)
+    except ValueError as err:
+        parser.error(f"--criterion: {err}")
     if args.sample and not (math.isfinite(args.temperature) and args.temperature > 0):
         parser.error(f"--temperature must be > 0, got {args.temperature}")
     if args.sample and not 0 < args.top_p <= 1:

@@ -16,10 +16,12 @@ from the previous position's final state) score by teacher-forced decoding throu
 one token at a time (T forward calls per depth: use a few short sequences); results go to
 chkpt_{N}_cache-{P}[_continuous].json or chkpt_{N}_continuous.json.
 
---adaptive_threshold T stops iterating each token once the KL between successive iterations'
-next-token distributions (--adaptive_criterion kl) or the relative change of its latent state
-(latent) drops below T, and also reports the mean depth used; results go to
-chkpt_{N}_adaptive_{criterion}_{T}.json = {"criterion", "threshold", "loss": {...}, "mean_depth": {...}}.
+--adaptive_threshold T stops iterating each token once its exit criterion (--adaptive_criterion:
+kl, the KL between successive iterations' next-token distributions, latent, entropy-diff, minp-kl,
+cosine, argmax-stability[-M] or gate; docs/adaptive_depth.md) drops below T, and also reports the
+mean depth used and the fraction of recurrent-block compute actually run; results go to
+chkpt_{N}_adaptive_{criterion}_{T}.json = {"criterion", "threshold", "loss": {...}, "mean_depth": {...},
+"executed_fraction": {...}}.
 
     python multi_recurrence_eval.py runs/my_run 1000,2000 --eval_file_path=$DATA/val/shard-00512.parquet
     python multi_recurrence_eval.py runs/my_run final_checkpoint --eval_file_path=... --adaptive_threshold 5e-4
@@ -40,9 +42,10 @@ from pathlib import Path
 from retrofit.atomic import write_json_atomic
 from retrofit.train.distributed import LaunchError, resolve_device
 from retrofit.evaluate.loss_over_depth import (
-    ADAPTIVE_CRITERIA,
     DEFAULT_RECURRENCES,
     AdaptiveExit,
+    check_adaptive_criterion,
+    criterion_names,
     EvalError,
     checkpoint_dirs,
     load_eval_rows,
@@ -54,7 +57,6 @@ from retrofit.evaluate.loss_over_depth import (
 )
 from retrofit.data.rows import DataError, check_token_ids
 from retrofit.evaluate.cached_sweep import cached_variant_suffix, check_cached_options
-from retrofit.train.distributed import LaunchError, resolve_device
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -74,7 +76,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="seed of the random initial states")
     parser.add_argument("--independent_runs", action="store_true", help="run every depth from scratch (the original's way)")
     parser.add_argument("--adaptive_threshold", type=float, default=None, help="per-token early exit below this value")
-    parser.add_argument("--adaptive_criterion", default="kl", help=f"exit criterion: {' or '.join(ADAPTIVE_CRITERIA)}")
+    parser.add_argument("--adaptive_criterion", default="kl",
+                        help=f"exit criterion (docs/adaptive_depth.md): {criterion_names()}")
     parser.add_argument("--cache_policy", default=None,
                         help="score by teacher-forced decoding through the KV cache under this policy: full, latest-M "
                              "or compress-S (docs/generation.md, KV-cache policies); T forward calls per depth")
@@ -108,8 +111,8 @@ def main(argv=None) -> int:
         adaptive = None
         if args.adaptive_threshold is not None:
             adaptive = AdaptiveExit(args.adaptive_threshold, args.adaptive_criterion)
-        elif args.adaptive_criterion not in ADAPTIVE_CRITERIA:
-            raise EvalError(f"adaptive criterion {args.adaptive_criterion!r} is not one of {', '.join(ADAPTIVE_CRITERIA)}")
+        else:
+            check_adaptive_criterion(args.adaptive_criterion)
         check_cached_options(args.cache_policy, args.continuous, adaptive, args.independent_runs)
         variant = cached_variant_suffix(args.cache_policy, args.continuous)
         checkpoints = checkpoint_dirs(args.model_name, args.ckpts)

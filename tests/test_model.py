@@ -282,7 +282,7 @@ def test_save_copy_elsewhere_and_load_with_trust_remote_code(tmp_path, family):
     model = tiny_model(**family)
     src = tmp_path / "saved"
     model.save_pretrained(src)
-    assert {"modeling_raven.py", "configuration_raven.py", "model.safetensors", "config.json"} <= {p.name for p in src.iterdir()}
+    assert {"modeling_raven.py", "configuration_raven.py", "exits_raven.py", "model.safetensors", "config.json"} <= {p.name for p in src.iterdir()}
     moved = tmp_path / "elsewhere" / "ckpt"
     shutil.copytree(src, moved)
     ids = torch.randint(3, VOCAB, (1, 7))
@@ -299,6 +299,7 @@ def test_save_copy_elsewhere_and_load_with_trust_remote_code(tmp_path, family):
         ids = torch.tensor({ids.tolist()})
         with torch.no_grad():
             torch.save(m(ids, num_steps=3).logits, {str(tmp_path / 'logits.pt')!r})
+            m.generate(ids, max_new_tokens=3, num_steps=3, adaptive_threshold=0.1, adaptive_criterion='argmax-stability-2')
         m4 = AutoModelForCausalLM.from_pretrained({str(moved)!r}, trust_remote_code=True, mean_recurrence=5)
         assert m4.config.mean_recurrence == 5, m4.config.mean_recurrence
         """

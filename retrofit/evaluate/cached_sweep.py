@@ -93,5 +93,7 @@ def cached_losses(
                                               cache_policy or "full", continuous)
         result.losses[r] = per_sequence_loss(logits, labels).cpu()
         result.depth_sum[r] = float(r * result.token_count)
+        result.executed[r] = float(r * input_ids.numel())  # fixed depth: every position runs r iterations
         result.cache_bytes[r] = cache.memory_bytes()
+    result.positions = input_ids.numel()
     return result

@@ -10,11 +10,13 @@ prelude once, keep iterating, and apply the coda + head whenever i is a requeste
 way) costs 1 + 2 + ... + 64 = 127 iterations and 7 preludes/codas; the two agree exactly when they
 start from the same initial state, which is why both draw it from the same seeded generator.
 
-Adaptive depth (Huginn-style per-token early exit): a token stops iterating once its output
-distribution stops changing (KL between successive iterations' next-token distributions below a
-threshold) or its latent state stops moving (relative change below a threshold). Exited tokens
-keep their state; later iterations of other tokens attend to it. This measures the loss / mean
-depth trade-off of the exit rule; it does not skip the exited tokens' compute.
+Adaptive depth (Huginn-style per-token early exit, the criteria of the model code's
+`exits_raven.EXIT_CRITERIA`): a token stops iterating once its criterion's change between
+iterations falls below a threshold. An exited token keeps its state, and later iterations of the
+other tokens attend to its last iteration's keys and values (Huginn's rule, as in decoding). Once
+some tokens have exited, only the others run the recurrent block (`retrofit.evaluate.adaptive_sweep`:
+packed per row); the compute actually spent is counted (`executed`: recurrent-block
+token-iterations run), beside the mean iterations per scored token.
 
 Also here: reading the held-out parquet shard, per-sequence losses and the result JSON.
 
@@ -35,7 +37,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from retrofit.model.generation_raven import ADAPTIVE_CRITERIA, ExitTracker
+from retrofit.evaluate.adaptive_sweep import adaptive_sweep
+from retrofit.model.exits_raven import criterion_names, exit_criterion
 from retrofit.data.rows import inputs_and_labels, row_matrix
 from retrofit.train.depth import MAX_RECURRENCE
 from retrofit.data.shards import list_parquet_files, open_parquet, read_row_group
@@ -203,23 +206,31 @@ def readout_loss(model, state: torch.Tensor, ctx, labels: torch.Tensor) -> torch
 # ----------------------------------------------------------------------------------------------
 
 
+def check_adaptive_criterion(name) -> None:
+    """EvalError naming `name` and the valid criteria when it is not one."""
+    try:
+        exit_criterion(name)
+    except ValueError as err:
+        raise EvalError(str(err)) from None
+
+
 @dataclass
 class AdaptiveExit:
     """Stop iterating a token once `criterion` falls below `threshold` (never before iteration 2);
-    the rule and its iteration are the model code's (`generation_raven.ExitTracker`).
+    the rule and its iteration are the model code's (`exits_raven.ExitTracker`).
 
     kl:     KL(p_{i-1} || p_i) of the next-token distributions of successive iterations
             (Huginn's default threshold: 5e-4).
     latent: ||s_i - s_{i-1}|| / ||s_i|| of the latent state (Huginn's default: 0.03).
-    A threshold of 0 never exits (both quantities are >= 0), so it reproduces fixed depth.
+    entropy-diff, minp-kl, cosine, argmax-stability[-M], gate: see `exits_raven` (formulas and
+    sources). A threshold of 0 never exits (every change is >= 0), so it reproduces fixed depth.
     """
 
     threshold: float
     criterion: str = "kl"
 
     def __post_init__(self):
-        if self.criterion not in ADAPTIVE_CRITERIA:
-            raise EvalError(f"adaptive criterion {self.criterion!r} is not one of {', '.join(ADAPTIVE_CRITERIA)}")
+        check_adaptive_criterion(self.criterion)
         if not self.threshold >= 0 or math.isinf(self.threshold):
             raise EvalError(f"adaptive threshold must be a finite number >= 0, got {self.threshold}")
 
@@ -229,6 +240,10 @@ class SweepResult:
     losses: dict[int, torch.Tensor] = field(default_factory=dict)  # depth -> per-sequence loss (B,)
     depth_sum: dict[int, float] = field(default_factory=dict)  # depth -> sum of iterations used over scored tokens
     token_count: int = 0  # scored tokens (labels != -100)
+    # depth -> recurrent-block token-iterations executed up to that depth (every position of every
+    # row that ran, padding included); fixed depth: depth * B * T
+    executed: dict[int, float] = field(default_factory=dict)
+    positions: int = 0  # B * T
 
 
 def draw_initial_state(model, batch: int, length: int, generator: torch.Generator | None) -> torch.Tensor:
@@ -266,20 +281,11 @@ def depth_sweep(
             if i in depths:
                 result.losses[i] = readout_loss(model, state, ctx, labels).cpu()
                 result.depth_sum[i] = float(i * result.token_count)
+                result.executed[i] = float(i * input_ids.numel())
+        result.positions = input_ids.numel()
         return result
 
-    # The iteration `generate(adaptive_threshold=...)` runs, per token of the whole sequence.
-    tracker = ExitTracker(adaptive.criterion, adaptive.threshold, input_ids.shape, input_ids.device)
-    for i in range(1, last + 1):
-        state = tracker.iterate(state, model.recur(state, e, ctx, i - 1, **extra))
-        logits = None
-        if i in depths or adaptive.criterion == "kl":
-            logits = model.lm_head(model.run_coda(state, ctx))
-        tracker.observe(F.log_softmax(logits.float(), dim=-1) if adaptive.criterion == "kl" else state)
-        if i in depths:
-            result.losses[i] = per_sequence_loss(logits, labels).cpu()
-            result.depth_sum[i] = float(tracker.used[scored].sum())
-    return result
+    return adaptive_sweep(model, ctx, e, state, labels, depths, adaptive, result, readout_loss)
 
 
 @torch.no_grad()
@@ -297,11 +303,13 @@ def independent_losses(
     for r in recurrences:
         if adaptive is not None:
             one = depth_sweep(model, input_ids, attention_mask, labels, [r], initial_state, adaptive)
-            result.losses[r], result.depth_sum[r] = one.losses[r], one.depth_sum[r]
+            result.losses[r], result.depth_sum[r], result.executed[r] = one.losses[r], one.depth_sum[r], one.executed[r]
+            result.positions = one.positions
             continue
         logits = model(input_ids, attention_mask=attention_mask, num_steps=r, initial_state=initial_state).logits
         result.losses[r] = per_sequence_loss(logits, labels).cpu()
         result.depth_sum[r] = float(r * result.token_count)
+        result.executed[r], result.positions = float(r * input_ids.numel()), input_ids.numel()
     return result
 
 
@@ -313,6 +321,8 @@ class LossOverDepth:
     losses: dict[int, list[list[float]]]  # depth -> per batch -> per sequence (the original's layout)
     mean_depth: dict[int, float]
     num_sequences: int
+    # depth -> recurrent-block token-iterations executed / those of fixed depth (1.0 without exits)
+    executed_fraction: dict[int, float] = field(default_factory=dict)
 
 
 def loss_over_depth(
@@ -339,12 +349,18 @@ def loss_over_depth(
     if batch_size < 1:
         raise EvalError(f"batch_size must be >= 1, got {batch_size}")
     recurrences = parse_recurrences(recurrences)
+    if adaptive is not None:
+        try:
+            exit_criterion(adaptive.criterion, model)  # "gate" needs a model with an exit gate
+        except ValueError as err:
+            raise EvalError(str(err)) from None
     device = model.device
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
     losses: dict[int, list[list[float]]] = {r: [] for r in recurrences}
     depth_sum = {r: 0.0 for r in recurrences}
-    tokens = 0
+    executed = {r: 0.0 for r in recurrences}
+    tokens = positions = 0
     run = independent_losses if independent_runs else depth_sweep
     if cache_policy is not None or continuous:
         from functools import partial
@@ -369,9 +385,12 @@ def loss_over_depth(
         for r in recurrences:
             losses[r].append(out.losses[r].tolist())
             depth_sum[r] += out.depth_sum[r]
+            executed[r] += out.executed[r]
         tokens += out.token_count
+        positions += out.positions
     mean_depth = {r: depth_sum[r] / max(tokens, 1) for r in recurrences}
-    return LossOverDepth(recurrences, losses, mean_depth, int(input_ids.shape[0]))
+    executed_fraction = {r: executed[r] / max(r * positions, 1) for r in recurrences}
+    return LossOverDepth(recurrences, losses, mean_depth, int(input_ids.shape[0]), executed_fraction)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -381,7 +400,8 @@ def loss_over_depth(
 
 def result_json(result: LossOverDepth, adaptive: AdaptiveExit | None) -> dict:
     """The original's format, {"1": [[losses of batch 1], [batch 2], ...], "2": ...}; with
-    adaptive exit, {"criterion", "threshold", "loss": that, "mean_depth": {"1": d, ...}}."""
+    adaptive exit, {"criterion", "threshold", "loss": that, "mean_depth": {"1": d, ...},
+    "executed_fraction": {"1": f, ...}} (f: recurrent-block token-iterations run / fixed depth's)."""
     losses = {str(r): result.losses[r] for r in result.recurrences}
     if adaptive is None:
         return losses
@@ -390,6 +410,7 @@ def result_json(result: LossOverDepth, adaptive: AdaptiveExit | None) -> dict:
         "threshold": adaptive.threshold,
         "loss": losses,
         "mean_depth": {str(r): result.mean_depth[r] for r in result.recurrences},
+        "executed_fraction": {str(r): result.executed_fraction[r] for r in result.recurrences},
     }
 
 
@@ -402,13 +423,13 @@ def output_name(label: str, adaptive: AdaptiveExit | None, variant: str = "") ->
 
 def summary_lines(result: LossOverDepth, adaptive: AdaptiveExit | None) -> list[str]:
     """A small table: depth, mean per-sequence loss, perplexity (and mean depth used)."""
-    lines = [f"{'depth':>6} {'loss':>9} {'ppl':>10}" + (f" {'mean depth':>11}" if adaptive else "")]
+    lines = [f"{'depth':>6} {'loss':>9} {'ppl':>10}" + (f" {'mean depth':>11} {'executed':>9}" if adaptive else "")]
     for r in result.recurrences:
         values = [v for batch in result.losses[r] for v in batch]
         mean = sum(values) / len(values)
         line = f"{r:>6} {mean:>9.4f} {math.exp(min(mean, 50)):>10.3f}"
         if adaptive:
-            line += f" {result.mean_depth[r]:>11.2f}"
+            line += f" {result.mean_depth[r]:>11.2f} {result.executed_fraction.get(r, 1.0):>9.3f}"
         lines.append(line)
     return lines
 

@@ -15,58 +15,9 @@ from functools import partial
 
 import torch
 
+from .exits_raven import ExitTracker, check_exit_threshold, decode_with_exits, exit_criterion
 from .layers_raven import AttentionContext, KVCache
 from .speculative_raven import InferenceOptions, SpeculativeDecodingMixin
-
-
-# ----------------------------------------------------------------------------------------------
-# Adaptive exit (Huginn-style per-token early exit): one rule for `generate(adaptive_threshold=...)`
-# and for `retrofit.evaluate.loss_over_depth`'s loss-over-depth sweeps, which imports it from here:
-# the rule (`should_exit`) and the iteration that applies it (`ExitTracker`).
-# ----------------------------------------------------------------------------------------------
-
-ADAPTIVE_CRITERIA = ("kl", "latent")
-
-
-def should_exit(criterion: str, before: torch.Tensor, after: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Which tokens stop iterating after an iteration: those whose change from the previous
-    iteration to this one is below `threshold` (so never before the second iteration).
-
-    kl:     `before`/`after` are next-token log-probabilities; change = KL(p_before || p_after).
-    latent: `before`/`after` are latent states; change = ||after - before|| / ||after||.
-    Both changes are >= 0, so threshold 0 never exits (fixed depth)."""
-    if criterion == "kl":
-        change = (before.exp() * (before - after)).sum(-1).clamp(min=0)
-    else:
-        before, after = before.float(), after.float()
-        change = (after - before).norm(dim=-1) / after.norm(dim=-1).clamp(min=1e-12)
-    return change < threshold
-
-
-class ExitTracker:
-    """Per-token adaptive exit over the iterations of the recurrent block, as decoding and the
-    depth sweep both run it: `iterate` keeps the state of tokens that have exited (the others
-    take the new one) and counts the iteration for the rest; `observe` takes this iteration's
-    measure per token (the latent state for "latent", next-token log-probabilities for "kl") and
-    stops the tokens whose change since the previous iteration fell below the threshold."""
-
-    def __init__(self, criterion: str, threshold: float, shape, device):
-        self.criterion, self.threshold = criterion, threshold
-        self.active = torch.ones(shape, dtype=torch.bool, device=device)
-        self.used = torch.zeros(shape, dtype=torch.long, device=device)  # iterations each token ran
-        self._previous = None
-
-    def iterate(self, state: torch.Tensor, new_state: torch.Tensor) -> torch.Tensor:
-        self.used += self.active
-        return torch.where(self.active[..., None], new_state, state)
-
-    def observe(self, measure: torch.Tensor) -> None:
-        if self._previous is not None:
-            self.active &= ~should_exit(self.criterion, self._previous, measure, self.threshold)
-        self._previous = measure
-
-    def all_exited(self) -> bool:
-        return not bool(self.active.any())
 
 
 def compiled_cache_capacity(total: int) -> int:
@@ -241,10 +192,11 @@ class RavenGenerationMixin(SpeculativeDecodingMixin):
         from `pad_token_id` when that differs from EOS. Finished sequences are padded with `pad_token_id` (or EOS).
 
         `adaptive_threshold`: per-token early exit while decoding (Huginn-style). A new token stops
-        iterating once the KL between successive iterations' output distributions
-        (`adaptive_criterion="kl"`) or the relative change of the latent state ("latent") falls
-        below the threshold, at most `num_steps` (default `config.mean_recurrence`) iterations.
-        The prompt itself runs the full depth. `last_generation_stats["mean_depth"]` reports the
+        iterating once its `adaptive_criterion` (a name of `exits_raven.EXIT_CRITERIA`: "kl", the
+        KL between successive iterations' output distributions, "latent", "entropy-diff",
+        "minp-kl", "cosine", "argmax-stability[-M]", "gate") falls below the threshold, at most
+        `num_steps` (default `config.mean_recurrence`) iterations; rows that exited stop running
+        the recurrent block. The prompt itself runs the full depth. `last_generation_stats["mean_depth"]` reports the
         mean depth used per generated token.
 
         `compile=True` runs each new token through a `torch.compile`d decode step, one graph per batch
@@ -320,13 +272,12 @@ class RavenGenerationMixin(SpeculativeDecodingMixin):
                 attention_mask = torch.ones_like(input_ids)
         return eos_ids, pad_token_id, attention_mask
 
-    @staticmethod
-    def _check_decoding_options(use_cache, num_steps, adaptive_threshold, adaptive_criterion, compile) -> None:
+    def _check_decoding_options(self, use_cache, num_steps, adaptive_threshold, adaptive_criterion, compile) -> None:
         if adaptive_threshold is not None:
             if not use_cache:
                 raise ValueError("adaptive_threshold needs use_cache=True")
-            if adaptive_criterion not in ADAPTIVE_CRITERIA:
-                raise ValueError(f"adaptive_criterion must be 'kl' or 'latent', got {adaptive_criterion!r}")
+            exit_criterion(adaptive_criterion, self)  # one-line ValueError listing the valid names
+            check_exit_threshold(adaptive_threshold)
             if num_steps is not None and not isinstance(num_steps, int):
                 raise ValueError(f"adaptive decoding takes an int num_steps (the maximum depth), got {num_steps!r}")
         if compile and (adaptive_threshold is not None or not use_cache):
@@ -421,40 +372,17 @@ class RavenGenerationMixin(SpeculativeDecodingMixin):
         return model.lm_head(x[:, -1])
 
     def _adaptive_decode_step(self, run: DecodeRun, cache: KVCache, max_steps: int, threshold: float, criterion: str):
-        """One token with per-sequence early exit (`ExitTracker`); records the depth each running
-        row used in `run.depths` and returns the last position's logits."""
+        """One token with per-row early exit (`exits_raven.decode_with_exits`: rows that exited
+        stop running the recurrent block); records the depth each running row used in
+        `run.depths` and returns the last position's logits."""
         step_input = run.step_input()
         ctx = run.step_context(cache)
         e = self.run_prelude(self.embed(step_input), ctx)
-        state = self.initial_state(e)
-        parts = self.adapter_parts(e)
-        tracker = ExitTracker(criterion, threshold, step_input.shape, step_input.device)  # (B, 1): one new token
-        last = max_steps - 1
-        for i in range(max_steps):
-            state = tracker.iterate(state, self.recur(state, e, ctx, i, adapter_parts=parts))
-            if criterion == "kl":
-                x = self.run_coda(state, ctx)  # the last iteration's is also the step's output
-                tracker.observe(self.lm_head(x[:, -1]).float().log_softmax(-1)[:, None])
-            else:
-                tracker.observe(state)
-            if tracker.all_exited():
-                last = i
-                break
-        if not cache.bounded:
-            # Later tokens attend to every iteration's keys: fill the skipped iterations of this
-            # position with those of the last iteration run (Huginn's "latest" lookup).
-            start = ctx.past_length
-            for i in range(last + 1, max_steps):
-                for j in range(len(self.transformer.core_block)):
-                    src = cache.slot("core", j, last)
-                    k = cache.keys[src][:, :, start : start + step_input.shape[1]]
-                    v = cache.values[src][:, :, start : start + step_input.shape[1]]
-                    cache.update(cache.slot("core", j, i), k, v, start)
-        if criterion != "kl":
-            x = self.run_coda(state, ctx)
+        tracker = ExitTracker(criterion, threshold, step_input.shape, step_input.device, model=self)  # (B, 1)
+        logits = decode_with_exits(self, ctx, e, self.initial_state(e), max_steps, tracker)
         cache.seen_tokens = ctx.past_length + step_input.shape[1]
         run.depths.append(tracker.used[:, -1][~run.done].float())
-        return self.lm_head(x[:, -1])
+        return logits
 
     @staticmethod
     def _choose_next(logits, do_sample, temperature, top_k, top_p, generator) -> torch.Tensor:

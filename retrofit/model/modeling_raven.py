@@ -11,8 +11,8 @@ Qwen3, OLMo-2) through three config switches (`norm_placement`, `qk_norm`, `qkv_
 names follow the authors' released checkpoints.
 
 This file and the ones it imports relatively (configuration_raven.py, layers_raven.py: the layers
-and depth sampler, generation_raven.py: decoding, speculative_raven.py: speculative decoding)
-are self-contained (torch + transformers only) and copied next to saved weights, so a checkpoint loads with
+and depth sampler, generation_raven.py: decoding, exits_raven.py: adaptive exit, speculative_raven.py:
+speculative decoding) are self-contained (torch + transformers only) and copied next to saved weights, so a checkpoint loads with
 `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` anywhere. It keeps its own KV
 cache and decode loop instead of transformers' cache classes, whose internals changed between
 releases and broke the original code twice.
@@ -48,7 +48,8 @@ from .layers_raven import (
 
 # The files of the model's code, copied beside saved weights (`save_pretrained`).
 MODEL_CODE_FILES = (
-    "modeling_raven.py", "configuration_raven.py", "layers_raven.py", "generation_raven.py", "speculative_raven.py",
+    "modeling_raven.py", "configuration_raven.py", "layers_raven.py", "generation_raven.py", "exits_raven.py",
+    "speculative_raven.py",
 )
 
 # ----------------------------------------------------------------------------------------------
