@@ -122,6 +122,7 @@ def argparse_flags(script: str) -> frozenset[str]:
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses in the script look their module up
     saved = {cls: (cls.parse_args, cls.parse_known_args) for cls in (argparse.ArgumentParser, jsonargparse.ArgumentParser)}
+    sys.path.insert(0, str(path.parent))  # as `python bench/x.py` has it: bench scripts import bench/_common.py
     try:
         for cls in saved:
             cls.parse_args = cls.parse_known_args = capture
@@ -133,6 +134,7 @@ def argparse_flags(script: str) -> frozenset[str]:
     else:
         raise AssertionError(f"{script}: main([]) returned without parsing arguments")
     finally:
+        sys.path.remove(str(path.parent))
         for cls, (parse, parse_known) in saved.items():
             cls.parse_args, cls.parse_known_args = parse, parse_known
     flags = set(parser._option_string_actions)
