@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from retrofit.evaluate.loss_over_depth import EvalError, SweepResult, per_sequence_loss
+from retrofit.evaluate.scoring import EvalError, SweepResult, per_sequence_loss
 from retrofit.model.layers_raven import KVCache, parse_cache_policy
 
 

@@ -38,17 +38,14 @@ import torch
 import torch.nn.functional as F
 
 from retrofit.evaluate.adaptive_sweep import adaptive_sweep
-from retrofit.model.exits_raven import criterion_names, exit_criterion
+from retrofit.evaluate.scoring import EvalError, SweepResult, mean_over_scored, per_sequence_loss  # noqa: F401 (re-exported)
+from retrofit.model.exits_raven import criterion_names, exit_criterion  # noqa: F401 (criterion_names re-exported)
 from retrofit.data.rows import inputs_and_labels, row_matrix
 from retrofit.train.depth import MAX_RECURRENCE
 from retrofit.data.shards import list_parquet_files, open_parquet, read_row_group
 from retrofit.train.run_folder import MODEL_ONLY_PREFIX
 
 DEFAULT_RECURRENCES = (1, 2, 4, 8, 16, 32, 64)  # the paper's validation loss depths (docs/evaluation.md, Tasks and metrics)
-
-
-class EvalError(ValueError):
-    """Bad input to an evaluation; the message names the bad value."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -166,17 +163,6 @@ def only_right_padded(mask: torch.Tensor) -> bool:
     return bool((mask[:, 1:] <= mask[:, :-1]).all())
 
 
-def per_sequence_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross entropy of each row over its scored targets (labels != -100)."""
-    loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="none")
-    return mean_over_scored(loss.view(labels.shape), labels)
-
-
-def mean_over_scored(token_loss: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    scored = (labels != -100).float()
-    return (token_loss * scored).sum(1) / scored.sum(1).clamp(min=1)
-
-
 # The depth sweep's readout computes logits for at most this many (token, vocabulary) entries at a
 # time. Unchunked, a batch of 64 x 1024 tokens over Llama-3.2's 128,256-token vocabulary makes
 # 8.4e9 logits (34 GB in float32, twice that with the cross entropy's temporaries) per depth;
@@ -233,17 +219,6 @@ class AdaptiveExit:
         check_adaptive_criterion(self.criterion)
         if not self.threshold >= 0 or math.isinf(self.threshold):
             raise EvalError(f"adaptive threshold must be a finite number >= 0, got {self.threshold}")
-
-
-@dataclass
-class SweepResult:
-    losses: dict[int, torch.Tensor] = field(default_factory=dict)  # depth -> per-sequence loss (B,)
-    depth_sum: dict[int, float] = field(default_factory=dict)  # depth -> sum of iterations used over scored tokens
-    token_count: int = 0  # scored tokens (labels != -100)
-    # depth -> recurrent-block token-iterations executed up to that depth (every position of every
-    # row that ran, padding included); fixed depth: depth * B * T
-    executed: dict[int, float] = field(default_factory=dict)
-    positions: int = 0  # B * T
 
 
 def draw_initial_state(model, batch: int, length: int, generator: torch.Generator | None) -> torch.Tensor:
