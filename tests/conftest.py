@@ -15,6 +15,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 # The authors' published raw results, shipped with the repository (paper_plots/data/README.md).
@@ -91,6 +92,26 @@ def train_parquet_dir(tmp_path_factory, tokenizer, corpus) -> Path:
     """Packed rows of 33 tokens (max_length 32) in 4 parquet shards with row groups of 16."""
     rows = pack_token_rows(tokenizer, corpus, 33)
     return write_token_parquet(rows, tmp_path_factory.mktemp("train_parquet"), num_shards=4, row_group_size=16)
+
+
+@pytest.fixture(scope="module")
+def base_args(train_raven_dir, train_parquet_dir):
+    """train.py flags of a 4-step curriculum run on the tiny recurrent model, saving every step
+    (the run-safety and save-fault tests resume from these checkpoints)."""
+    return [f"--model_name={train_raven_dir}", f"--preprocessed_data_path={train_parquet_dir}",
+            "--is_parquet_dataset=true", "--max_length=32", "--micro_batch_size=2", "--batch_size=2",
+            "--max_steps=4", "--save_interval=1", "--optim_config.lr=1e-3", "--mean_recurrence_schedule.turn_on=true",
+            "--mean_recurrence_schedule.max_mean_rec=3", "--mean_recurrence_schedule.warmup=0.5"]
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: one thread is faster, and immune to a busy second core (restored after).
+    A module opts in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 # ---- evaluation fixtures (tests/test_eval_*.py) -----------------------------------------------

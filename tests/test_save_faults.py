@@ -49,13 +49,6 @@ def stable_metrics(run_dir: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if k != "tokens_per_second"} for r in records]
 
 
-@pytest.fixture(scope="module")
-def base_args(train_raven_dir, train_parquet_dir):
-    return [f"--model_name={train_raven_dir}", f"--preprocessed_data_path={train_parquet_dir}",
-            "--is_parquet_dataset=true", "--max_length=32", "--micro_batch_size=2", "--batch_size=2",
-            "--max_steps=4", "--save_interval=1", "--optim_config.lr=1e-3", "--mean_recurrence_schedule.turn_on=true",
-            "--mean_recurrence_schedule.max_mean_rec=3", "--mean_recurrence_schedule.warmup=0.5"]
-
 
 def reference_run(tmp_path_factory, args: list[str]) -> Path:
     """The uninterrupted 4-step run (checkpoint_2, checkpoint_4, model_only_chkpt_1..4, final_checkpoint)."""

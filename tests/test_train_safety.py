@@ -58,13 +58,6 @@ def snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-@pytest.fixture(scope="module")
-def base_args(train_raven_dir, train_parquet_dir):
-    return [f"--model_name={train_raven_dir}", f"--preprocessed_data_path={train_parquet_dir}",
-            "--is_parquet_dataset=true", "--max_length=32", "--micro_batch_size=2", "--batch_size=2",
-            "--max_steps=4", "--save_interval=1", "--optim_config.lr=1e-3", "--mean_recurrence_schedule.turn_on=true",
-            "--mean_recurrence_schedule.max_mean_rec=3", "--mean_recurrence_schedule.warmup=0.5"]
-
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, base_args):
