@@ -118,8 +118,10 @@ class Trainer:
 
     def describe(self) -> str:
         cfg, env = self.cfg, self.env
+        # --max_steps=0 (the default) means "as many as the data or --parquet_dataset_max_tokens gives": say so
+        derived = "" if cfg.max_steps else " (derived from the data: --max_steps=0)"
         return (
-            f"run {cfg.run_name}: {env.world_size} process(es) on {env.device}, {self.max_steps} optimizer steps,"
+            f"run {cfg.run_name}: {env.world_size} process(es) on {env.device}, {self.max_steps} optimizer steps{derived},"
             f" global batch {cfg.batch_size * env.world_size} x {self.max_length} tokens"
         )
 
