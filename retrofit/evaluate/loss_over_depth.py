@@ -211,6 +211,7 @@ class AdaptiveExit:
     kl:     KL(p_{i-1} || p_i) of the next-token distributions of successive iterations
             (Huginn's default threshold: 5e-4).
     latent: ||s_i - s_{i-1}|| / ||s_i|| of the latent state (Huginn's default: 0.03).
+    gate:   1 - p_stop of the checkpoint's learned exit gate (train_exit_gate.py).
     A threshold of 0 never exits (both quantities are >= 0), so it reproduces fixed depth.
     """
 
@@ -271,11 +272,14 @@ def depth_sweep(
     # The iteration `generate(adaptive_threshold=...)` runs, per token of the whole sequence.
     tracker = ExitTracker(adaptive.criterion, adaptive.threshold, input_ids.shape, input_ids.device)
     for i in range(1, last + 1):
-        state = tracker.iterate(state, model.recur(state, e, ctx, i - 1, **extra))
+        previous, state = state, tracker.iterate(state, model.recur(state, e, ctx, i - 1, **extra))
         logits = None
         if i in depths or adaptive.criterion == "kl":
             logits = model.lm_head(model.run_coda(state, ctx))
-        tracker.observe(F.log_softmax(logits.float(), dim=-1) if adaptive.criterion == "kl" else state)
+        if adaptive.criterion == "gate":
+            tracker.observe(model.exit_probability(state, previous, i))
+        else:
+            tracker.observe(F.log_softmax(logits.float(), dim=-1) if adaptive.criterion == "kl" else state)
         if i in depths:
             result.losses[i] = per_sequence_loss(logits, labels).cpu()
             result.depth_sum[i] = float(tracker.used[scored].sum())

@@ -24,7 +24,7 @@ from .layers_raven import AttentionContext, KVCache
 # the rule (`should_exit`) and the iteration that applies it (`ExitTracker`).
 # ----------------------------------------------------------------------------------------------
 
-ADAPTIVE_CRITERIA = ("kl", "latent")
+ADAPTIVE_CRITERIA = ("kl", "latent", "gate")
 
 
 def should_exit(criterion: str, before: torch.Tensor, after: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -33,7 +33,11 @@ def should_exit(criterion: str, before: torch.Tensor, after: torch.Tensor, thres
 
     kl:     `before`/`after` are next-token log-probabilities; change = KL(p_before || p_after).
     latent: `before`/`after` are latent states; change = ||after - before|| / ||after||.
-    Both changes are >= 0, so threshold 0 never exits (fixed depth)."""
+    gate:   `after` is the learned exit gate's p_stop (`exit_probability`); change = 1 - p_stop
+            (`before` unused: the gate may stop a token after its first iteration).
+    All changes are >= 0, so threshold 0 never exits (fixed depth)."""
+    if criterion == "gate":
+        return (1 - after) < threshold
     if criterion == "kl":
         change = (before.exp() * (before - after)).sum(-1).clamp(min=0)
     else:
@@ -46,8 +50,8 @@ class ExitTracker:
     """Per-token adaptive exit over the iterations of the recurrent block, as decoding and the
     depth sweep both run it: `iterate` keeps the state of tokens that have exited (the others
     take the new one) and counts the iteration for the rest; `observe` takes this iteration's
-    measure per token (the latent state for "latent", next-token log-probabilities for "kl") and
-    stops the tokens whose change since the previous iteration fell below the threshold."""
+    measure per token (the latent state for "latent", next-token log-probabilities for "kl", the
+    exit gate's p_stop for "gate") and stops the tokens whose change fell below the threshold."""
 
     def __init__(self, criterion: str, threshold: float, shape, device):
         self.criterion, self.threshold = criterion, threshold
@@ -60,7 +64,7 @@ class ExitTracker:
         return torch.where(self.active[..., None], new_state, state)
 
     def observe(self, measure: torch.Tensor) -> None:
-        if self._previous is not None:
+        if self._previous is not None or self.criterion == "gate":
             self.active &= ~should_exit(self.criterion, self._previous, measure, self.threshold)
         self._previous = measure
 
@@ -283,7 +287,7 @@ class RavenGenerationMixin:
             if not use_cache:
                 raise ValueError("adaptive_threshold needs use_cache=True")
             if adaptive_criterion not in ADAPTIVE_CRITERIA:
-                raise ValueError(f"adaptive_criterion must be 'kl' or 'latent', got {adaptive_criterion!r}")
+                raise ValueError(f"adaptive_criterion must be one of {', '.join(ADAPTIVE_CRITERIA)}, got {adaptive_criterion!r}")
             if num_steps is not None and not isinstance(num_steps, int):
                 raise ValueError(f"adaptive decoding takes an int num_steps (the maximum depth), got {num_steps!r}")
         if compile and (adaptive_threshold is not None or not use_cache):
@@ -380,10 +384,12 @@ class RavenGenerationMixin:
         tracker = ExitTracker(criterion, threshold, step_input.shape, step_input.device)  # (B, 1): one new token
         last = max_steps - 1
         for i in range(max_steps):
-            state = tracker.iterate(state, self.recur(state, e, ctx, i, adapter_parts=parts))
+            previous, state = state, tracker.iterate(state, self.recur(state, e, ctx, i, adapter_parts=parts))
             if criterion == "kl":
                 x = self.run_coda(state, ctx)  # the last iteration's is also the step's output
                 tracker.observe(self.lm_head(x[:, -1]).float().log_softmax(-1)[:, None])
+            elif criterion == "gate":
+                tracker.observe(self.exit_probability(state, previous, i + 1))
             else:
                 tracker.observe(state)
             if tracker.all_exited():
