@@ -166,3 +166,24 @@ def test_cli_trains_a_gate_that_loads_with_trust_remote_code_outside_the_repo(tm
     result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert 1.0 <= float(result.stdout.strip().splitlines()[-1]) <= 4.0
+
+
+def test_adaptive_depth_bench_writes_its_table_and_figure(gated, tmp_path):
+    from bench import adaptive_depth
+
+    base = tmp_path / "base"
+    tiny_model().save_pretrained(base)
+    ckpt = save_gated_checkpoint(gated, base, tmp_path / "gated")
+    data = write_token_parquet(token_rows(4)[0].tolist(), tmp_path / "data", num_shards=1)
+    out = tmp_path / "out"
+    argv = [str(ckpt), "--data", str(data), "--out", str(out), "--num_sequences", "4", "--max_depth", "4",
+            "--device", "cpu", "--thresholds", "kl=0,1e-3", "--thresholds", "latent=0,0.1", "--thresholds", "gate=0,0.5,1"]
+    assert adaptive_depth.main(argv) == 0
+    points = json.loads((out / "adaptive_depth.json").read_text())
+    assert [row[0] for row in points["fixed"]] == [1, 2, 3, 4] and len(points["gate"]) == 3
+    fixed4 = points["fixed"][3][2]
+    for name in ("kl", "latent", "gate"):  # threshold 0 is fixed depth 4: same loss, 4 iterations
+        assert points[name][0][1] == 4.0 and points[name][0][2] == pytest.approx(fixed4, abs=1e-6)
+    assert points["gate"][2][1] == 1.0  # threshold 1 stops every token after one iteration
+    assert "| gate |" in (out / "adaptive_depth.md").read_text() and (out / "adaptive_depth.png").stat().st_size > 0
+    assert adaptive_depth.main(argv[:-2] + ["--thresholds", "nope=1"]) == 2
