@@ -72,7 +72,8 @@ def run(args) -> Path:
     from retrofit.model.loading import load_saved_model
     from retrofit.train.distributed import resolve_device
     from retrofit.train.exit_gate import (
-        ExitGateError, GateObjective, collect_depth_records, evaluate_objective, save_gated_checkpoint, train_gate,
+        ExitGateError, GateObjective, collect_depth_records, evaluate_objective, objective_floor, save_gated_checkpoint,
+        train_gate,
     )
 
     objective = GateObjective(args.objective, args.sharpness, args.min_gain, args.entropy_weight)
@@ -94,8 +95,10 @@ def run(args) -> Path:
     train_gate(model, records, objective, args.steps, args.lr, args.tokens_per_step, args.seed)
     after = evaluate_objective(model, records, objective)
     out = save_gated_checkpoint(model, args.checkpoint, args.save_name)
+    floor = objective_floor(records, objective)
+    floor_text = "" if floor is None else f" (its floor, the labels' entropy: {floor:.4f})"
     print(f"recorded {records.tokens} tokens x {iterations} iterations in {recorded:.1f}s; "
-          f"{args.objective} objective {before:.4f} -> {after:.4f} after {args.steps} steps -> {out}")
+          f"{args.objective} objective {before:.4f} -> {after:.4f}{floor_text} after {args.steps} steps -> {out}")
     return out
 
 

@@ -141,12 +141,25 @@ def exit_distribution_log(logits: torch.Tensor) -> torch.Tensor:
 def gate_objective(logits: torch.Tensor, losses: torch.Tensor, objective: GateObjective) -> torch.Tensor:
     """The objective (a scalar, lower is better) of stop logits (R, M) for per-depth losses (R, M)."""
     if objective.name == "remaining_gain":
-        go_on = torch.sigmoid(objective.sharpness * (remaining_gain(losses) - objective.min_gain))
-        return F.binary_cross_entropy_with_logits(logits, 1 - go_on)
+        return F.binary_cross_entropy_with_logits(logits, stop_labels(losses, objective))
     log_p = exit_distribution_log(logits)
     p = log_p.exp()
     entropy = -(p * log_p).sum(0)
     return ((p * losses).sum(0) - objective.entropy_weight * entropy).mean()
+
+
+def stop_labels(losses: torch.Tensor, objective: GateObjective) -> torch.Tensor:
+    """The remaining_gain objective's soft stop labels 1 - w_i (R, M)."""
+    return 1 - torch.sigmoid(objective.sharpness * (remaining_gain(losses) - objective.min_gain))
+
+
+def objective_floor(records: DepthRecords, objective: GateObjective) -> float | None:
+    """The lowest value the remaining_gain objective can reach (the labels' own entropy, when the
+    gate predicts every label exactly); None for expected_loss."""
+    if objective.name != "remaining_gain":
+        return None
+    labels = stop_labels(records.losses, objective)
+    return float(F.binary_cross_entropy(labels, labels))
 
 
 @torch.no_grad()
