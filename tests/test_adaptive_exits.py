@@ -16,9 +16,13 @@ from test_model import VOCAB, tiny_model
 CRITERIA = [name for name in EXIT_CRITERIA if name != "gate"] + ["argmax-stability-2", "gate"]
 
 
-def with_gate(model):
-    """A stand-in learned gate (the gate helper's head is not here): a fixed function of the state."""
-    model.exit_probability = lambda state: torch.sigmoid(state.float().sum(-1))
+def with_gate(model, change_weight: float = 0.0):
+    """The model with a learned exit gate whose weights are set by hand: no state term, the log
+    relative change weighted by `change_weight`, iteration biases 0, 2, -1, 3 (p_stop = sigmoid(bias))."""
+    model.add_exit_gate(iterations=4)
+    with torch.no_grad():
+        model.exit_gate.change_weight.fill_(change_weight)
+        model.exit_gate.iteration_bias.copy_(torch.tensor([0.0, 2.0, -1.0, 3.0]))
     return model
 
 
@@ -52,8 +56,16 @@ def test_criteria_against_hand_computed_values():
     assert changes("argmax-stability", argmaxes) == [None, 1 / 2, pytest.approx(1 / 3), 1.0, 1 / 2]
     assert changes("argmax-stability-2", argmaxes) == [None, 1.0, 0.0, 1.0, 1.0]
     gated = with_gate(tiny_model())
-    assert changes("gate", [torch.tensor([[0.0, 0.0]]), torch.tensor([[1.0, 1.0]])], gated) == [
-        pytest.approx(0.5), pytest.approx(1 - torch.sigmoid(torch.tensor(2.0)).item())]
+    h = gated.config.n_embd
+    unit = torch.eye(h)[:2].unsqueeze(1)  # two (1, h) states along different axes
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    # iterations 1, 2, 3: p_stop = sigmoid(0), sigmoid(2), sigmoid(-1)
+    assert changes("gate", [unit[0], unit[1], unit[0]], gated) == [
+        pytest.approx(0.5), pytest.approx(1 - sig(2.0)), pytest.approx(1 - sig(-1.0))]
+    # the change term reads s_{i-1}, s_0 from `start`: s_0 = e_0, s_1 = 2 e_1, ||s_1 - s_0|| / ||s_1|| = sqrt(5)/2
+    weighted, gate = with_gate(tiny_model(), change_weight=1.0), exit_criterion("gate")
+    change, _ = gate.step(weighted, 2 * unit[1], None, gate.start(unit[0]))
+    assert change.item() == pytest.approx(1 - sig(math.log(math.sqrt(5) / 2)), rel=1e-6)
 
 
 def test_tracker_exits_below_threshold_and_only_for_the_rows_it_is_given():

@@ -115,6 +115,7 @@ def adaptive_sweep(model, ctx, e, state, labels, depths, adaptive, result, reado
     batch, length = labels.shape
     scored = labels != -100
     tracker = ExitTracker(adaptive.criterion, adaptive.threshold, labels.shape, labels.device, model=model)
+    tracker.begin(state)
     w_state, embed_proj = model.adapter_parts(e)
     store = TokenKeyValues()
     whole = AttentionContext(cos=ctx.cos, sin=ctx.sin, mask=ctx.mask, cache=store, past_length=0)

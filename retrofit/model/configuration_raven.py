@@ -24,6 +24,9 @@ original release's format"):
   {"rank": R, "alpha": A, "targets": ["core_block", "prelude", "coda"], "num_deltas": D}. The
   recurrent block gets D deltas, one per iteration index (iterations >= D reuse the last); D = 1
   shares one delta across iterations. Prelude and coda run once, so they always have one delta.
+- `exit_gate` (None = off): a learned exit gate on the latent state (`ExitGate` in layers_raven.py),
+  {"iterations": N}: N per-iteration biases (iterations past N share the last). Trained as a separate
+  stage on a frozen checkpoint (train_exit_gate.py); its weights exist only when this key is set.
 
 Saved configs carry `rope_theta` and `rope_scaling` (the 4.51 layout, read by the authors' code and
 Huginn's tools) beside `rope_parameters`.
@@ -98,6 +101,18 @@ def normalise_lora(lora: dict | None) -> dict | None:
     return {"rank": rank, "alpha": float(alpha), "targets": targets, "num_deltas": num_deltas}
 
 
+def normalise_exit_gate(exit_gate: dict | None) -> dict | None:
+    """The `exit_gate` config entry with defaults filled in and checked (None: no gate)."""
+    if not exit_gate:
+        return None
+    if not isinstance(exit_gate, dict):
+        raise ValueError(f"exit_gate must be a dict such as {{'iterations': 32}}, got {exit_gate!r}")
+    unknown = set(exit_gate) - {"iterations"}
+    if unknown:
+        raise ValueError(f"exit_gate has unknown key(s) {sorted(unknown)} (known: iterations)")
+    return {"iterations": whole_number(exit_gate.get("iterations", 32), "exit_gate.iterations")}
+
+
 def merged_rope_parameters(rope_parameters: dict | None, rope_scaling: dict | None, rope_theta: float) -> dict:
     """transformers 5 keeps RoPE settings in `rope_parameters`; the authors' configs use
     `rope_theta` + `rope_scaling`. Store the merged form, accept either on load. A saved config
@@ -146,6 +161,7 @@ class RavenConfig(PretrainedConfig):
         init_values: dict | None = None,
         initializer_range: float = 0.02,
         lora: dict | None = None,
+        exit_gate: dict | None = None,
         bos_token_id: int | None = None,
         eos_token_id: int | list[int] | None = None,
         pad_token_id: int | None = None,
@@ -189,6 +205,7 @@ class RavenConfig(PretrainedConfig):
         self.init_values = {"std": DEFAULT_STATE_STD, "embed_scale": 1.0, **(init_values or {})}
         self.initializer_range = initializer_range
         self.lora = normalise_lora(lora)
+        self.exit_gate = normalise_exit_gate(exit_gate)
         super().__init__(
             bos_token_id=bos_token_id,
             eos_token_id=eos_token_id,
@@ -240,6 +257,8 @@ class RavenConfig(PretrainedConfig):
     def to_dict(self) -> dict:
         out = super().to_dict()
         out.pop("layout_from_weights", None)  # a load-time fact, never saved: saved configs state the layout
+        if out.get("exit_gate") is None:
+            out.pop("exit_gate", None)  # configs without a gate stay as they were before the key existed
         # The 4.51 layout beside `rope_parameters`: `rope_scaling` without the base (null for plain RoPE).
         scaling = {k: v for k, v in (self.rope_parameters or {}).items() if k != "rope_theta"}
         out["rope_scaling"] = None if scaling.get("rope_type", "default") == "default" else scaling

@@ -77,6 +77,10 @@ class ExitCriterion:
     name = ""
     reads_logits = False
 
+    def start(self, initial_state):
+        """The memory before the first iteration, from the initial state s_0 (None: nothing)."""
+        return None
+
     def step(self, model, state, log_probs, memory):
         raise NotImplementedError
 
@@ -147,23 +151,32 @@ class ArgmaxStabilityCriterion(ExitCriterion):
 
 
 def has_exit_gate(model) -> bool:
-    """Whether `model` carries a learned exit gate.
-    INTEGRATOR: wired to `exit_probability` (the gate helper adds it with its config keys); a
-    model without it, or whose config says it has no gate (`config.exit_gate` falsy when that key
-    exists), is refused by `exit_criterion("gate", model)`."""
-    if not callable(getattr(model, "exit_probability", None)):
-        return False
-    config = getattr(model, "config", None)
-    return not (config is not None and hasattr(config, "exit_gate") and not config.exit_gate)
+    """Whether `model` carries a learned exit gate (`config.exit_gate`, trained by train_exit_gate.py);
+    `exit_criterion("gate", model)` refuses a model without one."""
+    return getattr(model, "exit_gate", None) is not None and callable(getattr(model, "exit_probability", None))
 
 
 class GateCriterion(ExitCriterion):
-    """change = 1 - exit_probability(state): exits when the gate's stop probability > 1 - threshold."""
+    """change = 1 - p_stop, the learned exit gate's stop probability after iteration i (1-based),
+    which reads s_i and s_{i-1} (`RavenForCausalLM.exit_probability`, as train_exit_gate.py fits
+    it): a token exits when p_stop > 1 - threshold, possibly right after its first iteration.
+    memory[..., :h] = s_{i-1} (s_0 from `start`), memory[..., h] = i - 1, the iterations run."""
 
     name = "gate"
 
+    def start(self, initial_state):
+        state = initial_state.float()
+        return torch.cat([state, torch.zeros_like(state[..., :1])], dim=-1)
+
     def step(self, model, state, log_probs, memory):
-        return 1.0 - model.exit_probability(state).float(), None
+        state = state.float()
+        if memory is None:  # a caller that did not `begin` with s_0: compare s_1 with itself
+            previous, done = state, 0
+        else:
+            previous, count = memory[..., :-1], memory[..., -1]
+            done = int(count.reshape(-1)[0]) if count.numel() else 0  # every token still iterating ran as many
+        change = 1.0 - model.exit_probability(state, previous, done + 1).float()
+        return change, torch.cat([state, torch.full_like(state[..., :1], float(done + 1))], dim=-1)
 
 
 EXIT_CRITERIA = {
@@ -222,6 +235,10 @@ class ExitTracker:
         self.active = torch.ones(shape, dtype=torch.bool, device=device)
         self.used = torch.zeros(shape, dtype=torch.long, device=device)  # iterations each token ran
         self.memory = None
+
+    def begin(self, initial_state) -> None:
+        """Seed the criterion's memory with the initial state s_0 (the gate reads s_{i-1})."""
+        self.memory = self.criterion.start(initial_state)
 
     @property
     def reads_logits(self) -> bool:
@@ -322,6 +339,7 @@ def decode_with_exits(model, ctx: AttentionContext, prelude_out, state, max_step
     exit; rows that exited are dropped from later iterations. Returns the last position's logits
     per row (each row's at the iteration it stopped)."""
     batch = state.shape[0]
+    tracker.begin(state)
     w_state, embed_proj = model.adapter_parts(prelude_out)
     rows, logits, last = None, None, max_steps - 1
     sub_ctx, sub_e, sub_proj, sub_state = ctx, prelude_out, embed_proj, state

@@ -358,3 +358,36 @@ class Block(nn.Module):
             return x + self.norm_2(self.mlp(x))
         x = x + self.attn(self.norm_1(x), ctx, slot)
         return x + self.mlp(self.norm_2(x))
+
+
+class ExitGate(nn.Module):
+    """A learned exit gate: the probability that a token stops after recurrent iteration i,
+
+        p_stop = sigmoid(w . rmsnorm(s_i) + a * log(||s_i - s_{i-1}|| / ||s_i||) + b_min(i, N))
+
+    on the latent state s_i right after the iteration (before the coda), so asking it costs one
+    dot product per token instead of a coda + lm_head readout (the `kl` criterion's cost). The
+    normalised state says what the token is; the log relative change is the `latent` criterion's
+    quantity, so the gate can only improve on it; the per-iteration bias b_i lets the gate learn
+    how the benefit of another iteration falls with depth. h + N + 1 weights in all."""
+
+    def __init__(self, config: RavenConfig):
+        super().__init__()
+        self.norm = RMSNorm(config.n_embd, config.norm_eps)
+        self.proj = nn.Linear(config.n_embd, 1, bias=False)
+        self.change_weight = nn.Parameter(torch.zeros(1))
+        self.iteration_bias = nn.Parameter(torch.zeros(config.exit_gate["iterations"]))
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.norm.weight)
+        nn.init.zeros_(self.proj.weight)  # p_stop = 1/2 everywhere before training
+        nn.init.zeros_(self.change_weight)
+        nn.init.zeros_(self.iteration_bias)
+
+    def forward(self, state: torch.Tensor, previous: torch.Tensor, iteration: int) -> torch.Tensor:
+        """Stop logits (B, T), float32, after 1-based `iteration` took `previous` to `state`."""
+        state, previous = state.float(), previous.float()
+        change = (state - previous).norm(dim=-1) / state.norm(dim=-1).clamp(min=1e-12)
+        bias = self.iteration_bias[min(iteration, self.iteration_bias.shape[0]) - 1]
+        score = self.proj(self.norm(state).to(self.proj.weight.dtype)).squeeze(-1).float()
+        return score + self.change_weight.float() * change.clamp(min=1e-6).log() + bias.float()

@@ -34,11 +34,12 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
-from .configuration_raven import RavenConfig, normalise_lora
+from .configuration_raven import RavenConfig, normalise_exit_gate, normalise_lora
 from .generation_raven import RavenGenerationMixin
 from .layers_raven import (
     AttentionContext,
     Block,
+    ExitGate,
     KVCache,
     LoRALinear,
     RMSNorm,
@@ -83,7 +84,9 @@ class RavenPreTrainedModel(PreTrainedModel):
         # for matrices, ones for norms. The adapter gets PyTorch's default Linear init, as in the
         # authors' release; conversion sets it explicitly.
         std = self.config.initializer_range
-        if isinstance(module, LoRALinear):
+        if isinstance(module, ExitGate):
+            module.reset_parameters()
+        elif isinstance(module, LoRALinear):
             nn.init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
@@ -236,6 +239,8 @@ class RavenForCausalLM(RavenGenerationMixin, RavenPreTrainedModel):
         self.activation_checkpointing = False
         self._core_lora_layers: list[LoRALinear] = []
         self._install_lora()
+        # The learned exit gate (config `exit_gate`; train_exit_gate.py): no weights without it.
+        self.exit_gate = ExitGate(config) if config.exit_gate else None
         self.post_init()
 
     # -- HF plumbing ---------------------------------------------------------------------------
@@ -313,6 +318,20 @@ class RavenForCausalLM(RavenGenerationMixin, RavenPreTrainedModel):
         self.config.lora = dict(self.config.lora, targets=remaining) if remaining else None
         self._core_lora_layers = [m for m in self.transformer.core_block.modules() if isinstance(m, LoRALinear)]
         return merged
+
+    def add_exit_gate(self, iterations: int = 32) -> None:
+        """A fresh exit gate (p_stop = 1/2 everywhere), recorded in the config so it saves and loads."""
+        self.config.exit_gate = normalise_exit_gate({"iterations": iterations})
+        weight = self.lm_head.weight
+        self.exit_gate = ExitGate(self.config).to(device=weight.device, dtype=weight.dtype)
+        self.exit_gate.reset_parameters()
+
+    def exit_probability(self, state: torch.Tensor, previous_state: torch.Tensor, iteration: int) -> torch.Tensor:
+        """(B, T) probability in [0, 1] that each token stops after recurrent iteration `iteration`
+        (1-based), which took `previous_state` to `state` (ExitGate)."""
+        if self.exit_gate is None:
+            raise ValueError("this checkpoint has no exit gate (config exit_gate is null): train one with train_exit_gate.py")
+        return torch.sigmoid(self.exit_gate(state, previous_state, iteration))
 
     # -- building blocks of the forward pass (also used by conversion checks and depth sweeps) --
 
