@@ -54,6 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max_depth", type=int, default=32)
     parser.add_argument("--thresholds", action="append", default=[], metavar="NAME=V,V,...",
                         help="a criterion's threshold grid instead of the default (repeatable)")
+    parser.add_argument("--criteria", default=None,
+                        help="comma-separated subset of the registry to sweep (default: every criterion; the logits ones are slow)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
@@ -178,6 +180,12 @@ def main(argv=None) -> int:
 
         model = load_saved_model(args.checkpoint).to(resolve_device(args.device)).eval()
         criteria = [c for c in ADAPTIVE_CRITERIA if c != "gate" or getattr(model, "exit_gate", None) is not None]
+        if args.criteria:
+            wanted = args.criteria.split(",")
+            unknown = [c for c in wanted if c not in ADAPTIVE_CRITERIA]
+            if unknown:
+                raise ValueError(f"--criteria: unknown {', '.join(unknown)}; valid: {', '.join(ADAPTIVE_CRITERIA)}")
+            criteria = [c for c in criteria if c in wanted]
         grids = threshold_grids(criteria, args.thresholds)
         ids, mask = load_eval_rows(args.data, args.num_sequences)
     except (ValueError, OSError) as err:

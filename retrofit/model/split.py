@@ -192,7 +192,7 @@ def measure(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Ten
             progress: bool = True) -> LayerStatistics:
     """One pass over the rows, no gradient: every hidden state h_0..h_L of every batch is captured
     with hooks and reduced at once to the (L+1) x (L+1) sums of cos and angle over real tokens."""
-    from tqdm.auto import tqdm
+    from retrofit.progress import progress_bar
 
     embedding, layers = decoder_layers(model)
     num_layers = len(layers)
@@ -207,7 +207,7 @@ def measure(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Ten
     device = next(model.parameters()).device
     try:
         starts = range(0, input_ids.shape[0], batch_size)
-        for start in tqdm(starts, desc="measuring layers", unit="batch", disable=not progress):
+        for start in progress_bar(starts, desc="measuring layers", unit="batch", enabled=progress):
             ids = input_ids[start : start + batch_size].to(device)
             mask = attention_mask[start : start + batch_size].to(device)
             captured.clear()

@@ -91,7 +91,7 @@ def collect_depth_records(model, input_ids, attention_mask, iterations: int, bat
                           progress: bool = True) -> DepthRecords:
     """Run the frozen model to `iterations` over rows of max_length + 1 tokens (`load_eval_rows`)
     and keep, for each scored token, its latent state after every iteration and its loss there."""
-    from tqdm import tqdm
+    from retrofit.progress import progress_bar
 
     from retrofit.data.rows import inputs_and_labels
     from retrofit.evaluate.loss_over_depth import draw_initial_state
@@ -100,7 +100,7 @@ def collect_depth_records(model, input_ids, attention_mask, iterations: int, bat
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
     states, losses = [], []
-    for start in tqdm(range(0, input_ids.shape[0], batch_size), desc="depth records", disable=not progress, leave=False):
+    for start in progress_bar(range(0, input_ids.shape[0], batch_size), desc="depth records", enabled=progress, leave=False):
         inputs, mask, labels = inputs_and_labels(input_ids[start : start + batch_size].to(device),
                                                  attention_mask[start : start + batch_size].to(device))
         ctx = model.attention_context(inputs, mask)
@@ -176,7 +176,7 @@ def evaluate_objective(model, records: DepthRecords, objective: GateObjective, c
 def train_gate(model, records: DepthRecords, objective: GateObjective, steps: int, lr: float,
                tokens_per_step: int, seed: int, progress: bool = True) -> list[float]:
     """Fit the gate's weights (only those) to the records with AdamW; returns each step's objective."""
-    from tqdm import tqdm
+    from retrofit.progress import progress_bar
 
     if model.exit_gate is None:
         raise ExitGateError("the model has no exit gate to train (add_exit_gate first)")
@@ -189,7 +189,7 @@ def train_gate(model, records: DepthRecords, objective: GateObjective, steps: in
     generator = torch.Generator(device="cpu")
     generator.manual_seed(seed)
     history = []
-    bar = tqdm(range(steps), desc="exit gate", disable=not progress)
+    bar = progress_bar(range(steps), desc="exit gate", enabled=progress)
     for _ in bar:
         pick = torch.randint(records.tokens, (min(tokens_per_step, records.tokens),), generator=generator)
         pick = pick.to(records.states.device)
