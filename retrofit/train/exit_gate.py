@@ -94,7 +94,6 @@ def collect_depth_records(model, input_ids, attention_mask, iterations: int, bat
     from retrofit.progress import progress_bar
 
     from retrofit.data.rows import inputs_and_labels
-    from retrofit.evaluate.loss_over_depth import draw_initial_state
 
     device = model.device
     generator = torch.Generator(device=device)
@@ -105,7 +104,7 @@ def collect_depth_records(model, input_ids, attention_mask, iterations: int, bat
                                                  attention_mask[start : start + batch_size].to(device))
         ctx = model.attention_context(inputs, mask)
         e = model.run_prelude(model.embed(inputs), ctx)
-        state = draw_initial_state(model, inputs.shape[0], inputs.shape[1], generator).to(e.dtype)
+        state = model.initial_state(e, generator=generator)  # the sweep's rule: s_0 shaped like the prelude output
         parts = model.adapter_parts(e)
         scored = labels != -100
         batch_states, batch_losses = [state[scored]], []
