@@ -27,6 +27,17 @@ def load_saved_tokenizer(name_or_dir: str | Path, **kwargs):
     return AutoTokenizer.from_pretrained(name_or_dir, **kwargs)
 
 
+def quiet_transformers_bars() -> None:
+    """transformers 5 draws "Loading weights" / "Writing model shards" bars on stderr even when it
+    is a log file or a pipe; keep them to terminals, as every bar of this repo (retrofit.progress)."""
+    from transformers.utils import logging as hf_logging
+
+    from retrofit.progress import progress_shown
+
+    if not progress_shown():
+        hf_logging.disable_progress_bar()
+
+
 def load_saved_model(model_dir: str | Path, dtype: torch.dtype | None = None, checkpoint_code: bool = False):
     """A saved model folder (`model_only_chkpt_*`, `final_checkpoint`, a conversion, a plain HF model).
 
@@ -37,6 +48,7 @@ def load_saved_model(model_dir: str | Path, dtype: torch.dtype | None = None, ch
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    quiet_transformers_bars()
     kwargs = {} if dtype is None else {"dtype": dtype}
     config_file = Path(model_dir) / "config.json"
     config = json.loads(config_file.read_text()) if config_file.is_file() else {}
