@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from retrofit.evaluate.scoring import EvalError, SweepResult, per_sequence_loss
+from retrofit.evaluate.scoring import EvalError, SweepResult, draw_initial_state, per_sequence_loss
 from retrofit.model.layers_raven import KVCache, parse_cache_policy
 
 
@@ -84,10 +84,8 @@ def cached_losses(
     if adaptive is not None:
         raise EvalError("the cached sweep runs fixed depths only")
     if initial_state is None:
-        shape_only = torch.empty(*input_ids.shape, model.config.n_embd, dtype=model.dtype, device=input_ids.device)
-        initial_state = model.initial_state(shape_only)
+        initial_state = draw_initial_state(model, *input_ids.shape, generator=None)
     result = SweepResult(token_count=int((labels != -100).sum()))
-    result.cache_bytes = {}
     for r in recurrences:
         logits, cache = teacher_forced_logits(model, input_ids, attention_mask, r, initial_state.to(model.dtype),
                                               cache_policy or "full", continuous)

@@ -31,6 +31,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from retrofit.evaluate.scoring import draw_initial_state
+
 # Sequences read out together. Each iteration materialises (batch, tokens, vocabulary) logits, so
 # a small batch keeps Llama-size vocabularies within a few GB per iteration.
 LENS_BATCH_SIZE = 8
@@ -75,8 +77,7 @@ def sequence_initial_state(model, length: int, seed: int) -> torch.Tensor:
     """s_0 of one sequence of `length` tokens, (1, length, h): the model's rule, seeded."""
     generator = torch.Generator(device=model.device)
     generator.manual_seed(seed)
-    shape_only = torch.empty(1, length, model.config.n_embd, dtype=model.dtype, device=model.device)
-    return model.initial_state(shape_only, generator=generator)
+    return draw_initial_state(model, 1, length, generator)
 
 
 def batch_initial_state(model, attention_mask: torch.Tensor, seed: int) -> torch.Tensor:

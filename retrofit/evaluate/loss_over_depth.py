@@ -38,7 +38,9 @@ import torch
 import torch.nn.functional as F
 
 from retrofit.evaluate.adaptive_sweep import adaptive_sweep
-from retrofit.evaluate.scoring import EvalError, SweepResult, mean_over_scored, per_sequence_loss  # noqa: F401 (re-exported)
+from retrofit.evaluate.scoring import (  # noqa: F401 (re-exported)
+    EvalError, SweepResult, draw_initial_state, mean_over_scored, per_sequence_loss,
+)
 from retrofit.model.exits_raven import criterion_names, exit_criterion  # noqa: F401 (criterion_names re-exported)
 from retrofit.data.rows import inputs_and_labels, row_matrix
 from retrofit.train.depth import MAX_RECURRENCE
@@ -219,12 +221,6 @@ class AdaptiveExit:
         check_adaptive_criterion(self.criterion)
         if not self.threshold >= 0 or math.isinf(self.threshold):
             raise EvalError(f"adaptive threshold must be a finite number >= 0, got {self.threshold}")
-
-
-def draw_initial_state(model, batch: int, length: int, generator: torch.Generator | None) -> torch.Tensor:
-    """s_0 for a (batch, length) input, from the model's own rule (config init_values std)."""
-    shape_only = torch.empty(batch, length, model.config.n_embd, dtype=model.dtype, device=model.device)
-    return model.initial_state(shape_only, generator=generator)
 
 
 @torch.no_grad()

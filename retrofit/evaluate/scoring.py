@@ -34,3 +34,10 @@ class SweepResult:
     # row that ran, padding included); fixed depth: depth * B * T
     executed: dict[int, float] = field(default_factory=dict)
     positions: int = 0  # B * T
+    cache_bytes: dict[int, int] = field(default_factory=dict)  # depth -> KV-cache size (the cached sweep only)
+
+
+def draw_initial_state(model, batch: int, length: int, generator: torch.Generator | None) -> torch.Tensor:
+    """s_0 for a (batch, length) input, from the model's own rule (config init_values std)."""
+    shape_only = torch.empty(batch, length, model.config.n_embd, dtype=model.dtype, device=model.device)
+    return model.initial_state(shape_only, generator=generator)
