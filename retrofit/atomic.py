@@ -7,7 +7,7 @@ complete copy, and a failed rename puts the old one back: nothing the user had i
 
 Temporary names are `.{name}.tmp-XXXX` (being written) and `.{name}.old-XXXX` (the copy being
 replaced): a job killed mid-write leaves only hidden folders with these tags, which
-`retrofit.train.checkpoint.remove_stale_temporaries` clears. Files and folders get the permissions a
+`retrofit.train.run_claim.remove_stale_temporaries` clears. Files and folders get the permissions a
 plain `open()` / `mkdir()` would give (the umask's), not the owner-only ones of `tempfile`.
 
 Standard library only (plotting and the data tools use it without torch).

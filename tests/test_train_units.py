@@ -19,6 +19,7 @@ from retrofit.data.rows import DataError, inputs_and_labels
 from retrofit.data.shards import list_parquet_files
 from tiny_components import pack_token_rows, tiny_raven_config, write_token_parquet  # noqa: E402
 from retrofit.train.monitor import PreemptionWatcher, job_seconds_left
+from retrofit.train.run_claim import remove_stale_temporaries
 
 
 # ---------------------------------------------------------------------------------------------
@@ -332,7 +333,7 @@ def test_latest_checkpoint_ignores_incomplete_and_temporary(tmp_path):
             (tmp / "partial").write_text("x")
             raise RuntimeError("killed")
     assert ckpt.load_training_state(tmp_path / "checkpoint_4")["optimizer_step"] == 4
-    assert ckpt.remove_stale_temporaries(tmp_path) == [tmp_path / ".checkpoint_8.tmp-abcd"]
+    assert remove_stale_temporaries(tmp_path) == [tmp_path / ".checkpoint_8.tmp-abcd"]
 
 
 def test_job_time_left_from_slurm_and_signals(monkeypatch):

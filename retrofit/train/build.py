@@ -1,14 +1,16 @@
-"""The pieces a training run is built from, each checked before the next costs time: tokenizer,
-data stream, step count, model (and its vocabulary) and the recurrence schedule (`build_run`, in
-that order). The flags, --model_name and the run folder are checked and claimed before, by run()."""
+"""The pieces a training run is built from, seeded, each checked before the next costs time:
+tokenizer, data stream, step count, model (and its vocabulary) and the recurrence schedule
+(`build_run`, in that order). The flags, --model_name and the run folder are checked and claimed before, by run()."""
 
 from __future__ import annotations
 
 import json
 import math
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from retrofit.data.rows import DataError
@@ -20,6 +22,12 @@ from retrofit.errors import ConfigError
 from retrofit.train.config import TrainConfig
 from retrofit.train.depth import RecurrenceSchedule
 from retrofit.train.distributed import DistEnv
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
 
 
 def load_tokenizer(cfg: TrainConfig):
@@ -122,7 +130,9 @@ class RunParts:
 def build_run(cfg: TrainConfig, env: DistEnv) -> RunParts:
     """Everything a run trains with, checked cheapest first, in a run folder run() has claimed (and
     after its checks of the flags and --model_name). Data comes before the model: bad data fails in
-    seconds, before the model is loaded."""
+    seconds, before the model is loaded. Seeded first: a model built from scratch starts alike on
+    every rank and in every run with the same --seed."""
+    seed_everything(cfg.seed)
     tokenizer = load_tokenizer(cfg)
     stream, max_length, micro_steps_per_epoch = open_training_stream(cfg, env.rank, env.world_size, tokenizer)
     max_steps = compute_max_steps(cfg, env, max_length, micro_steps_per_epoch)

@@ -41,7 +41,7 @@ import torch
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
-from retrofit.atomic import atomic_directory, remove_leftovers
+from retrofit.atomic import atomic_directory
 from retrofit.data.rows import DataError
 from retrofit.errors import first_line
 from retrofit.model.configuration_raven import RavenConfig
@@ -59,11 +59,6 @@ from retrofit.train.run_record import write_run_record
 
 STATE_FILE = "training_state.pt"
 COMPLETE_MARKER = "COMPLETE"
-
-
-def remove_stale_temporaries(run_dir: str | Path) -> list[Path]:
-    """Delete temporary folders left by a job killed mid-save (call on the main rank at start)."""
-    return remove_leftovers(run_dir)
 
 
 def save_model_only(model, tokenizer, out_dir: str | Path, add_files=None) -> Path:

@@ -16,30 +16,27 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def load_teacher(model_dir: str, device: torch.device, dtype: torch.dtype) -> nn.Module:
-    """The teacher as a frozen eval-mode model (a plain HF model, or a recurrent one)."""
+def load_teacher(model_dir: str, student: nn.Module, device: torch.device) -> nn.Module:
+    """The teacher as a frozen eval-mode model (a plain HF model, or a recurrent one) in the
+    student's dtype on `device`; ConfigError when it does not load or the student's output cannot
+    cover the teacher's vocabulary."""
     from retrofit.errors import ConfigError, first_line
     from retrofit.model.loading import load_saved_model
 
     try:
-        teacher = load_saved_model(model_dir, dtype=dtype)
+        teacher = load_saved_model(model_dir, dtype=next(student.parameters()).dtype)
     except (OSError, ValueError, KeyError, TypeError) as exc:  # no weights, a broken config.json, ...
         raise ConfigError(f"--distill.teacher={model_dir} does not load: {first_line(exc)[:300]}") from None
-    teacher = teacher.to(device).eval()
-    teacher.requires_grad_(False)
-    return teacher
-
-
-def check_vocabularies(teacher: nn.Module, student: nn.Module, teacher_dir: str) -> int:
-    """Rows compared; ValueError when the student cannot cover the teacher's vocabulary."""
     teacher_rows = teacher.get_output_embeddings().weight.shape[0]
     student_rows = student.get_output_embeddings().weight.shape[0]
     if student_rows < teacher_rows:
-        raise ValueError(
-            f"--distill.teacher={teacher_dir} has {teacher_rows} output rows but the model only {student_rows}: distil from"
+        raise ConfigError(
+            f"--distill.teacher={model_dir} has {teacher_rows} output rows but the model only {student_rows}: distil from"
             " the model it was converted from"
         )
-    return teacher_rows
+    teacher = teacher.to(device).eval()
+    teacher.requires_grad_(False)
+    return teacher
 
 
 def distillation_kl(

@@ -46,7 +46,7 @@ def prepare_model(model, cfg, schedule) -> list[str]:
 def prepare_modes(model, cfg, env, schedule, log=print):
     """LoRA, frozen base, activation checkpointing and the distillation teacher, before sharding
     and the optimizer; logs what it set up. Returns the teacher or None."""
-    from retrofit.train.distill import check_vocabularies, load_teacher
+    from retrofit.train.distill import load_teacher
 
     try:
         notes = prepare_model(model, cfg, schedule)
@@ -54,11 +54,7 @@ def prepare_modes(model, cfg, env, schedule, log=print):
         raise ConfigError(str(exc)) from None
     teacher = None
     if cfg.distill.teacher is not None:
-        teacher = load_teacher(cfg.distill.teacher, env.device, next(model.parameters()).dtype)
-        try:
-            check_vocabularies(teacher, model, cfg.distill.teacher)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
+        teacher = load_teacher(cfg.distill.teacher, model, env.device)
         notes.append(f"distilling from {cfg.distill.teacher} (alpha {cfg.distill.alpha}, T {cfg.distill.temperature})")
     for note in notes:
         log(note)

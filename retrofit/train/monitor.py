@@ -1,4 +1,4 @@
-"""Pieces of the training loop that are not the math: preemption, metrics, seeding.
+"""Watching a run from outside the math: preemption, the metrics log and the progress bar.
 
 Preemption: `PreemptionWatcher` turns SIGTERM / SIGUSR1 (any scheduler, torchrun forwards them)
 and "N minutes before the job's time limit" (SLURM or flux) into one flag the loop checks once
@@ -12,7 +12,6 @@ import datetime
 import json
 import math
 import os
-import random
 import shutil
 import signal
 import subprocess
@@ -20,18 +19,9 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-
 from retrofit.atomic import write_file_atomic
 from retrofit.errors import ConfigError
 from retrofit.train.run_folder import METRICS_FILE
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)  # also seeds every CUDA device
 
 
 # --------------------------------------------------------------------------------------------
@@ -208,27 +198,6 @@ def format_step_line(record: dict, max_steps: int) -> str:
     return " | ".join(parts)
 
 
-def open_monitors(cfg, is_main: bool, step: int, log=print) -> tuple[PreemptionWatcher, MetricsLogger]:
-    """The run's stop watcher and metrics log (`cfg`: a TrainConfig). A fresh start (`step` 0)
-    empties metrics.jsonl (records of a run killed before its first checkpoint); a resume drops the
-    records past the resumed step."""
-    watcher = PreemptionWatcher(cfg.save_n_mins_before_timeout)
-    metrics = MetricsLogger(
-        cfg.run_dir / METRICS_FILE,
-        enabled=is_main,
-        wandb_kwargs=None
-        if cfg.wandb_disabled
-        else dict(project=Path(cfg.out_path).name, name=cfg.run_name, dir=cfg.out_path, config=dataclasses.asdict(cfg)),
-    )
-    try:
-        dropped = metrics.truncate_after(step)
-    except ValueError as exc:  # a damaged line in the middle of metrics.jsonl
-        raise ConfigError(str(exc)) from None
-    if dropped:
-        log(f"metrics.jsonl: dropped {dropped} record(s) after step {step}")
-    return watcher, metrics
-
-
 class TrainingProgress:
     """A bar over the optimizer steps (loss and tokens/s beside it) on the main rank when stderr is
     a terminal (retrofit/progress.py); otherwise, and on other ranks, nothing. While the bar is drawn
@@ -252,3 +221,28 @@ class TrainingProgress:
 
     def close(self) -> None:
         self.bar.close()
+
+
+def open_monitors(
+    cfg, is_main: bool, step: int, max_steps: int, log=print
+) -> tuple[PreemptionWatcher, MetricsLogger, TrainingProgress]:
+    """The run's stop watcher, metrics log and progress bar from `step` to `max_steps` (`cfg`: a
+    TrainConfig), closed together when the run ends. A fresh start (`step` 0) empties metrics.jsonl
+    (records of a run killed before its first checkpoint); a resume drops the records past the
+    resumed step."""
+    watcher = PreemptionWatcher(cfg.save_n_mins_before_timeout)
+    progress = TrainingProgress(max_steps, step, enabled=is_main)
+    metrics = MetricsLogger(
+        cfg.run_dir / METRICS_FILE,
+        enabled=is_main,
+        wandb_kwargs=None
+        if cfg.wandb_disabled
+        else dict(project=Path(cfg.out_path).name, name=cfg.run_name, dir=cfg.out_path, config=dataclasses.asdict(cfg)),
+    )
+    try:
+        dropped = metrics.truncate_after(step)
+    except ValueError as exc:  # a damaged line in the middle of metrics.jsonl
+        raise ConfigError(str(exc)) from None
+    if dropped:
+        log(f"metrics.jsonl: dropped {dropped} record(s) after step {step}")
+    return watcher, metrics, progress

@@ -17,10 +17,10 @@ import socket
 import time
 from pathlib import Path
 
-from retrofit.atomic import OLD_TAG
+from retrofit.atomic import OLD_TAG, remove_leftovers
 from retrofit.errors import ConfigError
 from retrofit.train import distributed as dist_utils
-from retrofit.train.checkpoint import check_training_state_dir, remove_stale_temporaries
+from retrofit.train.checkpoint import check_training_state_dir
 from retrofit.train.config import TrainConfig
 from retrofit.train.run_folder import METRICS_FILE, RUN_OUTPUT_RE
 from retrofit.train.run_record import RUN_FILE
@@ -220,6 +220,12 @@ def delete_previous_run(cfg: TrainConfig, outputs: list[Path]) -> None:
             aside.unlink(missing_ok=True)
 
 
+def remove_stale_temporaries(run_dir: str | Path) -> list[Path]:
+    """Delete what a job killed mid-save left in the run folder (hidden `.tmp-` / `.old-` folders of
+    `retrofit.atomic`), and what --overwrite=true could not delete; call it with the folder locked."""
+    return remove_leftovers(run_dir)
+
+
 def prepare_run_dir(cfg: TrainConfig) -> str | None:
     """Main rank: check that the folder is writable, lock it for this run (RunFolderLock), refuse
     to train over a previous run unless asked, clear it for --overwrite=true. Returns a message for
@@ -251,10 +257,10 @@ def prepare_run_dir(cfg: TrainConfig) -> str | None:
                 )
             delete_previous_run(cfg, outputs)
             messages.append(f"--overwrite=true: deleted the previous run in {run_dir} ({names})")
-        remove_stale_temporaries(run_dir)
     except BaseException:
         lock.release()
         raise
+    remove_stale_temporaries(run_dir)  # the folder is ours now: no other process writes there
     return "\n".join(messages) or None
 
 

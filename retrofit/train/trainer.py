@@ -33,7 +33,7 @@ from retrofit.errors import ConfigError
 from retrofit.train.config import TrainConfig, check_model_name
 from retrofit.train.depth import micro_batch_depth
 from retrofit.train.distill import distillation_kl, teacher_logits
-from retrofit.train.monitor import TrainingProgress, format_step_line, open_monitors, seed_everything
+from retrofit.train.monitor import format_step_line, open_monitors
 from retrofit.train.optim import build_optimizer, set_learning_rates, wsd_lr_factor
 from retrofit.train.parallel import parallelize
 from retrofit.train.run_record import build_run_record, write_run_record
@@ -49,7 +49,6 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, env: dist_utils.DistEnv):
         self.cfg, self.env = cfg, env
-        seed_everything(cfg.seed)
         parts = build_run(cfg, env)
         self.tokenizer, self.stream, self.max_length = parts.tokenizer, parts.stream, parts.max_length
         self.model, self.vocab_rows = parts.model, parts.vocab_rows
@@ -81,8 +80,9 @@ class Trainer:
             cfg, env, self.parallel, self.optimizer, self.stream, self.tokenizer, run_state=self, log=self.print
         )
         self.resumed_from = self.checkpoints.resume()
-        self.watcher, self.metrics = open_monitors(cfg, env.is_main, self.counters.optimizer_step, log=self.print)
-        self.progress = TrainingProgress(self.max_steps, self.counters.optimizer_step, enabled=env.is_main)
+        self.watcher, self.metrics, self.progress = open_monitors(
+            cfg, env.is_main, self.counters.optimizer_step, self.max_steps, log=self.print
+        )
         # run.json, written after every check (a refused start or resume leaves the previous one alone)
         self.run_record = build_run_record(
             settings=dataclasses.asdict(cfg),
