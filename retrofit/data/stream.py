@@ -37,21 +37,24 @@ class ParquetStream:
         self,
         folder: str | Path,
         micro_batch_size: int,
-        max_length: int,
+        max_length: int | None,
         rank: int = 0,
         world_size: int = 1,
         seed: int = PARQUET_SHUFFLE_SEED,
         shuffle: bool = True,
         epochs: int = 1,
     ):
+        """Lists the shards and checks them (`inspect_parquet_files`) before anything is read:
+        `max_length` None takes the rows' length from the data (`self.max_length`)."""
         self.all_files = list_parquet_files(folder)
         if len(self.all_files) < world_size:
             raise DataError(
                 f"{len(self.all_files)} parquet file(s) in {str(folder)!r} cannot be split across {world_size}"
                 " ranks (sharding is by file): write at least one shard per rank"
             )
+        self.max_length = inspect_parquet_files(self.all_files, max_length)
         self.micro_batch_size = micro_batch_size
-        self.row_len = max_length + 1
+        self.row_len = self.max_length + 1
         self.rank, self.world_size = rank, world_size
         self.seed, self.shuffle, self.epochs = seed, shuffle, epochs
         # The shards' names (older checkpoints carry only these) and, per shard, its size and footer
@@ -167,8 +170,18 @@ class PackedDatasetStream:
         seed: int = 74,
         shuffle: bool = True,
         epochs: int = 1,
+        max_length: int | None = None,
+        source: str = "the dataset",
     ):
+        """Checks the rows before anything is read (`retrofit.data.rows.check_rows`): each
+        `max_length` + 1 tokens, or as long as the first row when None (`self.max_length`).
+        `source` names the data in errors."""
+        if len(dataset) == 0:
+            raise DataError(f"{source}: the dataset is empty")
         self.dataset = dataset.with_format("numpy")
+        self.content_digest = packed_content_digest(self.dataset)  # ragged rows too: the check comes next
+        table = dataset.data.table if hasattr(dataset.data, "table") else dataset.data
+        self.max_length = check_rows(table, source, None if max_length is None else max_length + 1) - 1
         self.columns = row_columns(dataset.column_names)
         self.micro_batch_size, self.rank, self.world_size = micro_batch_size, rank, world_size
         self.seed, self.shuffle, self.epochs = seed, shuffle, epochs
@@ -180,7 +193,6 @@ class PackedDatasetStream:
             )
         self.position = dict(epoch=0, row=0)
         self._order_epoch, self._order = None, None
-        self.content_digest = packed_content_digest(self.dataset)
 
     def _order_for(self, epoch: int) -> np.ndarray:
         if self._order_epoch != epoch:
@@ -247,14 +259,6 @@ def packed_content_digest(dataset, sample_rows: int = 1024) -> str:
             digest.update(f"{array.dtype}{array.shape}".encode())
             digest.update(array.tobytes())
     return digest.hexdigest()[:16]
-
-
-def check_packed_dataset(dataset, max_length: int | None, where: str) -> int:
-    """Columns and row length of a `load_from_disk` dataset (`retrofit.data.rows.check_rows`); returns max_length."""
-    if len(dataset) == 0:
-        raise DataError(f"{where}: the dataset is empty")
-    table = dataset.data.table if hasattr(dataset.data, "table") else dataset.data
-    return check_rows(table, where, None if max_length is None else max_length + 1) - 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -345,48 +349,47 @@ def build_sft_dataset(
     return encoded.map(pad, remove_columns=["ids", "answer_mask"], num_proc=num_proc, desc="padding"), max_length
 
 
+def load_packed_dataset(path: str, max_samples: int | None = None):
+    """The `save_to_disk` dataset of packed rows at --preprocessed_data_path (its "train" split),
+    the first `max_samples` rows when given."""
+    import datasets
+
+    folder = Path(path)
+    if not folder.exists():
+        raise DataError(f"preprocessed_data_path {path!r} does not exist")
+    saved_by_datasets = any((folder / name).is_file() for name in ("dataset_info.json", "dataset_dict.json"))
+    if not saved_by_datasets and folder.is_dir() and any(folder.glob("*.parquet")):
+        raise DataError(f"{path} holds parquet shards: pass --is_parquet_dataset=true to read them")
+    try:
+        dataset = datasets.load_from_disk(path)
+    except FileNotFoundError as exc:
+        raise DataError(
+            f"{path} is not a save_to_disk dataset ({exc}); for parquet shards pass --is_parquet_dataset=true"
+        ) from None
+    if isinstance(dataset, datasets.DatasetDict):
+        dataset = dataset["train"]
+    if max_samples is not None:
+        dataset = dataset.select(range(min(max_samples, len(dataset))))
+    return dataset
+
+
 def open_training_stream(cfg, rank: int, world_size: int, tokenizer):
     """The stream train.py reads, from its data flags (`cfg`: a TrainConfig): parquet shards, a
-    save_to_disk dataset of packed rows, or a raw dataset tokenized here. Returns (stream,
-    max_length, micro-steps per epoch per rank, or None for streams of unknown length)."""
+    save_to_disk dataset of packed rows, or a raw dataset tokenized here; each stream checks its
+    rows itself. Returns (stream, max_length, micro-steps per epoch per rank, or None for streams
+    of unknown length)."""
     if cfg.preprocessed_data_path is not None and cfg.is_parquet_dataset:
-        files = list_parquet_files(cfg.preprocessed_data_path)
-        max_length = inspect_parquet_files(files, cfg.max_length)
         stream = ParquetStream(
-            cfg.preprocessed_data_path,
-            cfg.micro_batch_size,
-            max_length,
-            rank=rank,
-            world_size=world_size,
+            cfg.preprocessed_data_path, cfg.micro_batch_size, cfg.max_length, rank=rank, world_size=world_size,
             epochs=cfg.epochs,
         )
-        return stream, max_length, None
+        return stream, stream.max_length, None
     if cfg.preprocessed_data_path is not None:
-        import datasets
-
-        folder = Path(cfg.preprocessed_data_path)
-        if not folder.exists():
-            raise DataError(f"preprocessed_data_path {cfg.preprocessed_data_path!r} does not exist")
-        saved_by_datasets = any((folder / name).is_file() for name in ("dataset_info.json", "dataset_dict.json"))
-        if not saved_by_datasets and folder.is_dir() and any(folder.glob("*.parquet")):
-            raise DataError(
-                f"{cfg.preprocessed_data_path} holds parquet shards: pass --is_parquet_dataset=true to read them"
-            )
-        try:
-            dataset = datasets.load_from_disk(cfg.preprocessed_data_path)
-        except FileNotFoundError as exc:
-            raise DataError(
-                f"{cfg.preprocessed_data_path} is not a save_to_disk dataset ({exc}); for parquet shards pass"
-                " --is_parquet_dataset=true"
-            ) from None
-        if isinstance(dataset, datasets.DatasetDict):
-            dataset = dataset["train"]
-        if cfg.max_samples is not None:
-            dataset = dataset.select(range(min(cfg.max_samples, len(dataset))))
-        max_length = check_packed_dataset(dataset, cfg.max_length, cfg.preprocessed_data_path)
+        dataset = load_packed_dataset(cfg.preprocessed_data_path, cfg.max_samples)
+        source = cfg.preprocessed_data_path
     else:
         raw = load_raw_dataset(cfg.dataset_location, cfg.dataset_config)
-        dataset, max_length = build_sft_dataset(
+        dataset, _ = build_sft_dataset(
             raw,
             tokenizer,
             cfg.dataset_args.q_col,
@@ -395,7 +398,9 @@ def open_training_stream(cfg, rank: int, world_size: int, tokenizer):
             take_loss_over_all_tokens=cfg.take_loss_over_all_tokens,
             max_samples=cfg.max_samples,
         )
+        source = cfg.dataset_location
     stream = PackedDatasetStream(
-        dataset, cfg.micro_batch_size, rank=rank, world_size=world_size, seed=cfg.seed, epochs=cfg.epochs
+        dataset, cfg.micro_batch_size, rank=rank, world_size=world_size, seed=cfg.seed, epochs=cfg.epochs,
+        max_length=cfg.max_length, source=source,
     )
-    return stream, max_length, stream.steps_per_epoch()
+    return stream, stream.max_length, stream.steps_per_epoch()
