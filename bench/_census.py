@@ -27,8 +27,7 @@ from transformers import AutoTokenizer  # noqa: E402
 
 import _common  # noqa: E402,F401  (this checkout and tests/ on sys.path)
 from retrofit.data.synthetic import arithmetic_problems, problem_text, train_tokenizer  # noqa: E402
-from retrofit.train.config import parse_config  # noqa: E402
-from retrofit.train.trainer import run as run_training  # noqa: E402
+from train import main as train_main  # noqa: E402  (train.py of this checkout)
 from tiny_components import (  # noqa: E402
     pack_token_rows, save_hf_model, save_raven_model, tiny_llama_config, tiny_raven_config, write_token_parquet)
 
@@ -174,7 +173,7 @@ def build_workspace(root: Path) -> Workspace:
             "--micro_batch_size=2", "--batch_size=2", "--max_steps=4", "--save_interval=1", "--wandb_disabled=true",
             "--mean_recurrence_schedule.turn_on=true", "--mean_recurrence_schedule.max_mean_rec=3"]
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        assert run_training(parse_config(base + [f"--out_path={root / 'runs'}", "--run_name=ref"])) == 0
+        assert train_main(base + [f"--out_path={root / 'runs'}", "--run_name=ref"]) == 0
     ws = Workspace(root=root, model=model, llama=llama, data=data, ref=root / "runs" / "ref", base=base,
                    garbage=root / "garbage", half=root / "half")
     ws.folder("garbage", {"s.parquet": b"junk" * 50})

@@ -41,8 +41,7 @@ from _census import (HANG_SECONDS, MEMORY_CAP_BYTES, ROOT, Workspace, _on_alarm,
 
 import torch  # noqa: E402
 
-from retrofit.train.config import parse_config  # noqa: E402
-from retrofit.train.trainer import run as run_training  # noqa: E402
+from train import main as train_main  # noqa: E402  (train.py of this checkout)
 from tiny_components import save_hf_model, tiny_llama_config  # noqa: E402
 
 
@@ -72,7 +71,7 @@ TRAIN_BAD_FLAGS = [
 
 
 def train_case(name: str, args: list[str], expect: str = "error", watch=None, check=None) -> Case:
-    return f"train: {name}", lambda: classify(lambda: run_training(parse_config(args)), expect, watch, check)
+    return f"train: {name}", lambda: classify(lambda: train_main(args), expect, watch, check)
 
 
 def train_flag_cases(ws: Workspace) -> list[Case]:
@@ -257,7 +256,7 @@ def disk_fault_case(ws: Workspace, errno_value: int, message: str, name: str) ->
 
         torch.save = failing
         try:
-            return run_training(parse_config(args))
+            return train_main(args)
         finally:
             torch.save = real_save
 
@@ -267,7 +266,7 @@ def disk_fault_case(ws: Workspace, errno_value: int, message: str, name: str) ->
         if kind == "clear error" and [p for p in run_dir.iterdir() if p.name.startswith(".")]:
             return "silent", "a temporary folder was left"
         if kind == "clear error":  # resumes from the last good checkpoint
-            again = classify(lambda: run_training(parse_config(args + ["--resume_path=auto"])), "accept")
+            again = classify(lambda: train_main(args + ["--resume_path=auto"]), "accept")
             if again[0] != "accepted":
                 return again
         return kind, detail
@@ -285,7 +284,7 @@ def duplicate_start(ws: Workspace) -> tuple[str, str]:
         for line in first.stdout:
             if line.startswith("step 1/"):
                 break
-        return classify(lambda: run_training(parse_config(args + ["--resume_path=auto"])), "error")
+        return classify(lambda: train_main(args + ["--resume_path=auto"]), "error")
     finally:
         first.kill()
         first.wait()
@@ -515,7 +514,7 @@ def late_fault_cases(ws: Workspace) -> list[Case]:
     from robustness_faults import packed_data_rewritten, sigterm_to_local_torchrun
 
     return [("fault: packed data rewritten with the same row count", lambda: classify(
-                lambda: packed_data_rewritten(ws.root, ws.data, ws.base, ws.out("packed"), run_training, parse_config),
+                lambda: packed_data_rewritten(ws.root, ws.data, ws.base, ws.out("packed"), train_main),
                 "error")),
             ("fault: SIGTERM to a 2-process _submit.sh --local run", lambda: sigterm_to_local_torchrun(
                 ws.base + ws.out("term"), judge, HANG_SECONDS))]

@@ -16,7 +16,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def packed_data_rewritten(W: Path, parquet_dir: Path, base: list[str], out: list[str], run_training, parse_config) -> int:
+def packed_data_rewritten(W: Path, parquet_dir: Path, base: list[str], out: list[str], train_main) -> int:
     """Train 4 steps on a packed copy of one shard, then resume from checkpoint_2 on the same rows
     reversed (same count): returns the resume's exit status (2 with one line is right)."""
     import datasets
@@ -27,12 +27,12 @@ def packed_data_rewritten(W: Path, parquet_dir: Path, base: list[str], out: list
         datasets.Dataset(rows).save_to_disk(str(W / "packed"))
         datasets.Dataset(rows.take(list(range(rows.num_rows))[::-1])).save_to_disk(str(W / "packed_rewritten"))
         args = [a for a in base if not a.startswith(("--preprocessed_data_path", "--is_parquet_dataset"))] + out
-        assert run_training(parse_config(args + [f"--preprocessed_data_path={W / 'packed'}"])) == 0
+        assert train_main(args + [f"--preprocessed_data_path={W / 'packed'}"]) == 0
     flags = dict(a.removeprefix("--").split("=", 1) for a in out)  # --out_path=..., --run_name=...
     run_dir = Path(flags["out_path"]) / flags["run_name"]
     for name in ("final_checkpoint", "checkpoint_4"):
         shutil.rmtree(run_dir / name)
-    return run_training(parse_config(args + [f"--preprocessed_data_path={W / 'packed_rewritten'}", "--resume_path=auto"]))
+    return train_main(args + [f"--preprocessed_data_path={W / 'packed_rewritten'}", "--resume_path=auto"])
 
 
 def sigterm_to_local_torchrun(train_args: list[str], judge, hang_seconds: int) -> tuple[str, str]:

@@ -1,6 +1,7 @@
 """The pieces a training run is built from, seeded, each checked before the next costs time:
 tokenizer, data stream, step count, model (and its vocabulary) and the recurrence schedule
-(`build_run`, in that order). The flags, --model_name and the run folder are checked and claimed before, by run()."""
+(`build_run`, in that order). The flags, --model_name and the run folder are checked and claimed
+before, by train.py's main()."""
 
 from __future__ import annotations
 
@@ -128,7 +129,7 @@ class RunParts:
 
 
 def build_run(cfg: TrainConfig, env: DistEnv) -> RunParts:
-    """Everything a run trains with, checked cheapest first, in a run folder run() has claimed (and
+    """Everything a run trains with, checked cheapest first, in a run folder train.py's main() has claimed (and
     after its checks of the flags and --model_name). Data comes before the model: bad data fails in
     seconds, before the model is loaded. Seeded first: a model built from scratch starts alike on
     every rank and in every run with the same --seed."""

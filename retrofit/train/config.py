@@ -287,7 +287,7 @@ def check_model_name(name: str) -> None:
     """--model_name is a local folder with config.json, or something that can be a Hub repo id.
 
     Apart from `TrainConfig.validate` (which reads the flags alone) because it looks at the file
-    system and the offline setting; run() calls both before it claims the run folder."""
+    system and the offline setting; train.py's main() calls both before it claims the run folder."""
     local = Path(name).expanduser()
     if local.exists():
         if not (local / "config.json").is_file():

@@ -153,7 +153,7 @@ class RunFolderLock:
 
 
 def release_run_dir(cfg: TrainConfig) -> None:
-    """Release this process's lock on the run folder (run() calls it however the run ends)."""
+    """Release this process's lock on the run folder (train.py's main() calls it however the run ends)."""
     lock = RunFolderLock._held.get(cfg.run_dir.resolve())
     if lock is not None:
         lock.release()

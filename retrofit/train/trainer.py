@@ -1,4 +1,4 @@
-"""The training loop behind train.py: the `Trainer` and `run(cfg)`.
+"""The training loop behind train.py: the `Trainer`.
 
 Per optimizer step u (counting from 1): the curriculum gives (mean recurrence, backprop depth) =
 RecurrenceSchedule.applied_at(u) (the original's scheduler values); every micro-batch draws its own
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -23,14 +22,12 @@ import torch
 
 from retrofit.train.flops import count_parameters, micro_batch_flops, model_flops_utilization, peak_tflops_of
 from retrofit.data.rows import DataError, check_token_ids, inputs_and_labels
-from retrofit.train import checkpoint as ckpt
-from retrofit.train.run_claim import claim_run_dir, release_run_dir
 from retrofit.train import distributed as dist_utils
 from retrofit.train import modes as train_modes
 from retrofit.train.build import build_run
 from retrofit.train.checkpoint import CheckpointManager, TrainingCounters, TrainingError
 from retrofit.errors import ConfigError
-from retrofit.train.config import TrainConfig, check_model_name
+from retrofit.train.config import TrainConfig
 from retrofit.train.depth import micro_batch_depth
 from retrofit.train.distill import distillation_kl, teacher_logits
 from retrofit.train.monitor import format_step_line, open_monitors
@@ -38,13 +35,13 @@ from retrofit.train.optim import build_optimizer, set_learning_rates, wsd_lr_fac
 from retrofit.train.parallel import parallelize
 from retrofit.train.run_record import build_run_record, write_run_record
 
-__all__ = ["Trainer", "TrainingError", "run"]
+__all__ = ["Trainer", "TrainingError"]
 
 
 class Trainer:
     """Builds everything a run needs from a validated TrainConfig (`__init__`), then `train()`s.
 
-    Every rank builds one, in a run folder that run() has claimed; the main rank alone writes files
+    Every rank builds one, in a run folder that train.py's main() has claimed; the main rank alone writes files
     (run.json, metrics, checkpoints)."""
 
     def __init__(self, cfg: TrainConfig, env: dist_utils.DistEnv):
@@ -319,41 +316,3 @@ class Trainer:
         if dist_utils.any_rank(reason is not None, self.env.device):
             return reason or "another rank is stopping"
         return None
-
-
-# ------------------------------------------------------------------------------------------------
-# One run, as train.py starts it
-# ------------------------------------------------------------------------------------------------
-USER_ERRORS = (ConfigError, DataError, ckpt.CheckpointError, dist_utils.LaunchError)
-
-
-def run(cfg: TrainConfig) -> int:
-    """Validate, claim the run folder, build the Trainer, train, release the folder. A setting the
-    user can fix: one `error:` line, exit status 2; a run that cannot go on (TrainingError): one
-    `error:` line, exit status 1."""
-    try:
-        cfg.validate()
-        check_model_name(cfg.model_name)  # before the claim: a typo never touches (or --overwrite clears) a run
-        env = dist_utils.setup(cfg.device, single_process_group=cfg.fsdp)  # FSDP needs a group, even of one
-        claimed = claim_run_dir(cfg, env)  # the lock is held until release_run_dir below
-        if claimed and env.is_main:
-            print(claimed, flush=True)
-        trainer = Trainer(cfg, env)
-        trainer.print(trainer.describe())
-        try:
-            message = trainer.train()
-        finally:
-            trainer.metrics.close()
-            trainer.watcher.close()
-            trainer.progress.close()
-        trainer.print(message)
-        return 0
-    except USER_ERRORS as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except TrainingError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        release_run_dir(cfg)
-        dist_utils.cleanup()
