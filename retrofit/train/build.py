@@ -81,11 +81,11 @@ def build_model(cfg: TrainConfig):
             raise ConfigError(f"{cfg.model_name} is a recurrent model; drop --non_recurrent_model=true to train it")
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        if cfg.init_from_scratch:
+        if not cfg.init_from_scratch:
+            model = AutoModelForCausalLM.from_pretrained(cfg.model_name, dtype=dtype, trust_remote_code=False)
+        else:  # --init_from_scratch: the architecture alone, fresh weights
             model_config = AutoConfig.from_pretrained(cfg.model_name, trust_remote_code=False)
             model = AutoModelForCausalLM.from_config(model_config, dtype=dtype)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(cfg.model_name, dtype=dtype, trust_remote_code=False)
     else:
         if not is_raven:
             raise ConfigError(
@@ -94,11 +94,11 @@ def build_model(cfg: TrainConfig):
             )
         from retrofit.model.modeling_raven import RavenForCausalLM
 
-        if cfg.init_from_scratch:
+        if not cfg.init_from_scratch:
+            model = RavenForCausalLM.from_pretrained(cfg.model_name, dtype=dtype)
+        else:  # --init_from_scratch
             config = RavenConfig.from_pretrained(cfg.model_name)
             model = RavenForCausalLM(config).to(dtype)
-        else:
-            model = RavenForCausalLM.from_pretrained(cfg.model_name, dtype=dtype)
     return model
 
 
