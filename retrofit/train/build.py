@@ -129,10 +129,10 @@ class RunParts:
 
 
 def build_run(cfg: TrainConfig, env: DistEnv) -> RunParts:
-    """Everything a run trains with, checked cheapest first, in a run folder train.py's main() has claimed (and
-    after its checks of the flags and --model_name). Data comes before the model: bad data fails in
-    seconds, before the model is loaded. Seeded first: a model built from scratch starts alike on
-    every rank and in every run with the same --seed."""
+    """Everything a run trains with, checked cheapest first, in a run folder that train.py's main()
+    has claimed (after its checks of the flags and --model_name). Data comes before the model: bad
+    data fails in seconds, before the model is loaded. Seeded first: a model built from scratch
+    starts alike on every rank and in every run with the same --seed."""
     seed_everything(cfg.seed)
     tokenizer = load_tokenizer(cfg)
     stream, max_length, micro_steps_per_epoch = open_training_stream(cfg, env.rank, env.world_size, tokenizer)

@@ -41,8 +41,8 @@ __all__ = ["Trainer", "TrainingError"]
 class Trainer:
     """Builds everything a run needs from a validated TrainConfig (`__init__`), then `train()`s.
 
-    Every rank builds one, in a run folder that train.py's main() has claimed; the main rank alone writes files
-    (run.json, metrics, checkpoints)."""
+    Every rank builds one, in a run folder that train.py's main() has claimed; the main rank alone
+    writes files (run.json, metrics, checkpoints)."""
 
     def __init__(self, cfg: TrainConfig, env: dist_utils.DistEnv):
         self.cfg, self.env = cfg, env
