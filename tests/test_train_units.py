@@ -260,6 +260,22 @@ def test_packed_stream_ranks_split_the_global_batch(train_parquet_dir):
     assert torch.equal(fresh.next_batch()["input_ids"], nxt)
 
 
+def test_streams_check_their_rows_when_built(train_parquet_dir):
+    """Each reader checks its rows once, when it is built: the row length given, or taken from the data."""
+    import datasets
+    import pyarrow.parquet as pq
+
+    assert ParquetStream(train_parquet_dir, 4, None).max_length == 32
+    with pytest.raises(DataError, match="has 33 tokens, expected 65"):
+        ParquetStream(train_parquet_dir, 4, 64)
+    table = pq.read_table(list_parquet_files(train_parquet_dir)[0])
+    assert PackedDatasetStream(datasets.Dataset(table), 4).max_length == 32
+    with pytest.raises(DataError, match="my rows: row 0 of 'input_ids' has 33 tokens, expected 17"):
+        PackedDatasetStream(datasets.Dataset(table), 4, max_length=16, source="my rows")
+    with pytest.raises(DataError, match="my rows: the dataset is empty"):
+        PackedDatasetStream(datasets.Dataset(table.slice(0, 0)), 4, source="my rows")
+
+
 def test_labels_mask_padding_and_prompt():
     batch = {
         "input_ids": torch.tensor([[5, 6, 7, 8, 2, 2]]),
