@@ -226,10 +226,8 @@ class RavenGenerationMixin(SpeculativeDecodingMixin):
         if streamer is not None:
             streamer.put(input_ids.cpu())  # HF streamer convention: the prompt comes first
         for step in range(max_new_tokens):
-            if step == 0 and use_cache:
-                logits = self._prefill(input_ids, attention_mask, cache, n_steps, k_steps, run)
-            else:
-                logits = next_logits(run)
+            first = step == 0 and use_cache  # the prompt through the cache, at the full depth
+            logits = self._prefill(input_ids, attention_mask, cache, n_steps, k_steps, run) if first else next_logits(run)
             logits = logits.float()
             next_token = self._choose_next(logits, do_sample, temperature, top_k, top_p, generator)
             if run.append(next_token, logits, streamer, stopping_criteria):
