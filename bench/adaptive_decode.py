@@ -7,7 +7,7 @@ work that does not shrink with the rows (launches, Python, the cache gather) and
 until the slowest row of the batch exits.
 
     python bench/adaptive_decode.py [--model DIR] [--batch 16] [--depth 16] [--criteria latent,kl]
-                                    [--new_tokens 32] [--repeats 3] [--threads 2] [--device auto]
+                                    [--new_tokens 32] [--context 0] [--repeats 3] [--threads 2] [--device auto]
 
 --model: a recurrent checkpoint (default: the quickstart's trained model,
 runs/quickstart/runs/recurrent/final_checkpoint, when it exists); `random` or a missing default
@@ -45,6 +45,9 @@ def parse_args(argv=None):
     parser.add_argument("--criteria", default="latent,kl", help="comma-separated exit criteria to time")
     parser.add_argument("--new_tokens", type=int, default=32)
     parser.add_argument("--prompt_tokens", type=int, default=48, help="prompt length for random-token prompts")
+    parser.add_argument("--context", type=int, default=0,
+                        help="tokens of earlier context before each prompt (the prompts repeated): a long cache "
+                             "makes attention, whose cost follows the rows still iterating, a larger share of a step")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--target", type=float, default=0.5,
                         help="mean iterations per token to aim for, as a fraction of --depth")
@@ -57,6 +60,8 @@ def parse_args(argv=None):
     for name in ("batch", "depth", "new_tokens", "prompt_tokens", "repeats", "search_steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.context < 0:
+        parser.error(f"--context must be >= 0, got {args.context}")
     if not 0 < args.target < 1:
         parser.error(f"--target must be in (0, 1), got {args.target}")
     from retrofit.model.exits_raven import exit_criterion
@@ -105,6 +110,16 @@ def load(args, device, dtype):
         return model, ids.to(device), torch.ones_like(ids).to(device), f"{path} (random-token prompts)"
 
 
+def with_context(ids, mask, tokens: int):
+    """Each prompt after `tokens` tokens of context: the batch's prompts (their real tokens) repeated."""
+    if tokens == 0:
+        return ids, mask
+    filler = ids[mask.bool()]
+    filler = filler.repeat(tokens // filler.numel() + 1)[:tokens]
+    prefix = filler[None].expand(ids.shape[0], -1)
+    return torch.cat([prefix, ids], 1), torch.cat([torch.ones_like(prefix), mask], 1)
+
+
 def generate(model, ids, mask, depth, new_tokens, threshold=None, criterion="kl"):
     return model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, num_steps=depth, eos_token_id=[],
                           adaptive_threshold=threshold, adaptive_criterion=criterion)
@@ -136,7 +151,10 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model, ids, mask, what = load(args, device, dtype)
-    tokens = args.batch * args.new_tokens
+    ids, mask = with_context(ids, mask, args.context)
+    # Timed: the decode steps after the prompt. The prefill (the prompt at full depth, which yields
+    # the first new token) is the same in every run; its time, measured alone, is subtracted.
+    tokens = args.batch * max(args.new_tokens - 1, 1)
     print(f"model: {what}; batch {args.batch}, prompt {ids.shape[1]} tokens, {args.new_tokens} new, "
           f"depth {args.depth}, {device.type} {dtype}, {torch.get_num_threads()} threads")
     plans = []
@@ -146,21 +164,27 @@ def main(argv=None) -> int:
         plans.append((criterion, threshold))
         print(f"{criterion}: threshold {threshold:.3g} (mean depth {probe_depth:.2f} on an 8-token probe)")
     generate(model, ids, mask, args.depth, 2)  # warm-up
-    fixed_times, adaptive_times, depths = [], {c: [] for c, _ in plans}, {}
+    fixed_times, adaptive_times, depths, prefill_times = [], {c: [] for c, _ in plans}, {}, []
     for _ in range(args.repeats):
+        prefill_times.append(time_call(lambda: generate(model, ids, mask, args.depth, 1), device))
         fixed_times.append(time_call(lambda: generate(model, ids, mask, args.depth, args.new_tokens), device))
         for criterion, threshold in plans:
             adaptive_times[criterion].append(time_call(
                 lambda: generate(model, ids, mask, args.depth, args.new_tokens, threshold, criterion), device))
-            depths[criterion] = model.last_generation_stats["mean_depth"]
-    fixed = tokens / statistics.median(fixed_times)
-    print(f"\n{'run':<28} {'mean depth':>10} {'tokens/s':>9} {'ratio':>6}")
-    print(f"{'fixed depth':<28} {args.depth:>10.2f} {fixed:>9.1f} {1.0:>6.2f}")
+            stats = model.last_generation_stats
+            depths[criterion] = (stats["mean_depth"], stats["mean_step_depth"])
+    prefill = statistics.median(prefill_times) if args.new_tokens > 1 else 0.0
+    fixed = tokens / (statistics.median(fixed_times) - prefill)
+    print(f"\n{'run':<28} {'mean depth':>10} {'step depth':>10} {'tokens/s':>9} {'ratio':>6}")
+    print(f"{'fixed depth':<28} {args.depth:>10.2f} {args.depth:>10.2f} {fixed:>9.1f} {1.0:>6.2f}")
     for criterion, threshold in plans:
-        speed = tokens / statistics.median(adaptive_times[criterion])
-        print(f"{f'{criterion} @ {threshold:.3g}':<28} {depths[criterion]:>10.2f} {speed:>9.1f} {speed / fixed:>6.2f}")
-    print("(ratio: adaptive tokens/s over fixed depth's, medians of interleaved runs; mean depth: "
-          "recurrent iterations per generated token after the prompt)")
+        speed = tokens / (statistics.median(adaptive_times[criterion]) - prefill)
+        mean_depth, step_depth = depths[criterion]
+        print(f"{f'{criterion} @ {threshold:.3g}':<28} {mean_depth:>10.2f} {step_depth:>10.2f} {speed:>9.1f} {speed / fixed:>6.2f}")
+    print("(tokens/s: tokens after the first, the prefill's time subtracted; ratio: adaptive tokens/s over fixed "
+          "depth's, medians of interleaved runs; mean depth: recurrent "
+          "iterations per generated token after the prompt; step depth: iterations per decode step, the deepest "
+          "row's, which every row of the batch waits for)")
     return 0
 
 

@@ -143,6 +143,10 @@ def test_batched_rows_stop_and_match_each_prompt_alone(criterion, threshold):
     prefill = 8
     assert sum(rows[prefill:]) == round(stats["mean_depth"] * stats["tokens"]) < 8 * stats["tokens"]
     assert min(rows[prefill:]) < len(prompts)  # some iterations ran on fewer rows than the batch
+    # A batched step lasts as long as its deepest row: one recurrent call per iteration of it.
+    steps = kwargs["max_new_tokens"] - 1
+    assert stats["mean_step_depth"] * steps == len(rows) - prefill
+    assert stats["mean_depth"] <= stats["mean_step_depth"] <= 8
     depth_total = 0.0
     for i, prompt in enumerate(prompts):
         alone = model.generate(prompt[None], **kwargs)
@@ -231,9 +235,11 @@ def test_bench_adaptive_decode_runs_and_prints_the_ratio(capsys, monkeypatch):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     argv = ["--model", "random", "--random_hidden", "64", "--batch", "3", "--depth", "4", "--new_tokens", "3",
-            "--prompt_tokens", "5", "--repeats", "1", "--search_steps", "2", "--criteria", "cosine,argmax-stability-2", "--device", "cpu"]
+            "--prompt_tokens", "5", "--context", "7", "--repeats", "1", "--search_steps", "2", "--criteria",
+            "cosine,argmax-stability-2", "--device", "cpu"]
     assert bench.main(argv) == 0
     out = capsys.readouterr().out
-    assert "fixed depth" in out and "cosine @" in out and "argmax-stability-2 @" in out
+    assert "prompt 12 tokens" in out  # 7 of context + 5
+    assert "fixed depth" in out and "cosine @" in out and "argmax-stability-2 @" in out and "step depth" in out
     with pytest.raises(SystemExit):
         bench.main(["--criteria", "entropy"])

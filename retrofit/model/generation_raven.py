@@ -142,10 +142,14 @@ class DecodeRun:
         return bool(self.done.all())
 
     def stats(self, depth) -> dict:
-        """`last_generation_stats`: the mean depth per generated token and how many tokens."""
+        """`last_generation_stats`: the mean depth per generated token and how many tokens; with
+        adaptive exit also `mean_step_depth`, the mean over decode steps of the deepest row's
+        depth: the iterations a batched step lasts, since every row waits for the slowest."""
         if self.depths:
             used = torch.cat(self.depths)
-            return {"mean_depth": used.mean().item() if used.numel() else 0.0, "tokens": int(used.numel())}
+            steps = [d.max().item() for d in self.depths if d.numel()]
+            return {"mean_depth": used.mean().item() if used.numel() else 0.0, "tokens": int(used.numel()),
+                    "mean_step_depth": sum(steps) / len(steps) if steps else 0.0}
         return {"mean_depth": float(sum(depth) if isinstance(depth, (tuple, list)) else depth), "tokens": int(self.length - self.prompt_length) * self.tokens.shape[0]}
 
 
