@@ -71,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+        from retrofit.model.loading import quiet_transformers_bars
+
         device = resolve_device(args.device)
         dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
         if dtype not in ("float32", "bfloat16", "float16"):
@@ -94,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
             tokenizer = None
         ids, mask = load_sample_rows(args.data, tokenizer, args.num_sequences, args.max_length)
         check_token_ids(ids, base_config.vocab_size, args.data)  # before the weights load
+        quiet_transformers_bars()
         model = AutoModelForCausalLM.from_pretrained(args.model_name, dtype=getattr(torch, dtype)).to(device).eval()
         print(f"{args.model_name}: {num_layers} layers; {ids.shape[0]} sequences, {int(mask.sum())} tokens from {args.data}",
               file=sys.stderr)

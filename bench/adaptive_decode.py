@@ -77,6 +77,7 @@ def parse_args(argv=None):
 def load(args, device, dtype):
     """(model, prompts (B, T), attention mask, description)."""
     from retrofit.model.modeling_raven import RavenForCausalLM
+    from retrofit.model.loading import quiet_transformers_bars
 
     path = Path(args.model) if args.model not in (None, "random") else QUICKSTART_MODEL
     if args.model == "random" or (args.model is None and not (path / "config.json").is_file()):
@@ -91,6 +92,7 @@ def load(args, device, dtype):
         return model, ids.to(device), torch.ones_like(ids).to(device), f"random model, hidden {hidden}"
     if not (path / "config.json").is_file():
         sys.exit(f"error: --model {path} has no config.json")
+    quiet_transformers_bars()
     model = RavenForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     try:
         from transformers import AutoTokenizer

@@ -135,6 +135,9 @@ def load_gguf(gguf_file: Path):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from retrofit.model.conversion import ConversionError, detect_family
+    from retrofit.model.loading import quiet_transformers_bars
+
+    quiet_transformers_bars()
 
     folder, name = str(gguf_file.parent), gguf_file.name
     try:

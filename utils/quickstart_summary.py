@@ -49,6 +49,7 @@ def static_loss(args) -> int:
     from transformers import AutoModelForCausalLM
 
     from retrofit.model.configuration_raven import RavenConfig
+    from retrofit.model.loading import quiet_transformers_bars
     from retrofit.evaluate.loss_over_depth import EvalError, inputs_and_labels, load_eval_rows, per_sequence_loss
     from retrofit.data.rows import DataError
 
@@ -61,6 +62,7 @@ def static_loss(args) -> int:
         if Path(out).exists():
             print(f"skip {model_dir}: {out} exists")
             continue
+        quiet_transformers_bars()
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
         if getattr(model.config, "model_type", None) == RavenConfig.model_type:
             print(f"error: {model_dir} is a recurrent model; use multi_recurrence_eval.py", file=sys.stderr)

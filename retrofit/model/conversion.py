@@ -328,6 +328,9 @@ def load_base_model(model_name: str | os.PathLike) -> nn.Module:
     ConversionErrors (a missing layer would otherwise be randomly initialised)."""
     from transformers import AutoModelForCausalLM
 
+    from .loading import quiet_transformers_bars
+
+    quiet_transformers_bars()
     try:
         base, info = AutoModelForCausalLM.from_pretrained(model_name, dtype=torch.float32, output_loading_info=True)
     except Exception as err:  # safetensors / torch raise many types for a truncated or garbage file
