@@ -31,7 +31,7 @@ from retrofit.openmp import passive_openmp_wait
 passive_openmp_wait()
 import torch  # noqa: E402
 
-from _common import raven_config, time_call  # noqa: E402  (bench/_common.py)
+from _common import raven_config  # noqa: E402  (bench/_common.py)
 
 QUICKSTART_MODEL = Path("runs/quickstart/runs/recurrent/final_checkpoint")
 RANDOM_SHAPE = dict(hidden=256, intermediate=704, heads=4, kv_heads=2, vocab=4096, prelude=2, core=2, coda=2)
@@ -57,9 +57,11 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0: leave as is)")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
-    for name in ("batch", "depth", "new_tokens", "prompt_tokens", "repeats", "search_steps"):
+    for name in ("batch", "depth", "prompt_tokens", "repeats", "search_steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.new_tokens < 2:
+        parser.error(f"--new_tokens must be >= 2 (the first comes from the prefill), got {args.new_tokens}")
     if args.context < 0:
         parser.error(f"--context must be >= 0, got {args.context}")
     if not 0 < args.target < 1:
@@ -154,9 +156,10 @@ def main(argv=None) -> int:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model, ids, mask, what = load(args, device, dtype)
     ids, mask = with_context(ids, mask, args.context)
-    # Timed: the decode steps after the prompt. The prefill (the prompt at full depth, which yields
-    # the first new token) is the same in every run; its time, measured alone, is subtracted.
-    tokens = args.batch * max(args.new_tokens - 1, 1)
+    # Timed: the decode steps after the prompt (`decode_seconds`). The prefill (the prompt at full
+    # depth, which yields the first new token) is the same in every run, and with a long context
+    # it is most of a generation's time.
+    tokens = args.batch * (args.new_tokens - 1)
     print(f"model: {what}; batch {args.batch}, prompt {ids.shape[1]} tokens, {args.new_tokens} new, "
           f"depth {args.depth}, {device.type} {dtype}, {torch.get_num_threads()} threads")
     plans = []
@@ -166,24 +169,23 @@ def main(argv=None) -> int:
         plans.append((criterion, threshold))
         print(f"{criterion}: threshold {threshold:.3g} (mean depth {probe_depth:.2f} on an 8-token probe)")
     generate(model, ids, mask, args.depth, 2)  # warm-up
-    fixed_times, adaptive_times, depths, prefill_times = [], {c: [] for c, _ in plans}, {}, []
+    fixed_times, adaptive_times, depths = [], {c: [] for c, _ in plans}, {}
     for _ in range(args.repeats):
-        prefill_times.append(time_call(lambda: generate(model, ids, mask, args.depth, 1), device))
-        fixed_times.append(time_call(lambda: generate(model, ids, mask, args.depth, args.new_tokens), device))
+        generate(model, ids, mask, args.depth, args.new_tokens)
+        fixed_times.append(model.last_generation_stats["decode_seconds"])
         for criterion, threshold in plans:
-            adaptive_times[criterion].append(time_call(
-                lambda: generate(model, ids, mask, args.depth, args.new_tokens, threshold, criterion), device))
+            generate(model, ids, mask, args.depth, args.new_tokens, threshold, criterion)
             stats = model.last_generation_stats
+            adaptive_times[criterion].append(stats["decode_seconds"])
             depths[criterion] = (stats["mean_depth"], stats["mean_step_depth"])
-    prefill = statistics.median(prefill_times) if args.new_tokens > 1 else 0.0
-    fixed = tokens / (statistics.median(fixed_times) - prefill)
+    fixed = tokens / statistics.median(fixed_times)
     print(f"\n{'run':<28} {'mean depth':>10} {'step depth':>10} {'tokens/s':>9} {'ratio':>6}")
     print(f"{'fixed depth':<28} {args.depth:>10.2f} {args.depth:>10.2f} {fixed:>9.1f} {1.0:>6.2f}")
     for criterion, threshold in plans:
-        speed = tokens / (statistics.median(adaptive_times[criterion]) - prefill)
+        speed = tokens / statistics.median(adaptive_times[criterion])
         mean_depth, step_depth = depths[criterion]
         print(f"{f'{criterion} @ {threshold:.3g}':<28} {mean_depth:>10.2f} {step_depth:>10.2f} {speed:>9.1f} {speed / fixed:>6.2f}")
-    print("(tokens/s: tokens after the first, the prefill's time subtracted; ratio: adaptive tokens/s over fixed "
+    print("(tokens/s: the tokens after the first over the decode steps' time, the prefill left out; ratio: adaptive tokens/s over fixed "
           "depth's, medians of interleaved runs; mean depth: recurrent "
           "iterations per generated token after the prompt; step depth: iterations per decode step, the deepest "
           "row's, which every row of the batch waits for)")

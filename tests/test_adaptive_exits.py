@@ -147,6 +147,7 @@ def test_batched_rows_stop_and_match_each_prompt_alone(criterion, threshold):
     steps = kwargs["max_new_tokens"] - 1
     assert stats["mean_step_depth"] * steps == len(rows) - prefill
     assert stats["mean_depth"] <= stats["mean_step_depth"] <= 8
+    assert stats["prefill_seconds"] > 0 and stats["decode_seconds"] > 0  # the clock of bench/adaptive_decode.py
     depth_total = 0.0
     for i, prompt in enumerate(prompts):
         alone = model.generate(prompt[None], **kwargs)

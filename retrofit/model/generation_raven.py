@@ -10,6 +10,7 @@ modeling_raven.py, which imports it relatively.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -57,6 +58,8 @@ class DecodeRun:
     cos_table: torch.Tensor
     sin_table: torch.Tensor
     depths: list[torch.Tensor] = field(default_factory=list)  # adaptive exit: depth used per new token
+    # Wall clock (perf_counter) at the start, after the prefill and at the end: stats' seconds.
+    clock: list[float] = field(default_factory=list)
     # Continuous thought: the last processed position's final latent state, (B, 1, h), which
     # seeds the next token's recurrence instead of a fresh random state; None = off.
     latent: torch.Tensor | None = None
@@ -90,7 +93,7 @@ class DecodeRun:
         mask = torch.ones((B, total), dtype=attention_mask.dtype, device=device)
         mask[:, :T] = attention_mask
         cos_table, sin_table = model.rope_tables(total, device)
-        return cls(
+        run = cls(
             tokens=tokens, mask=mask, real_tokens=attention_mask.long().sum(-1),
             done=torch.zeros(B, dtype=torch.bool, device=device), masked=not bool(attention_mask.all()),
             length=T, prompt_length=T, pad_token_id=pad_token_id,
@@ -98,6 +101,8 @@ class DecodeRun:
             cos_table=cos_table, sin_table=sin_table,
             continuous=bool(options and options.continuous), state_seed=options.state_seed if options else None,
         )
+        run.tick()
+        return run
 
     @property
     def total(self) -> int:
@@ -132,6 +137,8 @@ class DecodeRun:
         else:
             self.real_tokens += 1
         self.length += 1
+        if self.length == self.prompt_length + 1:
+            self.tick()  # the prefill's end: the prompt and the first new token
         if streamer is not None:
             streamer.put(next_token.cpu())
         if self.eos is not None:
@@ -141,16 +148,32 @@ class DecodeRun:
             self.done |= torch.as_tensor(found, device=self.done.device).bool().reshape(-1).expand(self.done.shape[0])
         return bool(self.done.all())
 
+    def tick(self) -> None:
+        """Read the clock (after the device has finished its queued work)."""
+        if self.tokens.is_cuda:
+            torch.cuda.synchronize(self.tokens.device)
+        self.clock.append(time.perf_counter())
+
+    def timings(self) -> dict:
+        """`prefill_seconds` (the prompt and the first new token) and `decode_seconds` (the rest)."""
+        if len(self.clock) < 3:
+            return {}
+        start, prefilled, end = self.clock[0], self.clock[1], self.clock[-1]
+        return {"prefill_seconds": prefilled - start, "decode_seconds": end - prefilled}
+
     def stats(self, depth) -> dict:
-        """`last_generation_stats`: the mean depth per generated token and how many tokens; with
+        """`last_generation_stats` at the end of a generation: the mean depth per generated token,
+        how many tokens, `prefill_seconds` and `decode_seconds` (`timings`); with
         adaptive exit also `mean_step_depth`, the mean over decode steps of the deepest row's
         depth: the iterations a batched step lasts, since every row waits for the slowest."""
+        self.tick()
         if self.depths:
             used = torch.cat(self.depths)
             steps = [d.max().item() for d in self.depths if d.numel()]
             return {"mean_depth": used.mean().item() if used.numel() else 0.0, "tokens": int(used.numel()),
-                    "mean_step_depth": sum(steps) / len(steps) if steps else 0.0}
-        return {"mean_depth": float(sum(depth) if isinstance(depth, (tuple, list)) else depth), "tokens": int(self.length - self.prompt_length) * self.tokens.shape[0]}
+                    "mean_step_depth": sum(steps) / len(steps) if steps else 0.0, **self.timings()}
+        return {"mean_depth": float(sum(depth) if isinstance(depth, (tuple, list)) else depth),
+                "tokens": int(self.length - self.prompt_length) * self.tokens.shape[0], **self.timings()}
 
 
 class RavenGenerationMixin(SpeculativeDecodingMixin):
