@@ -3,8 +3,9 @@
 threshold T that about halves the mean iterations per token (found by a bisection on a short
 generation of the same prompts). Rows whose token has exited stop running the recurrent block
 (`exits_raven.decode_with_exits`), so the saving is real compute; what is left is the per-iteration
-work that does not shrink with the rows (launches, Python, the cache gather) and the iterations run
-until the slowest row of the batch exits.
+work that does not shrink with the rows (launches, Python, weight reads) and the iterations run
+until the slowest row of the batch exits (the "step depth" column). Attention over a long cache
+does shrink with the rows: `--context N` puts N tokens of earlier context before each prompt.
 
     python bench/adaptive_decode.py [--model DIR] [--batch 16] [--depth 16] [--criteria latent,kl]
                                     [--new_tokens 32] [--context 0] [--repeats 3] [--threads 2] [--device auto]
