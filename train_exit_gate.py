@@ -47,6 +47,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--tokens_per_step", type=int, default=65536,
                         help="recorded tokens per optimizer step, drawn at random; all of them when there are no more "
                              "(default 65536: all of 64 rows of up to 1024 tokens)")
+    parser.add_argument("--exit_after_first", action="store_true",
+                        help="--init latent only: let the gate learn to stop tokens after their first iteration "
+                             "(off: it never does, like every heuristic)")
     parser.add_argument("--sharpness", type=float, default=50.0, help="k of the remaining_gain target (Ouro: 50)")
     parser.add_argument("--min_gain", type=float, default=0.005, help="gamma, nats of gain worth an iteration (Ouro: 0.005)")
     parser.add_argument("--entropy_weight", type=float, default=0.05, help="beta of the expected_loss objective")
@@ -86,6 +89,8 @@ def run(args) -> Path:
 
     objective = GateObjective(args.objective, args.depth_cost, args.sharpness, args.min_gain, args.entropy_weight)
     init = resolve_init(args.init, objective)
+    if args.exit_after_first and init != "latent":
+        raise ExitGateError(f"--exit_after_first needs --init latent (a {init} gate may stop after any iteration)")
     torch.manual_seed(args.seed)
     model = load_saved_model(args.checkpoint)
     if not hasattr(model, "exit_probability"):
@@ -101,7 +106,7 @@ def run(args) -> Path:
     recorded = time.perf_counter() - start
     model.add_exit_gate(iterations)
     if init == "latent":
-        init_latent_equivalent(model)
+        init_latent_equivalent(model, args.exit_after_first)
     before = evaluate_objective(model, records, objective)
     train_gate(model, records, objective, args.steps, args.lr, args.tokens_per_step, args.seed,
                parameters=trainable_parameters(model, init))

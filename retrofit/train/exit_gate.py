@@ -175,13 +175,16 @@ def resolve_init(init: str, objective: GateObjective) -> str:
 
 
 @torch.no_grad()
-def init_latent_equivalent(model) -> None:
+def init_latent_equivalent(model, exit_after_first: bool = False) -> None:
     """Set the gate to z_i = -log(||s_i - s_{i-1}|| / ||s_i||) (+ NO_EXIT_BIAS after iteration 1):
-    w = 0, a = -1, b = 0. Threshold T then exits exactly where `latent` at T / (1 - T) does."""
+    w = 0, a = -1, b = 0. Threshold T then exits exactly where `latent` at T / (1 - T) does.
+    `exit_after_first`: b_1 = 0 like the others, so training may learn to stop tokens after their
+    first iteration (there the gate compares s_1 with the random s_0)."""
     gate = model.exit_gate
     gate.reset_parameters()
     gate.change_weight.fill_(-1.0)
-    gate.iteration_bias[0] = NO_EXIT_BIAS
+    if not exit_after_first:
+        gate.iteration_bias[0] = NO_EXIT_BIAS
 
 
 def trainable_parameters(model, init: str) -> list[torch.nn.Parameter]:
