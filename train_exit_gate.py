@@ -87,7 +87,7 @@ def run(args) -> Path:
         resolve_init, save_gated_checkpoint, train_gate, trainable_parameters,
     )
 
-    objective = GateObjective(args.objective, args.depth_cost, args.sharpness, args.min_gain, args.entropy_weight)
+    objective = GateObjective(args.objective, args.sharpness, args.min_gain, args.entropy_weight, args.depth_cost)
     init = resolve_init(args.init, objective)
     if args.exit_after_first and init != "latent":
         raise ExitGateError(f"--exit_after_first needs --init latent (a {init} gate may stop after any iteration)")

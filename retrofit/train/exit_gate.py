@@ -75,10 +75,10 @@ class DepthRecords:
 @dataclass
 class GateObjective:
     name: str = "exit_cost"
-    depth_cost: float = 0.01  # c (nats per iteration), exit_cost only
     sharpness: float = 50.0  # k: Ouro's value
     min_gain: float = 0.005  # gamma (nats): Ouro's value
     entropy_weight: float = 0.05  # beta, expected_loss only
+    depth_cost: float = 0.01  # c (nats per iteration), exit_cost only (last: older positional calls keep their meaning)
 
     def __post_init__(self):
         if self.name not in OBJECTIVES:
