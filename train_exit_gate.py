@@ -2,8 +2,9 @@
 
 Runs the checkpoint once over the first --num_sequences rows of a parquet shard (or folder) to
 --iterations recurrent iterations, recording every scored token's latent states and its loss at
-each depth, then fits only the gate's weights to those records (--objective, default Ouro's
-gate-only stage with the gain still to come as its target). Writes a full checkpoint: the base's
+each depth, then fits only the gate's weights to those records (--objective, default exit_cost:
+the expected loss under the gate's exit distribution plus --depth_cost nats per iteration, from
+the gate that reproduces the `latent` criterion). Writes a full checkpoint: the base's
 files, its weights unchanged, plus the gate's weights and the `exit_gate` config key; it loads
 with `trust_remote_code` anywhere and decodes with `adaptive_criterion="gate"`.
 
@@ -21,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from retrofit.train.exit_gate import OBJECTIVES
+from retrofit.train.exit_gate import INITS, OBJECTIVES
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -35,10 +36,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--num_sequences", type=int, default=64, help="rows recorded (default 64)")
     parser.add_argument("--iterations", type=int, default=None,
                         help="deepest iteration recorded and the gate's per-iteration biases (default 2 x mean_recurrence, at most 32)")
-    parser.add_argument("--objective", default="remaining_gain", help=f"one of {', '.join(OBJECTIVES)}")
+    parser.add_argument("--objective", default="exit_cost", help=f"one of {', '.join(OBJECTIVES)} (default exit_cost)")
+    parser.add_argument("--depth_cost", type=float, default=0.01,
+                        help="c, the price in nats of one more iteration in the exit_cost objective (default 0.01)")
+    parser.add_argument("--init", default="auto",
+                        help=f"the gate before training, one of {', '.join(INITS)}: latent = the gate that exits where the "
+                             "latent criterion does (kept scale, default for exit_cost), zero = p_stop 1/2 everywhere (default otherwise)")
     parser.add_argument("--steps", type=int, default=300, help="optimizer steps on the gate (default 300)")
     parser.add_argument("--lr", type=float, default=1e-2)
-    parser.add_argument("--tokens_per_step", type=int, default=4096)
+    parser.add_argument("--tokens_per_step", type=int, default=65536,
+                        help="recorded tokens per optimizer step, drawn at random; all of them when there are no more "
+                             "(default 65536: all of 64 rows of up to 1024 tokens)")
+    parser.add_argument("--exit_after_first", action="store_true",
+                        help="--init latent only: let the gate learn to stop tokens after their first iteration "
+                             "(off: it never does, like every heuristic)")
     parser.add_argument("--sharpness", type=float, default=50.0, help="k of the remaining_gain target (Ouro: 50)")
     parser.add_argument("--min_gain", type=float, default=0.005, help="gamma, nats of gain worth an iteration (Ouro: 0.005)")
     parser.add_argument("--entropy_weight", type=float, default=0.05, help="beta of the expected_loss objective")
@@ -72,11 +83,14 @@ def run(args) -> Path:
     from retrofit.model.loading import load_saved_model
     from retrofit.train.distributed import resolve_device
     from retrofit.train.exit_gate import (
-        ExitGateError, GateObjective, collect_depth_records, evaluate_objective, objective_floor, save_gated_checkpoint,
-        train_gate,
+        ExitGateError, GateObjective, collect_depth_records, evaluate_objective, init_latent_equivalent, objective_floor,
+        resolve_init, save_gated_checkpoint, train_gate, trainable_parameters,
     )
 
-    objective = GateObjective(args.objective, args.sharpness, args.min_gain, args.entropy_weight)
+    objective = GateObjective(args.objective, args.sharpness, args.min_gain, args.entropy_weight, args.depth_cost)
+    init = resolve_init(args.init, objective)
+    if args.exit_after_first and init != "latent":
+        raise ExitGateError(f"--exit_after_first needs --init latent (a {init} gate may stop after any iteration)")
     torch.manual_seed(args.seed)
     model = load_saved_model(args.checkpoint)
     if not hasattr(model, "exit_probability"):
@@ -91,14 +105,17 @@ def run(args) -> Path:
     records = collect_depth_records(model, input_ids, attention_mask, iterations, args.batch_size, args.seed)
     recorded = time.perf_counter() - start
     model.add_exit_gate(iterations)
+    if init == "latent":
+        init_latent_equivalent(model, args.exit_after_first)
     before = evaluate_objective(model, records, objective)
-    train_gate(model, records, objective, args.steps, args.lr, args.tokens_per_step, args.seed)
+    train_gate(model, records, objective, args.steps, args.lr, args.tokens_per_step, args.seed,
+               parameters=trainable_parameters(model, init))
     after = evaluate_objective(model, records, objective)
     out = save_gated_checkpoint(model, args.checkpoint, args.save_name)
     floor = objective_floor(records, objective)
     floor_text = "" if floor is None else f" (its floor, the labels' entropy: {floor:.4f})"
     print(f"recorded {records.tokens} tokens x {iterations} iterations in {recorded:.1f}s; "
-          f"{args.objective} objective {before:.4f} -> {after:.4f}{floor_text} after {args.steps} steps -> {out}")
+          f"{args.objective} objective (from the {init} gate) {before:.4f} -> {after:.4f}{floor_text} after {args.steps} steps -> {out}")
     return out
 
 

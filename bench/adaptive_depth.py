@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -33,9 +34,12 @@ import numpy as np
 DEFAULT_THRESHOLDS = {
     "kl": [1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1],
     "latent": [1e-3, 3e-3, 0.01, 0.02, 0.03, 0.05, 0.1, 0.2, 0.3, 0.5],
-    # 1 - p_stop: the gate's labels are soft (p_stop of a token with nothing left to gain is about
-    # 0.56 under the default target), so the useful range is narrow and sampled densely.
-    "gate": [0.3, 0.4, 0.42, 0.44, 0.46, 0.48, 0.5, 0.52, 0.54, 0.56, 0.6, 0.7, 0.9],
+    # 1 - p_stop. A gate trained from the latent-equivalent gate (exit_cost, the default) exits at T
+    # about where latent exits at T / (1 - T), shifted by what it learned: stop logits from -6 to 16
+    # in steps of 0.5. A remaining_gain gate's labels are soft (p_stop of a token with nothing left
+    # to gain is about 0.56), so its useful band around 0.44 is sampled densely as well.
+    "gate": sorted({round(1 - 1 / (1 + math.exp(-z / 2)), 12) for z in range(-12, 33)}
+                   | {0.3, 0.4, 0.42, 0.44, 0.46, 0.48, 0.5, 0.52, 0.54, 0.56, 0.6, 0.7, 0.9}),
 }
 GENERIC_THRESHOLDS = [1e-5, 1e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0]
 TARGET_DEPTH = 16  # the reference: the fixed r = 16 loss

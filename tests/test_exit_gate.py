@@ -6,6 +6,7 @@ adaptive decoding and the depth sweep with `gate` equal fixed depth."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -19,8 +20,8 @@ from retrofit.model.loading import load_saved_model
 from retrofit.model.modeling_raven import RavenForCausalLM
 from tiny_components import tiny_raven_config, write_token_parquet
 from retrofit.train.exit_gate import (
-    ExitGateError, GateObjective, collect_depth_records, evaluate_objective, remaining_gain, save_gated_checkpoint,
-    train_gate,
+    ExitGateError, GateObjective, collect_depth_records, evaluate_objective, gate_objective, init_latent_equivalent,
+    remaining_gain, resolve_init, save_gated_checkpoint, stop_logits, train_gate, trainable_parameters,
 )
 
 VOCAB = 96
@@ -44,7 +45,8 @@ def gated():
     model = tiny_model()
     records = collect_depth_records(model, *token_rows(), iterations=4, batch_size=3, seed=0, progress=False)
     model.add_exit_gate(4)
-    train_gate(model, records, GateObjective(), steps=5, lr=0.05, tokens_per_step=64, seed=0, progress=False)
+    train_gate(model, records, GateObjective("remaining_gain"), steps=5, lr=0.05, tokens_per_step=64, seed=0,
+               progress=False)
     return model
 
 
@@ -53,7 +55,7 @@ def test_remaining_gain_is_the_gain_still_to_come():
     assert remaining_gain(losses).squeeze(1).tolist() == pytest.approx([1.0, 0.5, 0.7, 0.0, 0.0])
 
 
-@pytest.mark.parametrize("objective", ["remaining_gain", "expected_loss"])
+@pytest.mark.parametrize("objective", ["remaining_gain", "expected_loss", "exit_cost"])
 def test_training_the_gate_lowers_its_objective_and_nothing_else_changes(objective):
     model = tiny_model()
     frozen = {k: v.clone() for k, v in model.state_dict().items()}
@@ -70,6 +72,45 @@ def test_training_the_gate_lowers_its_objective_and_nothing_else_changes(objecti
     assert sorted(k for k in state if k not in frozen) == [
         "exit_gate.change_weight", "exit_gate.iteration_bias", "exit_gate.norm.weight", "exit_gate.proj.weight"
     ]
+
+
+def test_exit_cost_is_the_expected_loss_plus_the_price_of_the_expected_depth():
+    losses = torch.tensor([[3.0], [2.0], [1.5]])
+    logits = torch.tensor([[0.0], [math.log(3.0)], [5.0]])  # stop 1/2, then 3/4 of the rest, the last takes the rest
+    p = [0.5, 0.375, 0.125]
+    expected = sum(pi * (loss + 0.1 * (i + 1)) for i, (pi, loss) in enumerate(zip(p, [3.0, 2.0, 1.5])))
+    value = gate_objective(logits, losses, GateObjective("exit_cost", depth_cost=0.1))
+    assert float(value) == pytest.approx(expected, rel=1e-6)
+
+
+def test_latent_equivalent_gate_exits_where_latent_does_and_training_keeps_its_scale():
+    """The exit_cost gate's starting point is exactly the latent criterion (gate at T = latent at
+    T / (1 - T)) in the depth sweep; training moves only w and the biases and lowers exit_cost."""
+    model = tiny_model()
+    model.add_exit_gate(4)
+    init_latent_equivalent(model)
+    inputs, labels = token_rows(3, 13, seed=4)[0][:, :-1], token_rows(3, 13, seed=4)[0][:, 1:]
+    s0 = torch.randn(3, 12, 64, generator=torch.Generator().manual_seed(1))
+    exited_somewhere = False
+    for threshold in (0.5, 0.7, 0.75):  # latent 1, 2.3, 3: this random model changes a lot
+        gate = depth_sweep(model, inputs, None, labels, [4], initial_state=s0, adaptive=AdaptiveExit(threshold, "gate"))
+        latent = depth_sweep(model, inputs, None, labels, [4], initial_state=s0,
+                             adaptive=AdaptiveExit(threshold / (1 - threshold), "latent"))
+        assert gate.depth_sum[4] == latent.depth_sum[4] and torch.equal(gate.losses[4], latent.losses[4])
+        exited_somewhere |= 2 * gate.token_count < gate.depth_sum[4] < 4 * gate.token_count
+    assert exited_somewhere  # some tokens exited and some did not: the comparison is not vacuous
+    records = collect_depth_records(model, *token_rows(), iterations=4, batch_size=3, seed=0, progress=False)
+    goal = GateObjective("exit_cost", depth_cost=0.05)
+    before = evaluate_objective(model, records, goal)
+    history = train_gate(model, records, goal, steps=20, lr=0.05, tokens_per_step=10**6, seed=0, progress=False,
+                         parameters=trainable_parameters(model, "latent"))
+    assert evaluate_objective(model, records, goal) < before - 1e-4 and history[-1] < history[0]
+    assert float(model.exit_gate.change_weight) == -1.0 and bool((model.exit_gate.norm.weight == 1).all())
+    first = 1 - torch.sigmoid(stop_logits(model, records.states)[0])  # the change after iteration 1
+    assert bool((first == 1).all())  # rounds to 1: still no threshold <= 1 exits after the first iteration
+    assert resolve_init("auto", goal) == "latent" and resolve_init("auto", GateObjective("remaining_gain")) == "zero"
+    with pytest.raises(ExitGateError, match="init 'nope'"):
+        resolve_init("nope", goal)
 
 
 def test_exit_probability_is_a_probability_per_token(gated):
@@ -131,6 +172,10 @@ def test_cli_refuses_bad_input_in_one_line(tmp_path, capsys):
         ([str(tmp_path), "--data", str(data), "--save_name", str(tmp_path / "o")], "no config.json"),
         ([str(base), "--data", str(data), "--save_name", str(tmp_path / "o"), "--objective", "nope"], "objective 'nope'"),
         ([str(base), "--data", str(data), "--save_name", str(tmp_path / "o"), "--steps", "0"], "--steps must be"),
+        ([str(base), "--data", str(data), "--save_name", str(tmp_path / "o"), "--init", "x"], "init 'x'"),
+        ([str(base), "--data", str(data), "--save_name", str(tmp_path / "o"), "--depth_cost", "-1"], "depth_cost must be"),
+        ([str(base), "--data", str(data), "--save_name", str(tmp_path / "o"), "--init", "zero", "--exit_after_first"],
+         "--exit_after_first needs --init latent"),
     ]
     for argv, message in cases:
         assert train_exit_gate.main(argv) == 2

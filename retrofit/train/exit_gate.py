@@ -6,18 +6,27 @@ first runs the model once over the data to R iterations (`collect_depth_records`
 token's latent states s_0..s_R and its loss L_1..L_R at each depth), then fits only the gate's
 h + N + 1 weights to those records, which costs no further model forwards.
 
-Objectives (`--objective`), with z_i the gate's stop logit and lambda_i = sigmoid(z_i):
+Objectives (`--objective`), with z_i the gate's stop logit, lambda_i = sigmoid(z_i) and the exit
+distribution p_i = lambda_i prod_{j<i} (1 - lambda_j) (the last iteration takes the rest):
 
-- `remaining_gain` (default): Ouro's second, gate-only stage (Zhu et al. 2025, "Scaling Latent
-  Reasoning via Looped Language Models", adaptive gate training with the language model frozen):
-  binary cross entropy of lambda_i against a soft "stop" label 1 - w_i, w_i = sigmoid(k (g_i - gamma)).
-  Ouro's g_i is the one-step improvement max(0, L_{i-1} - L_i); here it is the gain still to come,
-  g_i = max(0, L_i - min_{j > i} L_j), because stopping after i forgoes every later improvement, not
-  just the next one (a token whose loss plateaus for a step and then falls again should continue).
-- `expected_loss`: Ouro's entropy-regularised objective, sum_i p_i L_i - beta H(p), under the exit
-  distribution p_i = lambda_i prod_{j<i} (1 - lambda_j) (the last iteration takes the rest). With the
-  model frozen it only learns where each token's loss is lowest: nothing in it rewards stopping
-  early at equal loss, which is why it is not the default.
+- `exit_cost` (default): the expected cost of the exit decision the gate is used for,
+  sum_i p_i (L_i + c i), the expected loss of Ouro's objective (Zhu et al. 2025, "Scaling Latent
+  Reasoning via Looped Language Models") with a price of c nats per iteration (`depth_cost`) in
+  place of its entropy term: with the model frozen, expected loss alone only learns where each
+  token's loss is lowest, while the price makes stopping early at (nearly) equal loss worth it.
+  Trained from the latent-equivalent gate (`init_latent_equivalent`: w = 0, a = -1, no exit after
+  the first iteration), keeping a = -1, so it starts as exactly the `latent` criterion, can only
+  move away from it where the records say that lowers the cost, and its threshold keeps latent's
+  meaning (at initialisation, gate at T exits where latent at T / (1 - T) does).
+- `remaining_gain`: Ouro's second, gate-only stage (adaptive gate training with the language model
+  frozen): binary cross entropy of lambda_i against a soft "stop" label 1 - w_i,
+  w_i = sigmoid(k (g_i - gamma)). Ouro's g_i is the one-step improvement max(0, L_{i-1} - L_i);
+  here it is the gain still to come, g_i = max(0, L_i - min_{j > i} L_j). It labels every
+  iteration as if every token kept iterating, not the exit decision, and trained so (from a zero
+  gate) its curve lay up to 1e-3 nats above `latent`'s on the quickstart (docs/adaptive_depth.md).
+- `expected_loss`: Ouro's entropy-regularised objective, sum_i p_i L_i - beta H(p). With the model
+  frozen it only learns where each token's loss is lowest: nothing in it rewards stopping early at
+  equal loss.
 """
 
 from __future__ import annotations
@@ -29,7 +38,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-OBJECTIVES = ("remaining_gain", "expected_loss")
+OBJECTIVES = ("exit_cost", "remaining_gain", "expected_loss")
+INITS = ("auto", "latent", "zero")  # auto: latent for exit_cost, zero (the original gate) otherwise
+# The latent-equivalent gate's bias after the first iteration: sigmoid(-30) rounds 1 - p_stop to 1
+# in float32, so no threshold below 1 exits there, like every heuristic (the first iteration compares
+# s_1 with the random s_0; stopping there also freezes the token's keys and values at their first
+# iteration for every later token, which cost the original gate 1e-3 nats in the sweep).
+NO_EXIT_BIAS = -30.0
 # Files of a checkpoint that saving the gated model rewrites; everything else (tokenizer, generation
 # config, chat template, run metadata) is copied from the base checkpoint as it is.
 REWRITTEN_SUFFIXES = (".safetensors", ".bin", ".index.json")
@@ -59,15 +74,16 @@ class DepthRecords:
 
 @dataclass
 class GateObjective:
-    name: str = "remaining_gain"
+    name: str = "exit_cost"
     sharpness: float = 50.0  # k: Ouro's value
     min_gain: float = 0.005  # gamma (nats): Ouro's value
     entropy_weight: float = 0.05  # beta, expected_loss only
+    depth_cost: float = 0.01  # c (nats per iteration), exit_cost only (last: older positional calls keep their meaning)
 
     def __post_init__(self):
         if self.name not in OBJECTIVES:
             raise ExitGateError(f"objective {self.name!r} is not one of {', '.join(OBJECTIVES)}")
-        for key in ("sharpness", "min_gain", "entropy_weight"):
+        for key in ("depth_cost", "sharpness", "min_gain", "entropy_weight"):
             value = getattr(self, key)
             if not value >= 0 or value == float("inf"):
                 raise ExitGateError(f"{key} must be a finite number >= 0, got {value}")
@@ -143,8 +159,41 @@ def gate_objective(logits: torch.Tensor, losses: torch.Tensor, objective: GateOb
         return F.binary_cross_entropy_with_logits(logits, stop_labels(losses, objective))
     log_p = exit_distribution_log(logits)
     p = log_p.exp()
+    if objective.name == "exit_cost":
+        depth = torch.arange(1, losses.shape[0] + 1, device=losses.device, dtype=losses.dtype)[:, None]
+        return (p * (losses + objective.depth_cost * depth)).sum(0).mean()
     entropy = -(p * log_p).sum(0)
     return ((p * losses).sum(0) - objective.entropy_weight * entropy).mean()
+
+
+def resolve_init(init: str, objective: GateObjective) -> str:
+    if init not in INITS:
+        raise ExitGateError(f"init {init!r} is not one of {', '.join(INITS)}")
+    if init == "auto":
+        return "latent" if objective.name == "exit_cost" else "zero"
+    return init
+
+
+@torch.no_grad()
+def init_latent_equivalent(model, exit_after_first: bool = False) -> None:
+    """Set the gate to z_i = -log(||s_i - s_{i-1}|| / ||s_i||) (+ NO_EXIT_BIAS after iteration 1):
+    w = 0, a = -1, b = 0. Threshold T then exits exactly where `latent` at T / (1 - T) does.
+    `exit_after_first`: b_1 = 0 like the others, so training may learn to stop tokens after their
+    first iteration (there the gate compares s_1 with the random s_0)."""
+    gate = model.exit_gate
+    gate.reset_parameters()
+    gate.change_weight.fill_(-1.0)
+    if not exit_after_first:
+        gate.iteration_bias[0] = NO_EXIT_BIAS
+
+
+def trainable_parameters(model, init: str) -> list[torch.nn.Parameter]:
+    """The gate's weights that training moves: all of them from a zero gate; from the
+    latent-equivalent gate only w and the biases (a stays -1, the norm's scale is w's)."""
+    gate = model.exit_gate
+    if init == "latent":
+        return [gate.proj.weight, gate.iteration_bias]
+    return list(gate.parameters())
 
 
 def stop_labels(losses: torch.Tensor, objective: GateObjective) -> torch.Tensor:
@@ -173,15 +222,18 @@ def evaluate_objective(model, records: DepthRecords, objective: GateObjective, c
 
 
 def train_gate(model, records: DepthRecords, objective: GateObjective, steps: int, lr: float,
-               tokens_per_step: int, seed: int, progress: bool = True) -> list[float]:
-    """Fit the gate's weights (only those) to the records with AdamW; returns each step's objective."""
+               tokens_per_step: int, seed: int, progress: bool = True, parameters=None) -> list[float]:
+    """Fit the gate's weights (only those; `parameters`, default all of the gate's) to the records
+    with AdamW, on `tokens_per_step` tokens drawn at random each step, or on every token when that
+    covers them (the per-token losses are noisy: exit_cost gates from resampled batches lay up to
+    2e-4 nats above the full-batch one); returns each step's objective."""
     from retrofit.progress import progress_bar
 
     if model.exit_gate is None:
         raise ExitGateError("the model has no exit gate to train (add_exit_gate first)")
     for param in model.parameters():
         param.requires_grad_(False)
-    params = list(model.exit_gate.parameters())
+    params = list(model.exit_gate.parameters()) if parameters is None else list(parameters)
     for param in params:
         param.requires_grad_(True)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -189,10 +241,14 @@ def train_gate(model, records: DepthRecords, objective: GateObjective, steps: in
     generator.manual_seed(seed)
     history = []
     bar = progress_bar(range(steps), desc="exit gate", enabled=progress)
+    whole = tokens_per_step >= records.tokens  # every token each step: exact, no sampling noise
     for _ in bar:
-        pick = torch.randint(records.tokens, (min(tokens_per_step, records.tokens),), generator=generator)
-        pick = pick.to(records.states.device)
-        loss = gate_objective(stop_logits(model, records.states[:, pick]), records.losses[:, pick], objective)
+        if whole:
+            states, losses = records.states, records.losses
+        else:
+            pick = torch.randint(records.tokens, (tokens_per_step,), generator=generator).to(records.states.device)
+            states, losses = records.states[:, pick], records.losses[:, pick]
+        loss = gate_objective(stop_logits(model, states), losses, objective)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
