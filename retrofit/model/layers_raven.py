@@ -149,6 +149,7 @@ class KVCache:
         self.keys: dict[tuple, torch.Tensor] = {}
         self.values: dict[tuple, torch.Tensor] = {}
         self.seen_tokens = 0  # advanced by the model once a forward call has written every slot
+        self.scratch: dict[str, torch.Tensor] = {}  # adaptive decoding's reused row gathers (exits_raven)
 
     def core_slot(self, iteration: int) -> int:
         """The slot index c of recurrent iteration `iteration` under this cache's policy."""
