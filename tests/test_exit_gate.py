@@ -117,6 +117,16 @@ def test_exit_probability_is_a_probability_per_token(gated):
     state, previous = torch.randn(2, 5, 64), torch.randn(2, 5, 64)
     p = gated.exit_probability(state, previous, 7)  # past the gate's 4 biases: the last is reused
     assert p.shape == (2, 5) and p.dtype == torch.float32 and bool(((p >= 0) & (p <= 1)).all())
+    with torch.no_grad():
+        gated.exit_gate.iteration_bias.copy_(torch.tensor([0.0, 2.0, -1.0, 3.0]))
+    # Each token's own iteration (tokens of one call may have run different numbers of iterations).
+    iterations = torch.tensor([[1, 2, 3, 4, 9], [2, 2, 1, 4, 3]])
+    per_token = gated.exit_probability(state, previous, iterations)
+    for b in range(2):
+        for t in range(5):
+            alone = gated.exit_probability(state[b : b + 1, t : t + 1], previous[b : b + 1, t : t + 1], int(iterations[b, t]))
+            assert torch.allclose(per_token[b, t], alone[0, 0])
+    assert not torch.allclose(per_token[0, 0], gated.exit_probability(state, previous, 2)[0, 0])  # the bias matters
     with pytest.raises(ValueError, match="no exit gate"):
         tiny_model().exit_probability(state, previous, 1)
 
@@ -128,7 +138,8 @@ def test_gated_checkpoint_round_trip_with_checkpoint_code(gated, tmp_path):
     assert "exit_gate" not in saved_config  # checkpoints without a gate: config as before
     (base / "tokenizer_config.json").write_text("{}")  # any other file of the base is carried over
     out = save_gated_checkpoint(gated, base, tmp_path / "gated")
-    assert (out / "tokenizer_config.json").is_file() and not (tmp_path / ".gated.incomplete").exists()
+    assert (out / "tokenizer_config.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "gated"]  # no temporary folder left
     assert json.loads((out / "config.json").read_text())["exit_gate"] == {"iterations": 4}
     with pytest.raises(ExitGateError, match="already exists"):
         save_gated_checkpoint(gated, base, out)

@@ -47,7 +47,7 @@ import math
 
 import torch
 
-from .layers_raven import AttentionContext
+from .layers_raven import AttentionContext, relative_change
 
 # ----------------------------------------------------------------------------------------------
 # The criteria
@@ -113,9 +113,7 @@ class LatentCriterion(ExitCriterion):
 
     def step(self, model, state, log_probs, memory):
         state = state.float()
-        if memory is None:
-            return None, state
-        return (state - memory).norm(dim=-1) / state.norm(dim=-1).clamp(min=1e-12), state
+        return (None if memory is None else relative_change(state, memory)), state
 
 
 class CosineCriterion(ExitCriterion):
@@ -171,12 +169,11 @@ class GateCriterion(ExitCriterion):
     def step(self, model, state, log_probs, memory):
         state = state.float()
         if memory is None:  # a caller that did not `begin` with s_0: compare s_1 with itself
-            previous, done = state, 0
-        else:
-            previous, count = memory[..., :-1], memory[..., -1]
-            done = int(count.reshape(-1)[0]) if count.numel() else 0  # every token still iterating ran as many
-        change = 1.0 - model.exit_probability(state, previous, done + 1).float()
-        return change, torch.cat([state, torch.full_like(state[..., :1], float(done + 1))], dim=-1)
+            previous, iteration = state, torch.ones_like(state[..., 0], dtype=torch.long)
+        else:  # each token's own count (no host sync)
+            previous, iteration = memory[..., :-1], memory[..., -1].long() + 1
+        change = 1.0 - model.exit_probability(state, previous, iteration).float()
+        return change, torch.cat([state, iteration.to(state.dtype)[..., None]], dim=-1)
 
 
 EXIT_CRITERIA = {

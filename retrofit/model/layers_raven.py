@@ -361,6 +361,13 @@ class Block(nn.Module):
         return x + self.mlp(self.norm_2(x))
 
 
+def relative_change(state: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+    """||s_i - s_{i-1}|| / ||s_i|| per token (float32): the `latent` exit criterion's quantity,
+    and an input of the learned exit gate."""
+    state, previous = state.float(), previous.float()
+    return (state - previous).norm(dim=-1) / state.norm(dim=-1).clamp(min=1e-12)
+
+
 class ExitGate(nn.Module):
     """A learned exit gate: the probability that a token stops after recurrent iteration i,
 
@@ -385,10 +392,12 @@ class ExitGate(nn.Module):
         nn.init.zeros_(self.change_weight)
         nn.init.zeros_(self.iteration_bias)
 
-    def forward(self, state: torch.Tensor, previous: torch.Tensor, iteration: int) -> torch.Tensor:
-        """Stop logits (B, T), float32, after 1-based `iteration` took `previous` to `state`."""
-        state, previous = state.float(), previous.float()
-        change = (state - previous).norm(dim=-1) / state.norm(dim=-1).clamp(min=1e-12)
-        bias = self.iteration_bias[min(iteration, self.iteration_bias.shape[0]) - 1]
-        score = self.proj(self.norm(state).to(self.proj.weight.dtype)).squeeze(-1).float()
+    def forward(self, state: torch.Tensor, previous: torch.Tensor, iteration) -> torch.Tensor:
+        """Stop logits (B, T), float32, after 1-based `iteration` (an int, or each token's as a
+        tensor) took `previous` to `state`."""
+        change = relative_change(state, previous)
+        last = self.iteration_bias.shape[0]
+        index = torch.as_tensor(iteration, device=self.iteration_bias.device).clamp(1, last) - 1
+        bias = self.iteration_bias[index]
+        score = self.proj(self.norm(state.float()).to(self.proj.weight.dtype)).squeeze(-1).float()
         return score + self.change_weight.float() * change.clamp(min=1e-6).log() + bias.float()

@@ -326,9 +326,9 @@ class RavenForCausalLM(RavenGenerationMixin, RavenPreTrainedModel):
         self.exit_gate = ExitGate(self.config).to(device=weight.device, dtype=weight.dtype)
         self.exit_gate.reset_parameters()
 
-    def exit_probability(self, state: torch.Tensor, previous_state: torch.Tensor, iteration: int) -> torch.Tensor:
+    def exit_probability(self, state: torch.Tensor, previous_state: torch.Tensor, iteration) -> torch.Tensor:
         """(B, T) probability in [0, 1] that each token stops after recurrent iteration `iteration`
-        (1-based), which took `previous_state` to `state` (ExitGate)."""
+        (1-based: an int, or each token's as a tensor), which took `previous_state` to `state` (ExitGate)."""
         if self.exit_gate is None:
             raise ValueError("this checkpoint has no exit gate (config exit_gate is null): train one with train_exit_gate.py")
         return torch.sigmoid(self.exit_gate(state, previous_state, iteration))

@@ -262,15 +262,13 @@ def train_gate(model, records: DepthRecords, objective: GateObjective, steps: in
 def save_gated_checkpoint(model, base_dir: str | Path, out_dir: str | Path) -> Path:
     """The base checkpoint's files with the model's weights and config (gate included) rewritten,
     written to a temporary folder beside `out_dir` and renamed into place; never overwrites."""
+    from retrofit.atomic import atomic_directory
+
     base_dir, out_dir = Path(base_dir), Path(out_dir)
     if out_dir.exists():
         raise ExitGateError(f"--save_name {out_dir} already exists: choose a new folder (nothing is overwritten)")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.incomplete"
-    if tmp.exists():
-        shutil.rmtree(tmp)  # our own leftover from an interrupted save
     rewritten = lambda name: name.endswith(REWRITTEN_SUFFIXES) or name in REWRITTEN_NAMES or name.endswith("_raven.py")
-    shutil.copytree(base_dir, tmp, ignore=lambda _, names: [n for n in names if rewritten(n)])
-    model.save_pretrained(tmp)
-    tmp.rename(out_dir)
+    with atomic_directory(out_dir) as tmp:
+        shutil.copytree(base_dir, tmp, ignore=lambda _, names: [n for n in names if rewritten(n)], dirs_exist_ok=True)
+        model.save_pretrained(tmp)
     return out_dir
