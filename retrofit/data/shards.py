@@ -91,6 +91,24 @@ def read_row_group(parquet, path: str | Path, index: int, columns: list[str] | N
         ) from None
 
 
+def first_row_groups(path: str | Path, num_rows: int, columns=("input_ids", "attention_mask")):
+    """Yield (where, table) for the row groups that hold the first `num_rows` rows of a parquet
+    file or a folder of shards (natural name order), the last one cut to size. Reads those of
+    `columns` a file has; `input_ids` is required. `where` names the file and row group."""
+    path = Path(path)
+    have = 0
+    for file in list_parquet_files(path) if path.is_dir() else [path]:
+        parquet = open_parquet(file, required=("input_ids",))
+        present = [c for c in columns if c in parquet.schema_arrow.names]
+        for index in range(parquet.num_row_groups):
+            if have >= num_rows:
+                return
+            table = read_row_group(parquet, file, index, present).slice(0, num_rows - have)
+            if table.num_rows:
+                have += table.num_rows
+                yield f"{file} row group {index}", table
+
+
 def load_disk_table(path: str | Path, what: str, split: str | None = None, split_flag: str | None = None) -> pa.Table:
     """The Arrow table (memory-mapped, zero-copy) of a `save_to_disk` dataset at `path`.
 

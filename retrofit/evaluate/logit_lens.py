@@ -211,7 +211,7 @@ def read_parquet_sequences(path, num_sequences: int) -> list[list[int]]:
     differ in length (unpacked data) as well as in padding (packed rows)."""
     from pathlib import Path
 
-    from retrofit.data.shards import list_parquet_files, open_parquet, read_row_group
+    from retrofit.data.shards import first_row_groups
 
     if num_sequences < 1:
         raise InspectError(f"num_sequences must be >= 1, got {num_sequences}")
@@ -219,23 +219,18 @@ def read_parquet_sequences(path, num_sequences: int) -> list[list[int]]:
     if not path.exists():
         raise InspectError(f"data {str(path)!r} does not exist")
     sequences: list[list[int]] = []
-    for file in list_parquet_files(path) if path.is_dir() else [path]:
-        parquet = open_parquet(file, required=("input_ids",))
-        columns = [c for c in ("input_ids", "attention_mask") if c in parquet.schema_arrow.names]
-        for group in range(parquet.num_row_groups):
-            if len(sequences) >= num_sequences:
-                return sequences
-            table = read_row_group(parquet, file, group, columns).slice(0, num_sequences - len(sequences))
-            ids = table.column("input_ids").to_pylist()
-            masks = table.column("attention_mask").to_pylist() if "attention_mask" in columns else [None] * len(ids)
-            for row, (seq, mask) in enumerate(zip(ids, masks)):
-                where = f"{file} row group {group} row {row}"
-                if mask is not None and len(mask) != len(seq):
-                    raise InspectError(f"{where}: attention_mask has {len(mask)} entries for {len(seq)} tokens")
-                real = seq if mask is None else [t for t, m in zip(seq, mask) if m]
-                if not real:
-                    raise InspectError(f"{where} has no real tokens")
-                sequences.append(real)
+    for group, table in first_row_groups(path, num_sequences):
+        ids = table.column("input_ids").to_pylist()
+        has_mask = "attention_mask" in table.column_names
+        masks = table.column("attention_mask").to_pylist() if has_mask else [None] * len(ids)
+        for row, (seq, mask) in enumerate(zip(ids, masks)):
+            where = f"{group} row {row}"
+            if mask is not None and len(mask) != len(seq):
+                raise InspectError(f"{where}: attention_mask has {len(mask)} entries for {len(seq)} tokens")
+            real = seq if mask is None else [t for t, m in zip(seq, mask) if m]
+            if not real:
+                raise InspectError(f"{where} has no real tokens")
+            sequences.append(real)
     if not sequences:
         raise InspectError(f"{path} holds no rows")
     return sequences

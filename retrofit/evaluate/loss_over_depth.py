@@ -44,7 +44,7 @@ from retrofit.evaluate.scoring import (  # noqa: F401 (re-exported)
 from retrofit.model.exits_raven import criterion_names, exit_criterion  # noqa: F401 (criterion_names re-exported)
 from retrofit.data.rows import inputs_and_labels, row_matrix
 from retrofit.train.depth import MAX_RECURRENCE
-from retrofit.data.shards import list_parquet_files, open_parquet, read_row_group
+from retrofit.data.shards import first_row_groups
 from retrofit.train.run_folder import MODEL_ONLY_PREFIX
 
 DEFAULT_RECURRENCES = (1, 2, 4, 8, 16, 32, 64)  # the paper's validation loss depths (docs/evaluation.md, Tasks and metrics)
@@ -126,31 +126,18 @@ def load_eval_rows(path: str | os.PathLike, num_sequences: int) -> tuple[torch.T
     if num_sequences < 1:
         raise EvalError(f"num_sequences must be >= 1, got {num_sequences}")
     path = Path(path)
-    if path.is_dir():
-        files = list_parquet_files(path)
-    elif path.is_file():
-        files = [path]
-    else:
+    if not path.exists():
         raise EvalError(f"eval file {str(path)!r} does not exist")
     ids, masks = [], []
     have, row_len = 0, None
-    for file in files:
-        parquet = open_parquet(file, required=("input_ids",))
-        columns = [c for c in ("input_ids", "attention_mask") if c in parquet.schema_arrow.names]
-        for index in range(parquet.num_row_groups):
-            if have >= num_sequences:
-                break
-            table = read_row_group(parquet, file, index, columns).slice(0, num_sequences - have)
-            if table.num_rows == 0:
-                continue
-            where = f"{file} row group {index}"
-            ids.append(row_matrix(table.column("input_ids"), where, "input_ids", row_len))
-            row_len = ids[-1].shape[1]
-            if "attention_mask" in columns:
-                masks.append(row_matrix(table.column("attention_mask"), where, "attention_mask", row_len))
-            else:
-                masks.append(np.ones_like(ids[-1]))
-            have += table.num_rows
+    for where, table in first_row_groups(path, num_sequences):
+        ids.append(row_matrix(table.column("input_ids"), where, "input_ids", row_len))
+        row_len = ids[-1].shape[1]
+        if "attention_mask" in table.column_names:
+            masks.append(row_matrix(table.column("attention_mask"), where, "attention_mask", row_len))
+        else:
+            masks.append(np.ones_like(ids[-1]))
+        have += table.num_rows
     if not have:
         raise EvalError(f"{path} holds no rows")
     if row_len < 2:
