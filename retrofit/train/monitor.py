@@ -231,7 +231,6 @@ def open_monitors(
     (records of a run killed before its first checkpoint); a resume drops the records past the
     resumed step."""
     watcher = PreemptionWatcher(cfg.save_n_mins_before_timeout)
-    progress = TrainingProgress(max_steps, step, enabled=is_main)
     metrics = MetricsLogger(
         cfg.run_dir / METRICS_FILE,
         enabled=is_main,
@@ -245,4 +244,5 @@ def open_monitors(
         raise ConfigError(str(exc)) from None
     if dropped:
         log(f"metrics.jsonl: dropped {dropped} record(s) after step {step}")
-    return watcher, metrics, progress
+    # Last: a damaged metrics.jsonl above stops the run before any bar is drawn.
+    return watcher, metrics, TrainingProgress(max_steps, step, enabled=is_main)
